@@ -1,0 +1,1 @@
+"""Data: corpora, tokenizers, packed token shards (and, later, the prepare pipeline)."""

@@ -1,0 +1,83 @@
+"""`homeforge doctor`: what this machine is and can do, each with a fix where one applies."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from importlib import metadata
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def checks(path: str = ".") -> list[tuple[str, str, str, str]]:
+    """Rows of (check, value, status ok|warn|fail, fix)."""
+    import psutil
+    import torch
+
+    from homeforge.security import egress
+
+    rows = []
+    flags = _cpu_flags()
+    rows.append(("cpu", _cpu_model(), "ok", ""))
+    cores = os.cpu_count() or 1
+    rows.append(("cores", f"{cores} logical, torch uses {torch.get_num_threads()} threads", "ok" if cores >= 2 else "warn",
+                 "" if cores >= 2 else "training will be slow on one core"))
+    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
+    rows.append(("cpu bf16", "native" if native_bf16 else "not native (fp32 is used on the CPU)", "ok", ""))
+    mem = psutil.virtual_memory()
+    rows.append(("memory", f"{mem.total / 2**30:.1f} GiB total, {mem.available / 2**30:.1f} GiB available",
+                 "ok" if mem.available > 4 * 2**30 else "warn",
+                 "" if mem.available > 4 * 2**30 else "close other programs or use a smaller preset / micro-batch"))
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        rows.append(("gpu", f"{torch.cuda.device_count()}x {names}, CUDA {torch.version.cuda}", "ok", ""))
+        rows.append(("gpu bf16", str(torch.cuda.is_bf16_supported()), "ok", ""))
+    else:
+        rows.append(("gpu", "none (CUDA not available)", "ok",
+                     "training runs on the CPU; for a GPU install a CUDA build of torch" if torch.version.cuda is None else ""))
+    dist = torch.distributed.is_available()
+    nccl = dist and torch.distributed.is_nccl_available()
+    gloo = dist and torch.distributed.is_gloo_available()
+    rows.append(("distributed", f"gloo={'yes' if gloo else 'no'} nccl={'yes' if nccl else 'no'}",
+                 "ok" if gloo else "warn", "" if gloo else "this torch build has no gloo backend; multi-process CPU training is off"))
+    for dist_name in ("torch", "transformers", "tokenizers", "peft", "onnxruntime", "fastapi", "cryptography", "opacus"):
+        v = _version(dist_name)
+        required = dist_name in ("torch", "transformers", "tokenizers")
+        rows.append((dist_name, v or "not installed", "ok" if v else ("fail" if required else "warn"),
+                     "" if v else f"pip install '{'homeforge' if required else 'homeforge[all]'}'"))
+    usage = shutil.disk_usage(path)
+    free_gb = usage.free / 2**30
+    rows.append(("disk free", f"{free_gb:.1f} GiB at {os.path.abspath(path)}", "ok" if free_gb > 5 else "warn",
+                 "" if free_gb > 5 else "free space: checkpoints of a 124M model take ~1.5 GB each"))
+    guard = egress.is_installed()
+    rows.append(("network guard", "on: non-loopback connections are refused" if guard else "off",
+                 "ok" if guard else "warn", "" if guard else "unset HOMEFORGE_ALLOW_NETWORK"))
+    offline = all(os.environ.get(k) == v for k, v in egress.OFFLINE_ENV.items())
+    rows.append(("hub offline switches", "set" if offline else "not all set", "ok" if offline else "warn", ""))
+    return rows

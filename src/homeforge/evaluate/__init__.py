@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, baselines (and, later, classification and generation metrics)."""

@@ -1,0 +1,1 @@
+"""Models: built-in presets (transformers classes) and Hugging Face model directories."""

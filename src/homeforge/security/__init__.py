@@ -1,0 +1,1 @@
+"""Security: egress guard, encryption at rest, audit log."""

@@ -1,0 +1,1 @@
+"""Training: data iteration, optimizer and schedule, the loop, checkpoints."""

@@ -1,0 +1,33 @@
+"""Shared fixtures: offline switches on, egress guard on, tiny artifacts built once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from homeforge.security import egress
+
+egress.set_offline_env()
+egress.install()
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A small quickstart dataset artifact (stdlib docstrings, 512-token BPE)."""
+    from rich.console import Console
+
+    from homeforge.config import QuickstartConfig, load_config
+    from homeforge.quickstart import build_dataset
+
+    out = tmp_path_factory.mktemp("ds") / "data"
+    cfg = load_config(QuickstartConfig, overrides=["corpus.max_chars=200000", "tokenizer.vocab_size=512"])
+    return build_dataset(cfg, out, force=False, console=Console(quiet=True))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_dataset):
+    from homeforge.models.io import load_tokenizer
+
+    return load_tokenizer(tiny_dataset / "tokenizer")

@@ -1,0 +1,105 @@
+"""Model presets, HF directories, tokenizer, golden loss, logits parity with transformers."""
+
+import numpy as np
+import pytest
+import torch
+
+from homeforge.config import TrainConfig, load_config
+from homeforge.models.presets import PRESETS, build_model, count_params, preset_config
+from homeforge.train.data import PackedWindows
+from homeforge.train.loop import train_lm
+
+
+def test_tokenizer_round_trip(tiny_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    text = "Return the number of items.\n  Indented — ünïcode 中文 tabs\tand emoji 🙂"
+    ids = tiny_tokenizer.encode(text, add_special_tokens=False)
+    assert tiny_tokenizer.decode(ids) == text  # byte-level: lossless on any text
+    tiny_tokenizer.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    assert again.encode(text, add_special_tokens=False) == ids
+    assert again.eos_token == "<|endoftext|>" and again.pad_token == "<|pad|>"
+    chat = again.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_presets_build_and_sizes():
+    sizes = {}
+    for name in ("debug", "tiny", "small"):
+        model = build_model(preset_config(name, 8192), seed=0)
+        sizes[name] = count_params(model)
+        assert type(model).__name__ == "LlamaForCausalLM"
+    assert sizes["debug"] < sizes["tiny"] < sizes["small"]
+    assert 20e6 < sizes["small"] < 40e6
+    assert set(PRESETS) >= {"debug", "tiny", "small", "124m"}
+
+
+def _synthetic_tokens(n=20000, vocab=256, seed=0):
+    """A learnable stream: a repeated random 'sentence' pattern with noise."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(4, vocab, size=97)
+    stream = np.tile(base, n // len(base) + 1)[:n]
+    noise = rng.random(n) < 0.1
+    stream[noise] = rng.integers(4, vocab, size=noise.sum())
+    return stream.astype(np.uint16)
+
+
+def _debug_run(tmp_path, steps=8):
+    cfg = load_config(TrainConfig, overrides=[
+        "model.preset=debug", "seq_len=32", "micro_batch_size=4", f"max_steps={steps}", "log_every=1",
+        "eval_every=1000", "schedule.warmup_steps=2", "optim.lr=3e-3", "seed=7", "threads=1"])
+    model = build_model(preset_config("debug", 256), seed=cfg.seed)
+    data = PackedWindows(_synthetic_tokens(), cfg.seq_len, seed=cfg.seed)
+    state = train_lm(model, cfg, data, None, tmp_path)
+    return model, state
+
+
+def test_golden_loss_debug_preset(tmp_path):
+    _, state = _debug_run(tmp_path)
+    losses = [r["loss"] for r in state.history]
+    assert len(losses) == 8
+    # ln(256) = 5.545 at init; pinned values for seed 7 on torch 2.13 CPU fp32
+    golden = GOLDEN_LOSSES
+    assert losses[0] == pytest.approx(golden[0], abs=2e-3)
+    assert losses[-1] == pytest.approx(golden[-1], abs=2e-3)
+    assert losses[-1] < losses[0] - 0.3
+
+
+def test_same_seed_same_run(tmp_path):
+    _, a = _debug_run(tmp_path / "a", steps=4)
+    _, b = _debug_run(tmp_path / "b", steps=4)
+    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
+
+
+def test_saved_dir_loads_in_transformers_with_equal_logits(tmp_path, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from homeforge.models.io import save_model_dir
+
+    tok = tiny_tokenizer
+    model = build_model(preset_config("debug", len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id), seed=3).eval()
+    save_model_dir(model, tok, tmp_path)
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+        assert (tmp_path / f).is_file()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True, dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    ids = hf_tok("Return the number of items", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ours, theirs = model(input_ids=ids).logits, hf(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_load_missing_model_dir_is_clear(tmp_path):
+    from homeforge.errors import HomeforgeError
+    from homeforge.models.io import load_causal_lm
+
+    with pytest.raises(HomeforgeError, match="does not exist"):
+        load_causal_lm(tmp_path / "no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(HomeforgeError, match="no config.json"):
+        load_causal_lm(tmp_path / "empty")
+
+
+GOLDEN_LOSSES = [5.56096, 4.85253]  # first and last of 8 steps
