@@ -151,10 +151,10 @@ def run(cfg: QuickstartConfig, force: bool = False, console: Console | None = No
     console.print(f"validation perplexity [bold green]{metrics['val_ppl']:.1f}[/] vs unigram baseline "
                   f"[bold]{metrics['unigram_ppl']:.1f}[/] ({metrics['unigram_ppl'] / metrics['val_ppl']:.1f}x lower) "
                   f"after {metrics['steps']} steps, {metrics['tokens_seen']:,} tokens")
-    console.rule("samples (greedy)")
+    console.rule("samples (temperature 0.7, top-k 40, seed 0)")
     samples = []
     for prompt in cfg.prompts:
-        text = generate_text(model, tok, prompt, max_new_tokens=cfg.max_new_tokens)
+        text = generate_text(model, tok, prompt, max_new_tokens=cfg.max_new_tokens, temperature=0.7, top_k=40, seed=0)
         samples.append({"prompt": prompt, "completion": text})
         console.print(f"[bold]{prompt}[/]{text}")
     console.rule("next")
