@@ -57,6 +57,31 @@ class ScheduleConfig(Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of the peak")
 
 
+class CheckpointConfig(Section):
+    """Checkpoints: every N steps and at the best validation loss; atomic; last K kept."""
+
+    every: int = Field(100, ge=0, description="save a checkpoint every N optimizer steps (0 = only at the end)")
+    keep: int = Field(3, ge=1, description="keep the last K step checkpoints (the best one is kept apart)")
+    best: bool = Field(True, description="also keep the checkpoint with the best validation loss (checkpoints/best)")
+
+
+class TrackingConfig(Section):
+    """Where metrics go: metrics.jsonl always; TensorBoard and MLflow on request."""
+
+    tensorboard: bool = Field(True, description="write TensorBoard event files to RUN/tensorboard")
+    mlflow: bool = Field(False, description="log to a local MLflow store")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite:///RUN/mlflow.db; never a remote server)")
+    experiment: str = Field("homeforge", description="MLflow experiment name")
+    run_name: str | None = Field(None, description="run name (default: the output directory name)")
+
+
+class DistributedConfig(Section):
+    """Multi-process training under torchrun (`homeforge train --nproc N`)."""
+
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp = replicate; fsdp = FSDP2 fully_shard per block")
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto = nccl on GPUs, gloo on CPUs")
+
+
 class TrainConfig(Section):
     """Training: method, model, data, batch, budget, optimizer, schedule, checkpoints."""
 
@@ -77,6 +102,19 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1, description="log metrics every N steps")
     seed: int = Field(1234, description="seed for model init, data order and dropout")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+    data: str | None = Field(None, description="dataset artifact directory (made by `homeforge prepare`)")
+    output_dir: str = Field("homeforge-runs/train", description="run directory: checkpoints, metrics, plots, final model")
+    activation_checkpointing: bool = Field(False, description="recompute block activations in backward (less memory, ~30% slower)")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many evaluations without a validation-loss improvement (None = off)"
+    )
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="smallest validation-loss drop that counts as improvement")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="peak TFLOP/s per process for MFU (None = measured once with a matmul probe and cached)"
+    )
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
 
 # --------------------------------------------------------------------------- quickstart
