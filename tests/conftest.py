@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -11,6 +12,8 @@ from homeforge.security import egress
 egress.set_offline_env()
 egress.install()
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# keys and the audit log go to a throwaway home, never the developer's (security/audit.py)
+os.environ.setdefault("HOMEFORGE_HOME", tempfile.mkdtemp(prefix="homeforge-test-home-"))
 
 
 @pytest.fixture(scope="session")

@@ -48,11 +48,11 @@ def _root(
                                           help="print the version and exit")] = False,
 ) -> None:
     """Set the offline switches and the egress guard before any command runs."""
-    from homeforge.security import egress
+    from homeforge.security import audit, egress
 
     egress.set_offline_env()
     if os.environ.get("HOMEFORGE_ALLOW_NETWORK") != "1":
-        egress.install()
+        egress.install(on_refuse=audit.egress_refused)
 
 
 # --------------------------------------------------------------------------- quickstart
@@ -192,8 +192,11 @@ def config_show(
 
 
 def main() -> None:
+    from homeforge.security.audit import audited_command
+
     try:
-        app()
+        with audited_command(sys.argv[1:]):  # one audit line per command (security/audit.py)
+            app()
     except HomeforgeError as exc:
         err_console.print(f"[bold red]error:[/] {exc.render()}", highlight=False)
         sys.exit(exc.exit_code)

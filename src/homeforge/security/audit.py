@@ -461,3 +461,104 @@ def prune(path: str | Path | None = None, keep_days: int | None = None, key: byt
             return n_dropped
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _path_candidates(argv: list[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        value = arg.split("=", 1)[1] if "=" in arg else arg
+        if value and not value.startswith("-") and ("/" in value or os.path.exists(value)):
+            out.append(value)
+    return out
+
+
+def _hash_of(path: str) -> str | None:
+    from homeforge import artifacts
+
+    p = Path(path)
+    try:
+        if p.is_dir() and (p / artifacts.MANIFEST).is_file():
+            return artifacts.read_manifest(p)["content_hash"]
+        if p.is_file() and p.stat().st_size <= 256 << 20:
+            return "sha256:" + artifacts.sha256_file(p)
+    except (OSError, HomeforgeError):
+        return None
+    return None
+
+
+class audited_command:  # noqa: N801 - used as a context manager
+    """Append one ``command`` line per CLI invocation: who, what (masked), inputs/outputs, outcome.
+
+    Inputs are the hashes of the artifacts/files named on the command line before it runs;
+    outputs are the artifacts named on it that were created or changed by it. A log that
+    cannot be written is a warning, unless ``HOMEFORGE_AUDIT_REQUIRED=1`` (then the
+    command fails before doing anything).
+    """
+
+    def __init__(self, argv: list[str]):
+        self.argv = list(argv)
+        self.skip = not argv or any(a in ("-h", "--help", "--version") for a in argv)
+        self.log: AuditLog | None = None
+        self.before: dict[str, str | None] = {}
+
+    def __enter__(self):
+        if self.skip:
+            return self
+        import time
+
+        self.t0 = time.perf_counter()
+        self.before = {p: _hash_of(p) for p in _path_candidates(self.argv)}
+        try:
+            self.log = AuditLog()
+        except HomeforgeError as exc:
+            self._fail_open(exc)
+        return self
+
+    def _fail_open(self, exc: Exception) -> None:
+        if os.environ.get("HOMEFORGE_AUDIT_REQUIRED") == "1":
+            raise exc if isinstance(exc, HomeforgeError) else AuditError(str(exc))
+        import sys
+
+        print(f"warning: the audit log could not be written: {exc}", file=sys.stderr)
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.skip or self.log is None:
+            return False
+        import time
+
+        if exc_type is None or (exc_type is SystemExit and exc.code in (0, None)):
+            outcome, code, error = "ok", 0, None
+        elif exc_type is SystemExit:
+            outcome, code, error = "error", exc.code if isinstance(exc.code, int) else 1, None
+        elif exc_type is KeyboardInterrupt:
+            outcome, code, error = "interrupted", 130, None
+        elif isinstance(exc, HomeforgeError):
+            outcome, code, error = "error", exc.exit_code, exc.what
+        else:
+            outcome, code, error = "crash", 1, f"{exc_type.__name__}: {exc}"
+        after = {p: _hash_of(p) for p in _path_candidates(self.argv)}
+        inputs = {p: h for p, h in self.before.items() if h is not None}
+        outputs = {p: h for p, h in after.items() if h is not None and h != self.before.get(p)}
+        command = next((a for a in self.argv if not a.startswith("-")), "")
+        sub = [a for a in self.argv[1:2] if not a.startswith("-")]
+        record = {"event": "command", "command": " ".join([command, *sub]) if command in ("keys", "audit", "config") else command,
+                  "args": mask_args(self.argv), "cwd": os.getcwd(), "inputs": inputs, "outputs": outputs,
+                  "outcome": outcome, "exit_code": code, "duration_s": round(time.perf_counter() - self.t0, 3)}
+        if error:
+            record["error"] = error[:500]
+        try:
+            self.log.append(record)
+        except HomeforgeError as e:
+            self._fail_open(e)
+        return False
+
+
+def egress_refused(host: str, port, what: str) -> None:
+    """The egress guard's ``on_refuse`` callback: one audit line per refused connection."""
+    import sys
+
+    AuditLog().append({"event": "egress-refused", "host": host, "port": port, "what": what,
+                       "command": " ".join(mask_args(sys.argv[1:3]))})

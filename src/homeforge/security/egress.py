@@ -90,6 +90,7 @@ def install(allow: Iterable[str] = (), on_refuse: Callable[[str, object, str], N
     orig["connect"] = socket.socket.connect
     orig["connect_ex"] = socket.socket.connect_ex
     orig["sendto"] = socket.socket.sendto
+    orig["sendmsg"] = socket.socket.sendmsg
     orig["getaddrinfo"] = socket.getaddrinfo
 
     def connect(self, address):
@@ -108,6 +109,13 @@ def install(allow: Iterable[str] = (), on_refuse: Callable[[str, object, str], N
             _check_address(address, "sendto")
         return orig["sendto"](self, data, *args)
 
+    def sendmsg(self, buffers, ancdata=(), flags=0, address=None):
+        if address is not None and self.family in (socket.AF_INET, socket.AF_INET6):
+            _check_address(address, "sendmsg")
+        if address is None:
+            return orig["sendmsg"](self, buffers, ancdata, flags)
+        return orig["sendmsg"](self, buffers, ancdata, flags, address)
+
     def getaddrinfo(host, port, *args, **kwargs):
         h = host.decode() if isinstance(host, bytes) else (host or "")
         if not _allowed_host(str(h)):
@@ -117,6 +125,7 @@ def install(allow: Iterable[str] = (), on_refuse: Callable[[str, object, str], N
     socket.socket.connect = connect
     socket.socket.connect_ex = connect_ex
     socket.socket.sendto = sendto
+    socket.socket.sendmsg = sendmsg
     socket.getaddrinfo = getaddrinfo
     _state["installed"] = True
 
@@ -128,9 +137,15 @@ def uninstall() -> None:
     socket.socket.connect = orig["connect"]
     socket.socket.connect_ex = orig["connect_ex"]
     socket.socket.sendto = orig["sendto"]
+    socket.socket.sendmsg = orig["sendmsg"]
     socket.getaddrinfo = orig["getaddrinfo"]
     _state["installed"] = False
 
 
 def is_installed() -> bool:
     return _state["installed"]
+
+
+def allowed_hosts() -> list[str]:
+    """The hosts/networks allowed besides loopback (``HOMEFORGE_ALLOW_HOSTS`` or ``install(allow=...)``)."""
+    return sorted(_state["allow"])
