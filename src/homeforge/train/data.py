@@ -53,3 +53,25 @@ class PackedWindows:
             rows = np.stack([self.window(i) for i in idx])
             t = torch.from_numpy(rows)
             yield t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+class WindowSource:
+    """A ``BatchSource`` (see ``train.loop``) over packed token windows, for pretraining.
+
+    ``batch(start, size)`` -> ``{"input_ids", "labels"}`` (labels already shifted, aligned
+    with ``input_ids``); deterministic in the sample index, so resume needs only ``start``.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int = 0, shuffle: bool = True):
+        self.windows = PackedWindows(tokens, seq_len, seed=seed, shuffle=shuffle)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def batch(self, start: int, size: int) -> dict[str, torch.Tensor]:
+        x, y = self.windows.batch(start, size)
+        return {"input_ids": x, "labels": y}
+
+    def eval_batches(self, size: int, max_batches: int | None = None):
+        for x, y in self.windows.sequential(size, max_batches):
+            yield {"input_ids": x, "labels": y}

@@ -74,9 +74,22 @@ import torch.nn.functional as F
 from homeforge.config import TrainConfig
 from homeforge.errors import HomeforgeError
 from homeforge.evaluate.perplexity import mean_loss
+from homeforge.train.checkpoint import (
+    check_resume_config,
+    checkpoint_dir,
+    load_checkpoint,
+    prune,
+    read_config,
+    read_meta,
+    save_checkpoint,
+)
 from homeforge.train.data import PackedWindows
+from homeforge.train.distributed import DistInfo, grad_sync, init_distributed, unwrap, wrap_model
+from homeforge.train.flops import flops_per_token, peak_flops
 from homeforge.train.optim import build_optimizer, lr_factor
+from homeforge.train.plots import plot_history
 from homeforge.train.precision import autocast, pick_device, resolve_precision
+from homeforge.train.tracking import Tracker
 
 
 class TrainingDiverged(HomeforgeError):
@@ -122,6 +135,11 @@ class RunState:
     total_steps: int = 0  # steps the schedule spans
     best_val: float = math.inf
     history: list[dict] = field(default_factory=list)
+    bad_evals: int = 0  # evaluations since the last validation-loss improvement (early stopping)
+    stop_reason: str = ""  # max_steps | time budget | early stopping
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "history"}
 
 
 class MetricsLog:
@@ -207,3 +225,265 @@ def train_lm(model, cfg: TrainConfig, train_data: PackedWindows, val_data: Packe
     finally:
         log.close()
     return state
+
+
+# =========================================================================== the engine
+
+
+def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> StepLoss:
+    """Summed next-token loss; ``labels`` are aligned with ``input_ids`` (already shifted), -100 = ignored."""
+    labels = batch["labels"]
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+    return StepLoss(loss, int((labels != -100).sum()))
+
+
+def train_task(task: TrainTask, cfg: TrainConfig, run_dir: str | Path, *, resume: Path | None = None,
+               info: DistInfo | None = None, progress: Callable[[RunState, dict], None] | None = None) -> RunState:
+    """Train ``task`` as configured; checkpoints, metrics and plots go to ``run_dir``.
+
+    Runs the same in one process and under torchrun (DDP / FSDP2). ``resume`` is a
+    checkpoint directory (see ``checkpoint.resolve_resume``). Returns the final state;
+    the trained model is ``task.model`` (see ``save_final_model``).
+    """
+    run_dir = Path(run_dir)
+    info = info or init_distributed(cfg.distributed.backend)
+    config = cfg.model_dump(mode="json")
+    precision = resolve_precision(cfg.precision, info.device)
+    model, opt, sched, scaler, state = setup_training(task, cfg, info, precision)
+    model, opt, private = setup_privacy(task, model, opt, cfg)
+    if resume is not None:
+        restore(resume, model, opt, sched, scaler, state, config, info)
+    tracker = Tracker(run_dir, cfg.tracking, config, resume_step=state.step if resume else None) if info.is_main else None
+    speed = Speedometer(task, unwrap(model), cfg, info, precision)
+    last_ckpt = resume
+    try:
+        while state.step < state.total_steps:
+            loss, n_tokens, n_inputs, extra = forward_backward(model, task, cfg, state, info, precision, scaler)
+            if not math.isfinite(loss):
+                raise diverged(loss, state, last_ckpt)
+            gnorm = optimizer_step(model, opt, sched, scaler, cfg, info, n_tokens, private)
+            state.step += 1
+            state.samples += cfg.micro_batch_size * cfg.grad_accum * info.world
+            record = {"step": state.step, "loss": loss / n_tokens, "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
+                      **extra, **speed.update(n_tokens, n_inputs)}
+            if task.metrics_fn is not None:
+                record.update(task.metrics_fn(unwrap(model)))
+            improved = False
+            if task.val is not None and (state.step % cfg.eval_every == 0 or state.step == state.total_steps):
+                record["val_loss"] = evaluate(model, task, cfg, state, info, precision)
+                improved = record["val_loss"] < state.best_val - cfg.early_stopping_min_delta
+                state.best_val, state.bad_evals = (record["val_loss"], 0) if improved else (state.best_val, state.bad_evals + 1)
+            state.total_steps, state.stop_reason = stop_decision(cfg, state, speed, info)
+            if state.step % cfg.log_every == 0 or "val_loss" in record or state.step == state.total_steps:
+                record.update(speed.memory())
+                state.history.append(record)
+                if tracker is not None:
+                    tracker.log(record)
+                if progress is not None and info.is_main:
+                    progress(state, record)
+            if improved and cfg.checkpoint.best:
+                save(run_dir, "best", model, opt, sched, scaler, state, config, info)
+            if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or state.step >= state.total_steps:
+                last_ckpt = save(run_dir, f"step-{state.step:08d}", model, opt, sched, scaler, state, config, info)
+            speed.reset_clock()  # evaluation, logging and checkpoint I/O do not count as training time
+    except BaseException:
+        if tracker is not None:
+            tracker.close(status="FAILED")
+        raise
+    if tracker is not None:
+        tracker.close()
+        plot_history(state.history, run_dir / "loss.png")
+    return state
+
+
+# --------------------------------------------------------------------------- engine helpers
+
+
+def setup_training(task: TrainTask, cfg: TrainConfig, info: DistInfo, precision: str):
+    """Threads, seeds, device, activation checkpointing, DDP/FSDP wrap, optimizer, schedule, scaler."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed + info.rank)
+    model = task.model.to(info.device)
+    model.train()
+    if cfg.activation_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise HomeforgeError(f"activation checkpointing needs a transformers model, got {type(model).__name__}",
+                                 fix="set activation_checkpointing=false")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not any(p.requires_grad for p in model.parameters()):
+        raise HomeforgeError("the model has no trainable parameters", fix="check the method's settings (e.g. lora targets)")
+    model = wrap_model(model, info, cfg.distributed.strategy)
+    opt = build_optimizer(model, cfg.optim)
+    state = RunState(total_steps=cfg.max_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, state.total_steps, cfg.schedule))
+    scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
+    return model, opt, sched, scaler, state
+
+
+def setup_privacy(task: TrainTask, model, opt, cfg: TrainConfig):
+    """The differential-privacy seam: ``train.privacy.make_private`` wraps model and optimizer (Opacus)."""
+    privacy = getattr(cfg, "privacy", None)
+    if privacy is None or not getattr(privacy, "enabled", False):
+        return model, opt, False
+    from homeforge.train.privacy import make_private
+
+    model, opt = make_private(task, model, opt, cfg)
+    return model, opt, True
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def forward_backward(model, task: TrainTask, cfg: TrainConfig, state: RunState, info: DistInfo, precision: str,
+                     scaler) -> tuple[float, int, int, dict]:
+    """All micro-batches of one step on this rank; returns global (loss_sum, n_tokens, n_inputs, metrics)."""
+    loss_sum, n_tokens, n_inputs, metrics = 0.0, 0, 0, {}
+    for m in range(cfg.grad_accum):
+        start = state.samples + (m * info.world + info.rank) * cfg.micro_batch_size
+        batch = {k: v.to(info.device, non_blocking=True) for k, v in task.train.batch(start, cfg.micro_batch_size).items()}
+        try:
+            with grad_sync(model, m == cfg.grad_accum - 1), autocast(precision, info.device):
+                out = task.loss_fn(model, batch)
+            scaler.scale(out.loss_sum).backward()
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            raise out_of_memory(exc, cfg) from None
+        loss_sum += out.loss_sum.item()
+        n_tokens += out.n_tokens
+        mask = batch.get("attention_mask")
+        n_inputs += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        for k, v in out.metrics.items():
+            metrics[k] = metrics.get(k, 0.0) + float(v) / cfg.grad_accum
+    names = sorted(metrics)
+    totals = info.all_sum([loss_sum, n_tokens, n_inputs, *(metrics[k] for k in names)])
+    extra = {k: v / info.world for k, v in zip(names, totals[3:], strict=True)}
+    return totals[0], int(totals[1]), int(totals[2]), extra
+
+
+def optimizer_step(model, opt, sched, scaler, cfg: TrainConfig, info: DistInfo, n_tokens: int, private: bool) -> float:
+    """Normalise gradients by the step's global token count, clip, step, schedule; returns the grad norm."""
+    scaler.unscale_(opt)
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not private:  # DDP/FSDP averaged over ranks; we want the sum over ranks / tokens
+        torch._foreach_mul_([p.grad for p in params], info.world / max(1, n_tokens))
+    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip and not private else math.inf)
+    if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
+        gnorm = gnorm.full_tensor()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+    return float(gnorm)
+
+
+@torch.no_grad()
+def evaluate(model, task: TrainTask, cfg: TrainConfig, state: RunState, info: DistInfo, precision: str) -> float:
+    """Mean validation loss over ``cfg.eval_batches`` unshuffled batches (every rank sees the same ones)."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in task.val.eval_batches(cfg.micro_batch_size, cfg.eval_batches):
+        with autocast(precision, info.device):
+            out = task.loss_fn(model, {k: v.to(info.device) for k, v in batch.items()})
+        total += out.loss_sum.item()
+        count += out.n_tokens
+    model.train()
+    return total / max(1, count)
+
+
+def stop_decision(cfg: TrainConfig, state: RunState, speed: Speedometer, info: DistInfo) -> tuple[int, str]:
+    """(total_steps, reason): early stopping, or the schedule fitted to the time budget after 5 steps."""
+    total = state.total_steps
+    if cfg.early_stopping_patience and state.bad_evals >= cfg.early_stopping_patience:
+        return state.step, f"early stopping: no validation improvement in {state.bad_evals} evaluations"
+    if cfg.max_minutes and speed.steps == 5:
+        per_step = info.all_sum([speed.train_seconds / 5])[0] / info.world
+        total = max(state.step + 1, min(cfg.max_steps, int(cfg.max_minutes * 60 / per_step)))
+    if state.step >= total:
+        return total, "time budget" if total < cfg.max_steps else "max_steps"
+    return total, ""
+
+
+def save(run_dir: Path, name: str, model, opt, sched, scaler, state: RunState, config: dict, info: DistInfo) -> Path:
+    trainer = {"scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "state": state.to_dict()}
+    meta = {"step": state.step, "samples": state.samples, "best_val": state.best_val,
+            "loss": state.history[-1]["loss"] if state.history else None}
+    path = save_checkpoint(run_dir, name, model=model, optimizer=opt, trainer=trainer, config=config, meta=meta,
+                           rank=info.rank, world=info.world, barrier=info.barrier)
+    if name != "best" and info.is_main:
+        prune(run_dir, config["checkpoint"]["keep"])
+    return path or checkpoint_dir(run_dir) / name
+
+
+def restore(path: Path, model, opt, sched, scaler, state: RunState, config: dict, info: DistInfo) -> None:
+    """Model, optimizer, scheduler, scaler, RNG and data position from checkpoint ``path``."""
+    check_resume_config(path, read_config(path), config)
+    meta = read_meta(path)
+    if meta.get("world_size", 1) != info.world:
+        raise HomeforgeError(f"cannot resume: the checkpoint was written by {meta.get('world_size')} processes, "
+                             f"this run has {info.world}", where=str(path),
+                             fix=f"resume with --nproc {meta.get('world_size')}")
+    trainer = load_checkpoint(path, model=model, optimizer=opt, rank=info.rank)
+    sched.load_state_dict(trainer["scheduler"])
+    scaler.load_state_dict(trainer["scaler"])
+    for k, v in trainer["state"].items():
+        setattr(state, k, v)
+    state.stop_reason = ""
+
+
+def diverged(loss: float, state: RunState, last_ckpt: Path | None) -> TrainingDiverged:
+    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+    return TrainingDiverged(f"training diverged: the loss became {loss} at step {state.step + 1}; stopped before "
+                            f"the optimizer step, {where} (untouched)",
+                            fix="lower optim.lr, raise schedule.warmup_steps, lower optim.grad_clip or use precision=fp32; "
+                                "then `homeforge train --resume latest` with the same config, or start again")
+
+
+def out_of_memory(exc: BaseException, cfg: TrainConfig) -> BaseException:
+    text = str(exc).lower()
+    if not isinstance(exc, torch.OutOfMemoryError) and "alloc" not in text and "out of memory" not in text:
+        return exc
+    return HomeforgeError(
+        f"one micro-batch does not fit in memory (micro_batch_size={cfg.micro_batch_size}, seq_len={cfg.seq_len})",
+        fix=f"lower micro_batch_size (e.g. micro_batch_size={max(1, cfg.micro_batch_size // 2)} "
+            f"grad_accum={cfg.grad_accum * 2} keeps the same global batch), set activation_checkpointing=true, "
+            "or lower seq_len")
+
+
+class Speedometer:
+    """Tokens/s and MFU over the training time only (evaluation and checkpoint I/O excluded)."""
+
+    def __init__(self, task: TrainTask, model, cfg: TrainConfig, info: DistInfo, precision: str):
+        self.fpt = task.flops_per_token or flops_per_token(model, cfg.seq_len)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        self.peak = peak_flops(info.device, dtype, cfg.peak_tflops) * info.world
+        self.info = info
+        self.steps = 0  # steps timed in this process (a resumed run starts again at 0)
+        self.train_seconds = 0.0
+        self.t = time.perf_counter()
+
+    def update(self, n_tokens: int, n_inputs: int) -> dict:
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        self.steps += 1
+        self.train_seconds += dt
+        return {"tokens_per_s": n_tokens / dt, "mfu": n_inputs * self.fpt / dt / self.peak, "step_s": dt}
+
+    def memory(self) -> dict:
+        import resource
+
+        out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if self.info.device.type == "cuda":
+            out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(self.info.device) / 2**20
+        return out
+
+    def reset_clock(self) -> None:
+        self.t = time.perf_counter()
