@@ -1,0 +1,181 @@
+"""Exact and near-duplicate detection that scales by sorting, not by an in-memory index.
+
+Per document (in the worker processes): a 64-bit hash of the normalised text (lower case,
+punctuation and spacing removed) and a MinHash signature (``datasketch.MinHash`` with
+shared permutations) over word n-gram shingles, or character n-grams for text without
+spaces (Chinese, Japanese). The signature is cut into ``b`` bands of ``r`` rows, with
+(b, r) chosen by datasketch's LSH optimiser for the threshold; each band is hashed to 64 bits.
+
+After the streaming pass the hashes live in flat files. ``find_duplicates`` sorts one band
+column at a time (documents that share a band are LSH candidates), verifies each candidate
+against its group's first document with the estimated Jaccard similarity, and unions
+the pairs; the earliest document of each cluster is kept. Memory is a few arrays of
+N integers, never a Python object per shingle or per document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import zlib
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+_NORM = re.compile(r"[\W_]+", re.U)
+
+
+def exact_key(text: str) -> int:
+    norm = _NORM.sub(" ", text.lower()).strip()
+    return int.from_bytes(hashlib.blake2b(norm.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def shingles(text: str, ngram: int, char_ngram: int) -> list[bytes]:
+    from homeforge.data.clean import cjk_fraction
+
+    low = text.lower()
+    if cjk_fraction(low) > 0.3:
+        chars = "".join(low.split())
+        n = char_ngram
+        grams = [chars[i:i + n] for i in range(max(1, len(chars) - n + 1))]
+    else:
+        ws = _NORM.sub(" ", low).split()
+        n = ngram
+        grams = [" ".join(ws[i:i + n]) for i in range(max(1, len(ws) - n + 1))]
+    return [g.encode("utf-8") for g in set(grams)]
+
+
+def _crc32(b: bytes) -> int:
+    return zlib.crc32(b)
+
+
+@lru_cache(maxsize=4)
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) minimising false positives + false negatives (datasketch's optimiser)."""
+    from datasketch.lsh import _optimal_param
+
+    return _optimal_param(threshold, num_perm, 0.5, 0.5)
+
+
+class Signer:
+    """MinHash signatures and LSH band hashes with permutations shared across documents."""
+
+    def __init__(self, num_perm: int = 128, threshold: float = 0.8, ngram: int = 5, char_ngram: int = 5, seed: int = 1):
+        from datasketch import MinHash
+
+        self._MinHash = MinHash
+        self.num_perm = num_perm
+        self.ngram, self.char_ngram = ngram, char_ngram
+        proto = MinHash(num_perm=num_perm, seed=seed, hashfunc=_crc32, scheme="affine32")
+        self.permutations = proto.permutations
+        self.bands, self.rows = lsh_params(threshold, num_perm)
+        rng = np.random.default_rng(seed)
+        self._mult = (rng.integers(1, 2**63, size=self.rows, dtype=np.uint64) | np.uint64(1))
+
+    def signature(self, text: str) -> np.ndarray:
+        m = self._MinHash(num_perm=self.num_perm, hashfunc=_crc32, permutations=self.permutations, scheme="affine32")
+        m.update_batch(shingles(text, self.ngram, self.char_ngram))
+        return m.hashvalues.astype(np.uint32)
+
+    def band_hashes(self, sigs: np.ndarray) -> np.ndarray:
+        """(n, num_perm) uint32 signatures -> (n, bands) uint64 band hashes."""
+        used = sigs[:, : self.bands * self.rows].astype(np.uint64).reshape(len(sigs), self.bands, self.rows)
+        with np.errstate(over="ignore"):
+            h = (used * self._mult).sum(axis=2, dtype=np.uint64)
+            h ^= h >> np.uint64(29)
+            h *= np.uint64(0xBF58476D1CE4E5B9)
+            h ^= h >> np.uint64(32)
+        return h
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = np.arange(n, dtype=np.int64)
+
+    def find(self, i: int) -> int:
+        p = self.parent
+        root = i
+        while p[root] != root:
+            root = p[root]
+        while p[i] != root:
+            p[i], i = root, p[i]
+        return int(root)
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:  # the smaller index (earlier document) is the root: first copy is kept
+            if ra < rb:
+                self.parent[rb] = ra
+            else:
+                self.parent[ra] = rb
+
+
+def _group_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first, other) index pairs: each document whose key equals an earlier one's, with that earliest one."""
+    order = np.argsort(keys, kind="stable")
+    v = keys[order]
+    new = np.empty(len(v), dtype=bool)
+    if len(v):
+        new[0] = True
+        new[1:] = v[1:] != v[:-1]
+    run = np.cumsum(new) - 1
+    first = order[np.flatnonzero(new)][run]
+    dup = first != order
+    return first[dup], order[dup]
+
+
+def find_duplicates(n: int, exact: np.ndarray | None, bands: np.ndarray | None, sigs: np.ndarray | None,
+                    threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster documents; returns (root per doc, exact-duplicate mask); a doc is kept iff root == itself.
+
+    ``exact``: (n,) uint64; ``bands``: (n, b) uint64; ``sigs``: (n, num_perm) uint32 (may be memmaps).
+    """
+    uf = _UnionFind(n)
+    exact_dup = np.zeros(n, dtype=bool)
+    if exact is not None and n:
+        first, other = _group_pairs(np.asarray(exact))
+        exact_dup[other] = True
+        for a, b in zip(first.tolist(), other.tolist(), strict=False):
+            uf.union(a, b)
+    if bands is not None and n:
+        pairs = []
+        for j in range(bands.shape[1]):
+            first, other = _group_pairs(np.ascontiguousarray(bands[:, j]))
+            keep = ~exact_dup[other]
+            if keep.any():
+                pairs.append(np.stack([first[keep], other[keep]], 1))
+        if pairs:
+            cand = np.unique(np.concatenate(pairs), axis=0)
+            for start in range(0, len(cand), 65536):
+                chunk = cand[start:start + 65536]
+                sim = (np.asarray(sigs[chunk[:, 0]]) == np.asarray(sigs[chunk[:, 1]])).mean(1)
+                for (a, b), s in zip(chunk.tolist(), sim.tolist(), strict=False):
+                    if s >= threshold:
+                        uf.union(a, b)
+    roots = np.array([uf.find(i) for i in range(n)], dtype=np.int64) if n else np.zeros(0, dtype=np.int64)
+    return roots, exact_dup
+
+
+def similarity(sigs, a: int, b: int) -> float:
+    return float((np.asarray(sigs[a]) == np.asarray(sigs[b])).mean())
+
+
+class SpillArray:
+    """Append-only rows of a fixed dtype/width in a flat file; ``open`` memory-maps it."""
+
+    def __init__(self, path: Path, dtype, width: int):
+        self.path, self.dtype, self.width = Path(path), np.dtype(dtype), width
+        self.f = open(self.path, "wb")
+        self.n = 0
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=self.dtype).reshape(-1, self.width)
+        self.f.write(rows.tobytes())
+        self.n += len(rows)
+
+    def open(self) -> np.ndarray:
+        self.f.close()
+        if self.n == 0:
+            return np.zeros((0, self.width), dtype=self.dtype)
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n, self.width))

@@ -1,0 +1,550 @@
+"""`homeforge prepare`: a raw folder -> a clean, scrubbed, deduplicated, tokenized dataset artifact.
+
+Three streaming passes, so memory does not grow with the corpus:
+
+1. **read + clean + scrub + sign** (worker processes): ingest records, normalise, filter by
+   quality, replace PII, compute the exact hash and MinHash band hashes. Surviving records
+   spill to a JSONL work file, hashes to flat binary files.
+2. **dedup**: sort-based LSH clustering over the flat files (``data.dedup``).
+3. **split + write + tokenize**: stream the work file again, drop duplicates, split by
+   content hash, write ``{split}.jsonl``; train the tokenizer on the train split (or load
+   one); stream the splits into token shards / tokenized records; write the report.
+
+Every dropped record is counted by reason; bad lines and files are named in the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections import Counter, deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from homeforge import artifacts
+from homeforge.errors import HomeforgeError
+
+CHUNK = 256
+SPLITS = ("train", "val", "test")
+
+
+# --------------------------------------------------------------------------- worker side
+
+_W: dict = {}
+
+
+def _init_worker(cfg_json: dict, secret: bytes | None) -> None:
+    from homeforge.config import PrepareConfig
+    from homeforge.data.dedup import Signer
+    from homeforge.data.pii import Scrubber
+
+    cfg = PrepareConfig.model_validate(cfg_json)
+    _W.clear()
+    _W["cfg"] = cfg
+    p = cfg.pii
+    if p.enabled:
+        terms = list(p.terms)
+        if p.terms_file:
+            terms += Path(p.terms_file).read_text(encoding="utf-8").splitlines()
+        _W["scrubber"] = Scrubber(p.types, p.mode, secret, p.patterns, terms)
+    d = cfg.dedup
+    _W["signer"] = Signer(d.num_perm, d.threshold, d.ngram, d.char_ngram, d.seed) if d.near else None
+
+
+def _dedup_text(rec: dict) -> str:
+    if "messages" in rec:
+        return "\n".join(f"{m['role']}: {m['content']}" for m in rec["messages"])
+    return rec["text"]
+
+
+def _process_chunk(recs: list[dict]) -> dict:
+    """Clean, filter, scrub and sign a chunk of raw records (runs in a worker process)."""
+    from homeforge.data.clean import normalize, quality_reason
+    from homeforge.data.dedup import exact_key
+
+    cfg, scrubber, signer = _W["cfg"], _W.get("scrubber"), _W["signer"]
+    cc = cfg.clean
+    drops: Counter = Counter()
+    pii: Counter = Counter()
+    lines, exact, sigs = [], [], []
+    for raw in recs:
+        out: dict = {}
+        if "id" in raw:
+            out["id"] = raw["id"]
+        if "messages" in raw:
+            msgs = [{"role": m["role"], "content": normalize(m["content"], cc)} for m in raw["messages"]]
+            reason = quality_reason("\n".join(m["content"] for m in msgs), cc)
+            if reason is None and not any(m["role"] == "assistant" and m["content"] for m in msgs):
+                reason = "empty_assistant"
+            if reason:
+                drops[reason] += 1
+                continue
+            if scrubber is not None:
+                for m in msgs:
+                    m["content"], c = scrubber.scrub(m["content"])
+                    pii.update(c)
+            out["messages"] = msgs
+        else:
+            text = normalize(raw["text"], cc)
+            reason = quality_reason(text, cc)
+            if reason:
+                drops[reason] += 1
+                continue
+            if scrubber is not None:
+                text, c = scrubber.scrub(text)
+                pii.update(c)
+            out["text"] = text
+            if "label" in raw:
+                out["label"] = raw["label"].strip()
+        out["source"] = raw["_src"]
+        dtext = _dedup_text(out)
+        exact.append(exact_key(dtext))
+        if signer is not None:
+            sigs.append(signer.signature(dtext))
+        lines.append(json.dumps(out, ensure_ascii=False))
+    res = {"lines": lines, "exact": np.asarray(exact, dtype=np.uint64), "drops": drops, "pii": pii}
+    if signer is not None:
+        s = np.stack(sigs) if sigs else np.zeros((0, signer.num_perm), dtype=np.uint32)
+        res["sigs"] = s
+        res["bands"] = signer.band_hashes(s)
+    return res
+
+
+# --------------------------------------------------------------------------- main side
+
+
+def _chunks(it: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    buf: list[dict] = []
+    for x in it:
+        buf.append(x)
+        if len(buf) >= size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _bounded_map(fn, chunks: Iterator, workers: int, cfg_json: dict, secret: bytes | None) -> Iterator:
+    """Ordered map over chunks in worker processes with at most 3x workers chunks in flight."""
+    if workers <= 1:
+        _init_worker(cfg_json, secret)
+        for c in chunks:
+            yield fn(c)
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg_json, secret)) as pool:
+        pending: deque = deque()
+        for c in chunks:
+            pending.append(pool.apply_async(fn, (c,)))
+            if len(pending) >= 3 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def split_of(text: str, val: float, test: float, salt: str = "") -> str:
+    h = int.from_bytes(hashlib.sha256(f"{salt}\0{text}".encode()).digest()[:8], "big") / 2**64
+    if h < val:
+        return "val"
+    if h < val + test:
+        return "test"
+    return "train"
+
+
+def _secret(cfg) -> bytes | None:
+    if not (cfg.pii.enabled and cfg.pii.mode == "pseudonym"):
+        return None
+    value = os.environ.get(cfg.pii.secret_env, "")
+    if len(value) < 16:
+        raise HomeforgeError(
+            f"pii.mode=pseudonym needs a secret of at least 16 characters in ${cfg.pii.secret_env}",
+            fix=f"export {cfg.pii.secret_env}=$(python -c 'import secrets; print(secrets.token_hex(32))') "
+                "and keep it safe (the same secret gives the same pseudonyms)",
+        )
+    return value.encode()
+
+
+def _fingerprint_config(cfg, secret: bytes | None, builtins: list[str]) -> dict:
+    conf = cfg.model_dump(mode="json", exclude={"output_dir", "workers", "inputs"})
+    if secret:  # identifies the secret without revealing it
+        conf["pii_secret_id"] = hmac.new(secret, b"homeforge-fingerprint", hashlib.sha256).hexdigest()[:16]
+    if builtins:
+        from homeforge.data.corpus import stdlib_dir
+
+        conf["builtins"] = {"names": builtins, "python": platform.python_version(), "stdlib": str(stdlib_dir())}
+    return conf
+
+
+def _input_paths(cfg, files: list[Path]) -> dict[str, Path]:
+    inputs = {f"file:{p}": p for p in files}
+    for key, val in (("pii.terms_file", cfg.pii.terms_file), ("augment.synonyms_file", cfg.augment.synonyms_file),
+                     ("tokenizer.from_dir", cfg.tokenizer.from_dir)):
+        if val:
+            if not Path(val).exists():
+                raise HomeforgeError(f"{key} {val} does not exist", fix=f"check the path given in {key}")
+            inputs[key] = Path(val)
+    return inputs
+
+
+class _Progress:
+    def __init__(self, console):
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+                          TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+
+    def __enter__(self):
+        self.p.__enter__()
+        return self
+
+    def __exit__(self, *a):
+        self.p.__exit__(*a)
+
+    def task(self, name: str, total: float | None):
+        return self.p.add_task(name, total=total, info="")
+
+    def advance(self, task, n: float = 1, info: str | None = None):
+        if info is None:
+            self.p.advance(task, n)
+        else:
+            self.p.update(task, advance=n, info=info)
+
+
+def _read_pass(cfg, files, builtins, work: Path, issues, bar, secret) -> dict:
+    """Pass 1: read, clean, filter, scrub, hash; spill survivors to ``work``."""
+    from homeforge.data.dedup import SpillArray
+    from homeforge.data.ingest import Reader
+
+    reader = Reader(cfg, issues)
+    stats: dict = {"read": 0, "drops": Counter(), "pii": Counter(), "bytes": 0}
+    total_bytes = sum(_size(p) for p in files)
+    task = bar.task("read, clean, scrub", total=total_bytes + len(builtins) or None)
+
+    def records() -> Iterator[dict]:
+        for p in files:
+            for rec in reader.read(p, str(p)):
+                stats["read"] += 1
+                yield rec
+            bar.advance(task, _size(p))
+        for name in builtins:
+            for rec in reader.builtin(name):
+                stats["read"] += 1
+                yield rec
+            bar.advance(task, 1)
+
+    near = cfg.dedup.near
+    from homeforge.data.dedup import lsh_params
+
+    b = lsh_params(cfg.dedup.threshold, cfg.dedup.num_perm)[0] if near else 1
+    exact_f = SpillArray(work / "exact.bin", np.uint64, 1)
+    bands_f = SpillArray(work / "bands.bin", np.uint64, b) if near else None
+    sigs_f = SpillArray(work / "sigs.bin", np.uint32, cfg.dedup.num_perm) if near else None
+    workers = cfg.workers or os.cpu_count() or 1
+    cfg_json = cfg.model_dump(mode="json")
+    with open(work / "records.jsonl", "w", encoding="utf-8") as out:
+        for res in _bounded_map(_process_chunk, _chunks(records(), CHUNK), workers, cfg_json, secret):
+            if res["lines"]:
+                out.write("\n".join(res["lines"]) + "\n")
+            exact_f.append(res["exact"])
+            if near:
+                bands_f.append(res["bands"])
+                sigs_f.append(res["sigs"])
+            stats["drops"].update(res["drops"])
+            stats["pii"].update(res["pii"])
+            bar.advance(task, 0, info=f"{exact_f.n:,} records kept of {stats['read']:,}")
+    stats["n"] = exact_f.n
+    stats["exact"] = exact_f.open()[:, 0]
+    stats["bands"] = bands_f.open() if near else None
+    stats["sigs"] = sigs_f.open() if near else None
+    stats["tables"] = {name: t.correlated(cfg.report.corr_threshold) for name, t in reader.tables.items()}
+    stats["formats"] = dict(reader.formats)
+    return stats
+
+
+def _size(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except OSError:
+        return 0
+
+
+def _text_of(rec: dict) -> str:
+    return _dedup_text(rec)
+
+
+def _write_pass(cfg, work: Path, dest: Path | None, roots, exact_dup, sigs, bar) -> dict:
+    """Pass 2: drop duplicates, split, write ``{split}.jsonl`` and ``dedup.jsonl`` (if dest)."""
+    from homeforge.data.augment import Reservoir
+    from homeforge.data.dedup import similarity
+
+    n = len(roots)
+    idx = np.arange(n)
+    has_members = np.zeros(n, dtype=bool)
+    has_members[roots[roots != idx]] = True
+    root_src: dict[int, str] = {}
+    counts = {s: 0 for s in SPLITS}
+    chars = {s: [] for s in SPLITS}
+    labels = {s: Counter() for s in SPLITS}
+    dups = Counter()
+    reservoir = Reservoir(seed=cfg.augment.seed) if cfg.augment.enabled else None
+    files = {}
+    if dest is not None:
+        files = {s: open(dest / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLITS}
+        dedup_f = open(dest / "dedup.jsonl", "w", encoding="utf-8")
+    task = bar.task("split and write", total=n)
+    try:
+        with open(work / "records.jsonl", encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                rec = json.loads(line)
+                if has_members[i]:
+                    root_src[i] = rec["source"]
+                r = int(roots[i])
+                if r != i:
+                    kind = "exact" if exact_dup[i] else "near"
+                    dups[kind] += 1
+                    if dest is not None:
+                        sim = 1.0 if kind == "exact" or sigs is None else round(similarity(sigs, r, i), 3)
+                        dedup_f.write(json.dumps({"dropped": rec["source"], "kept": root_src[r], "kind": kind,
+                                                  "similarity": sim}) + "\n")
+                else:
+                    text = _text_of(rec)
+                    split = split_of(text, cfg.split.val, cfg.split.test, cfg.split.salt)
+                    counts[split] += 1
+                    chars[split].append(len(text))
+                    if "label" in rec:
+                        labels[split][rec["label"]] += 1
+                    if reservoir is not None and split == "train" and "text" in rec:
+                        reservoir.add_text(rec["text"])
+                    if dest is not None:
+                        files[split].write(line)
+                if i % 1024 == 0:
+                    bar.advance(task, min(1024, n - i))
+    finally:
+        for fh in files.values():
+            fh.close()
+        if dest is not None:
+            dedup_f.close()
+    return {"counts": counts, "chars": {s: np.asarray(v, dtype=np.int64) for s, v in chars.items()},
+            "labels": labels, "dups": dups, "clusters": int(has_members.sum()),
+            "vocab": reservoir.items if reservoir is not None else []}
+
+
+def _augment(cfg, dest: Path, vocab: list[str]) -> int:
+    from homeforge.data.augment import Augmenter, load_synonyms
+
+    a = cfg.augment
+    syn = load_synonyms(a.synonyms_file) if a.synonyms_file else None
+    aug = Augmenter(list(a.ops), a.alpha, a.seed, sorted(set(vocab)), syn)
+    n = 0
+    tmp = dest / ".augmented.jsonl"
+    with open(dest / "train.jsonl", encoding="utf-8") as f, open(tmp, "w", encoding="utf-8") as out:
+        for line in f:
+            rec = json.loads(line)
+            for c in range(a.copies):
+                new = dict(rec, text=aug.augment(rec["text"], c), augmented=True)
+                out.write(json.dumps(new, ensure_ascii=False) + "\n")
+                n += 1
+    with open(tmp, encoding="utf-8") as src, open(dest / "train.jsonl", "a", encoding="utf-8") as dst:
+        shutil.copyfileobj(src, dst)
+    tmp.unlink()
+    return n
+
+
+def _iter_jsonl(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def _train_texts(cfg, dest: Path) -> Iterator[str]:
+    for rec in _iter_jsonl(dest / "train.jsonl"):
+        if "messages" in rec:
+            yield "\n".join(m["content"] for m in rec["messages"])
+        else:
+            yield rec["text"]
+
+
+def _get_tokenizer(cfg, dest: Path, console):
+    if cfg.tokenizer.from_dir:
+        from homeforge.models.io import load_tokenizer
+
+        tok = load_tokenizer(cfg.tokenizer.from_dir)
+        if cfg.kind == "chat" and not tok.chat_template:
+            raise HomeforgeError(f"the tokenizer in {cfg.tokenizer.from_dir} has no chat template",
+                                 where=cfg.tokenizer.from_dir, fix="use a chat model directory, or leave tokenizer.from_dir unset")
+        if tok.eos_token_id is None:
+            raise HomeforgeError(f"the tokenizer in {cfg.tokenizer.from_dir} has no EOS token", where=cfg.tokenizer.from_dir,
+                                 fix="use a tokenizer with an eos_token")
+        return tok
+    from homeforge.data.tokenizer import train_bpe
+
+    with console.status(f"training a {cfg.tokenizer.vocab_size}-token byte-level BPE on the train split"):
+        return train_bpe(_train_texts(cfg, dest), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+
+
+def _batches(it, size):
+    buf = []
+    for x in it:
+        buf.append(x)
+        if len(buf) >= size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _tokenize(cfg, tok, dest: Path, counts: dict, label_names: list[str], bar) -> dict:
+    """Pass 3: stream the split files into token shards (text) or tokenized records."""
+    from homeforge.data.shards import ShardWriter, token_dtype
+
+    vocab = len(tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    index = {"format": "packed-tokens-v1" if cfg.kind == "text" else "tokenized-records-v1", "kind": cfg.kind,
+             "dtype": np.dtype(token_dtype(vocab)).name, "vocab_size": vocab, "eos_id": tok.eos_token_id,
+             "pad_id": pad, "splits": {}}
+    if cfg.kind == "classification":
+        index["labels"] = label_names
+    label_id = {name: i for i, name in enumerate(label_names)}
+    tokens = {}
+    for split in SPLITS:
+        path = dest / f"{split}.jsonl"
+        if not counts.get(split):
+            path.unlink(missing_ok=True)
+            continue
+        n_rec = sum(1 for _ in open(path, encoding="utf-8"))
+        task = bar.task(f"tokenize {split}", total=n_rec)
+        lengths: list[int] = []
+        if cfg.kind == "text":
+            w = ShardWriter(dest, split, vocab, tok.eos_token_id)
+            for batch in _batches(_iter_jsonl(path), 1000):
+                for ids in tok([r["text"] for r in batch], add_special_tokens=False)["input_ids"]:
+                    w.add(ids)
+                    lengths.append(len(ids))
+                bar.advance(task, len(batch))
+            info = w.close()
+        else:
+            from homeforge.data.chat import tokenize_chat
+
+            n_tok = 0
+            with open(dest / f"{split}.tokens.jsonl", "w", encoding="utf-8") as out:
+                for batch in _batches(_iter_jsonl(path), 500):
+                    if cfg.kind == "chat":
+                        for r in batch:
+                            ids, mask = tokenize_chat(tok, r["messages"], cfg.tokenizer.max_length)
+                            out.write(json.dumps({"input_ids": ids, "loss_mask": mask}) + "\n")
+                            lengths.append(len(ids))
+                    else:
+                        enc = tok([r["text"] for r in batch], add_special_tokens=True, truncation=cfg.tokenizer.max_length is not None,
+                                  max_length=cfg.tokenizer.max_length)["input_ids"]
+                        for r, ids in zip(batch, enc, strict=False):
+                            out.write(json.dumps({"input_ids": ids, "label": label_id[r["label"]]}) + "\n")
+                            lengths.append(len(ids))
+                    bar.advance(task, len(batch))
+            n_tok = int(sum(lengths))
+            info = {"file": f"{split}.tokens.jsonl", "records": len(lengths), "tokens": n_tok}
+        info["jsonl"] = f"{split}.jsonl"
+        index["splits"][split] = info
+        tokens[split] = np.asarray(lengths, dtype=np.int64)
+    (dest / "index.json").write_text(json.dumps(index, indent=2))
+    return {"index": index, "tokens": tokens}
+
+
+def run(cfg, *, force: bool = False, check_only: bool = False, console=None, output: str | Path | None = None) -> dict:
+    """Run the stage; returns {"out", "report", "skipped"}. ``check_only`` writes nothing."""
+    from rich.console import Console
+
+    from homeforge.data import report as rep
+    from homeforge.data.dedup import find_duplicates
+    from homeforge.data.ingest import Issues, discover
+
+    console = console or Console()
+    files, builtins = discover(cfg.inputs)
+    secret = _secret(cfg)
+    if cfg.pii.enabled and cfg.pii.patterns:
+        import re
+
+        for name, rx in cfg.pii.patterns.items():
+            try:
+                re.compile(rx)
+            except re.error as exc:
+                raise HomeforgeError(f"pii.patterns.{name} is not a valid regular expression ({exc})",
+                                     fix="correct the pattern (Python `re` syntax)") from None
+    conf = _fingerprint_config(cfg, secret, builtins)
+    inputs = _input_paths(cfg, files)
+    out = Path(output or cfg.output_dir).expanduser()
+    if not check_only:
+        artifacts.check_writable(out)
+        out_p, fp, _ = artifacts.begin(out, stage="prepare", config=conf, inputs=inputs)
+        if not force and artifacts.is_up_to_date(out_p, fp):
+            console.print(f"[green]dataset up to date[/] {out_p} (same inputs and config; --force rebuilds)")
+            return {"out": out_p, "report": json.loads((out_p / "report.json").read_text()), "skipped": True}
+    issues = Issues(cfg.strict, cfg.report.max_named_errors)
+
+    def build(dest: Path | None, work: Path) -> dict:
+        with _Progress(console) as bar:
+            s1 = _read_pass(cfg, files, builtins, work, issues, bar, secret)
+            with console.status("finding duplicates"):
+                roots, exact_dup = find_duplicates(s1["n"], s1["exact"] if cfg.dedup.exact else None,
+                                                   s1["bands"], s1["sigs"], cfg.dedup.threshold)
+            s2 = _write_pass(cfg, work, dest, roots, exact_dup, s1["sigs"], bar)
+        report = rep.build_report(cfg, files, builtins, issues, s1, s2)
+        if cfg.kind == "classification":
+            rep.check_labels(cfg, report)
+        if sum(s2["counts"].values()) == 0:
+            raise HomeforgeError(
+                f"no records survived ({s1['read']} read; dropped: {dict(report['records']['dropped']) or 'none'})",
+                where=", ".join(cfg.inputs),
+                fix="see the reasons above; loosen clean.* filters, check fields.* or the input format",
+            )
+        if dest is None:
+            return report
+        if s2["counts"]["train"] == 0:
+            raise HomeforgeError("the train split is empty", fix="lower split.val / split.test or add data")
+        if cfg.augment.enabled and cfg.kind != "chat":
+            report["augmented"] = _augment(cfg, dest, s2["vocab"])
+            s2["counts"]["train"] += report["augmented"]
+        tok = _get_tokenizer(cfg, dest, console)
+        tok.save_pretrained(str(dest / "tokenizer"))
+        with _Progress(console) as bar:
+            t = _tokenize(cfg, tok, dest, s2["counts"], report.get("labels", {}).get("names", []), bar)
+        rep.add_tokens(report, t["tokens"], len(tok), cfg.tokenizer.from_dir)
+        rep.write_report(report, dest)
+        return report
+
+    if check_only:
+        with tempfile.TemporaryDirectory(prefix="homeforge-check-") as work:
+            report = build(None, Path(work))
+        console.print(rep.render_markdown(report), markup=False, highlight=False)
+        return {"out": None, "report": report, "skipped": False}
+
+    with artifacts.write_artifact(out_p, stage="prepare", config=conf, inputs=inputs, force=True) as art:
+        work = art.dir / ".work"
+        work.mkdir()
+        try:
+            report = build(art.dir, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        art.metrics = rep.manifest_metrics(report)
+        art.extra["kind"] = cfg.kind
+    for w in report["warnings"]:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    r = report["records"]
+    console.print(f"[green]dataset[/] {out_p}: {r['in']:,} records in, {r['out']:,} out "
+                  f"({', '.join(f'{k} {v:,}' for k, v in r['splits'].items() if v)}); "
+                  f"{sum(r['dropped'].values()):,} dropped; report: {out_p / 'report.md'}", highlight=False)
+    return {"out": out_p, "report": report, "skipped": False}
