@@ -60,8 +60,10 @@ own global-norm clipping.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -71,6 +73,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from homeforge.artifacts import write_artifact
 from homeforge.config import TrainConfig
 from homeforge.errors import HomeforgeError
 from homeforge.evaluate.perplexity import mean_loss
@@ -251,6 +254,7 @@ def train_task(task: TrainTask, cfg: TrainConfig, run_dir: str | Path, *, resume
     info = info or init_distributed(cfg.distributed.backend)
     config = cfg.model_dump(mode="json")
     precision = resolve_precision(cfg.precision, info.device)
+    skeleton = copy.deepcopy(task.model) if info.enabled and cfg.distributed.strategy == "fsdp" and info.is_main else None
     model, opt, sched, scaler, state = setup_training(task, cfg, info, precision)
     model, opt, private = setup_privacy(task, model, opt, cfg)
     if resume is not None:
@@ -264,6 +268,8 @@ def train_task(task: TrainTask, cfg: TrainConfig, run_dir: str | Path, *, resume
             if not math.isfinite(loss):
                 raise diverged(loss, state, last_ckpt)
             gnorm = optimizer_step(model, opt, sched, scaler, cfg, info, n_tokens, private)
+            if not math.isfinite(gnorm) and not scaler.is_enabled():
+                raise diverged(f"{loss / n_tokens:.4f} with a gradient norm of {gnorm}", state, last_ckpt)
             state.step += 1
             state.samples += cfg.micro_batch_size * cfg.grad_accum * info.world
             record = {"step": state.step, "loss": loss / n_tokens, "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
@@ -288,13 +294,13 @@ def train_task(task: TrainTask, cfg: TrainConfig, run_dir: str | Path, *, resume
             if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or state.step >= state.total_steps:
                 last_ckpt = save(run_dir, f"step-{state.step:08d}", model, opt, sched, scaler, state, config, info)
             speed.reset_clock()  # evaluation, logging and checkpoint I/O do not count as training time
+        save_final_model(task, model, cfg, run_dir, state, info, skeleton)
     except BaseException:
         if tracker is not None:
             tracker.close(status="FAILED")
         raise
     if tracker is not None:
         tracker.close()
-        plot_history(state.history, run_dir / "loss.png")
     return state
 
 
@@ -332,6 +338,49 @@ def setup_privacy(task: TrainTask, model, opt, cfg: TrainConfig):
 
     model, opt = make_private(task, model, opt, cfg)
     return model, opt, True
+
+
+def save_final_model(task: TrainTask, model, cfg: TrainConfig, run_dir: Path, state: RunState, info: DistInfo,
+                     skeleton: torch.nn.Module | None = None) -> Path:
+    """Write ``RUN/model`` (an artifact: the method's HF / adapter output + manifest) and ``RUN/loss.png``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    out = run_dir / "model"
+    full = None
+    if skeleton is not None or info.enabled:  # gather the full weights from every rank first
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if info.is_main:
+        final = unwrap(model).to("cpu")
+        if skeleton is not None:  # FSDP2 parameters are shards: put the gathered weights into a plain copy
+            params = dict(skeleton.named_parameters())
+            for name, value in full.items():
+                if name in params:
+                    params[name].data = value
+            final = skeleton
+        final.eval()
+        plot_history(state.history, run_dir / "loss.png")
+        config = cfg.model_dump(mode="json")
+        inputs = {"dataset": cfg.data} if cfg.data else {}
+        with write_artifact(out, stage="train", config=config, inputs=inputs, force=True) as art:
+            task.save_final(final, art.dir, task.tokenizer)
+            shutil.copy2(run_dir / "loss.png", art.dir / "loss.png")
+            art.metrics = final_metrics(state)
+            art.extra.update(kind=task.info.get("kind", "causal-lm"), method=cfg.method, task=task.info)
+        final.to(info.device)
+    info.barrier()
+    return out
+
+
+def final_metrics(state: RunState) -> dict:
+    def median(key):
+        values = sorted(r[key] for r in state.history if key in r)
+        return values[len(values) // 2] if values else None
+
+    last = state.history[-1] if state.history else {}
+    vals = [r["val_loss"] for r in state.history if "val_loss" in r]
+    return {"steps": state.step, "samples": state.samples, "final_loss": last.get("loss"),
+            "val_loss": vals[-1] if vals else None, "best_val_loss": state.best_val if vals else None,
+            "tokens_per_s": median("tokens_per_s"), "mfu": median("mfu"), "stop_reason": state.stop_reason}
 
 
 def seed_everything(seed: int) -> None:
@@ -378,6 +427,9 @@ def optimizer_step(model, opt, sched, scaler, cfg: TrainConfig, info: DistInfo, 
     gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip and not private else math.inf)
     if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
         gnorm = gnorm.full_tensor()
+    if not torch.isfinite(gnorm) and not scaler.is_enabled():  # (fp16's scaler skips such steps itself)
+        opt.zero_grad(set_to_none=True)
+        return float(gnorm)
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
@@ -439,7 +491,7 @@ def restore(path: Path, model, opt, sched, scaler, state: RunState, config: dict
     state.stop_reason = ""
 
 
-def diverged(loss: float, state: RunState, last_ckpt: Path | None) -> TrainingDiverged:
+def diverged(loss: float | str, state: RunState, last_ckpt: Path | None) -> TrainingDiverged:
     where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
     return TrainingDiverged(f"training diverged: the loss became {loss} at step {state.step + 1}; stopped before "
                             f"the optimizer step, {where} (untouched)",

@@ -1,0 +1,195 @@
+"""The training engine on a tiny Llama: golden loss, exact resume, divergence, checkpoints, tracking."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_task import make_cfg, make_task  # noqa: E402
+
+from homeforge.errors import HomeforgeError  # noqa: E402
+from homeforge.train import checkpoint as ck  # noqa: E402
+from homeforge.train.loop import StepLoss, TrainingDiverged, causal_lm_loss, train_task  # noqa: E402
+from homeforge.train.tracking import read_metrics  # noqa: E402
+
+# loss after steps 1, 6 and 12 of make_cfg's run (seed 1234, fp32, 1 thread)
+GOLDEN = {1: 4.6014, 6: 4.2003, 12: 3.8575}
+
+
+def run(tmp: Path, *overrides: str, resume=None, progress=None, task=None):
+    cfg = make_cfg(tmp, *overrides)
+    task = task or make_task(cfg)
+    return train_task(task, cfg, tmp, resume=resume, progress=progress), task
+
+
+def tree_bytes(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("full")
+    state, task = run(tmp, "tracking.tensorboard=true")
+    return tmp, state, task
+
+
+def test_golden_loss_and_run_dir(full_run):
+    tmp, state, _ = full_run
+    losses = {r["step"]: r["loss"] for r in state.history}
+    for step, want in GOLDEN.items():
+        assert losses[step] == pytest.approx(want, abs=2e-4), (step, losses[step])
+    assert state.step == 12 and state.samples == 12 * 4 and state.stop_reason == "max_steps"
+    # metrics JSONL always, with the documented keys; a PNG plot; the final model artifact
+    records = read_metrics(tmp / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_rss_mb"} <= set(records[-1])
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8, 12]
+    assert (tmp / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    manifest = json.loads((tmp / "model" / "homeforge.json").read_text())
+    assert manifest["metrics"]["steps"] == 12 and manifest["config"]["seq_len"] == 32
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp / "model")
+    assert torch.equal(reloaded.model.layers[0].mlp.up_proj.weight, full_run[2].model.model.layers[0].mlp.up_proj.weight)
+
+
+def test_checkpoints_every_n_keep_k_and_best(full_run, tmp_path):
+    tmp, state, _ = full_run
+    assert [p.name for p in ck.step_checkpoints(tmp)] == ["step-00000004", "step-00000008", "step-00000012"]
+    best = ck.read_meta(tmp / "checkpoints" / "best")
+    assert best["best_val"] == pytest.approx(state.best_val)
+    assert ck.read_config(tmp / "checkpoints" / "step-00000008")["optim"]["lr"] == 3e-3  # resolved config beside it
+    assert not list((tmp / "checkpoints").glob(".tmp-*"))
+    run(tmp_path, "checkpoint.keep=1", "max_steps=8")
+    assert [p.name for p in ck.step_checkpoints(tmp_path)] == ["step-00000008"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(full_run, tmp_path):
+    tmp_full, _, full_task = full_run
+
+    def stop_at_10(state, record):
+        if state.step == 10:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run(tmp_path, "tracking.tensorboard=true", progress=stop_at_10)
+    latest = ck.resolve_resume(tmp_path, "latest")
+    assert latest.name == "step-00000008"
+    state, task = run(tmp_path, "tracking.tensorboard=true", resume=latest)
+    assert state.step == 12 and state.samples == 48
+    for (name, a), (_, b) in zip(full_task.model.named_parameters(), task.model.named_parameters(), strict=True):
+        assert torch.equal(a, b), name  # bit-exact on CPU
+    # the metrics log holds one record per step, the replayed steps 9-10 once
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 13))
+    assert read_metrics(tmp_path / "metrics.jsonl")[-1]["loss"] == read_metrics(tmp_full / "metrics.jsonl")[-1]["loss"]
+
+
+def test_nan_loss_stops_with_last_good_checkpoint_intact(tmp_path):
+    cfg = make_cfg(tmp_path)
+    task = make_task(cfg)
+    calls = {"n": 0}
+
+    def poisoned(model, batch):  # call 7 = step 5 (steps 1-4, then 2 eval batches at step 4)
+        calls["n"] += 1
+        out = causal_lm_loss(model, batch)
+        return StepLoss(out.loss_sum * math.nan, out.n_tokens) if calls["n"] == 7 else out
+
+    task.loss_fn = poisoned
+    with pytest.raises(TrainingDiverged) as err:
+        train_task(task, cfg, tmp_path)
+    msg = err.value.render()
+    assert "became nan at step 5" in msg and "step-00000004" in msg and "lower optim.lr" in msg
+    assert [p.name for p in ck.step_checkpoints(tmp_path)] == ["step-00000004"]
+    saved = load_file(str(tmp_path / "checkpoints" / "step-00000004" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    assert not (tmp_path / "model").exists()
+
+
+def test_early_stopping(tmp_path):
+    state, _ = run(tmp_path, "early_stopping_patience=1", "early_stopping_min_delta=10")
+    assert state.step == 8 and state.stop_reason.startswith("early stopping")
+    assert ck.latest_checkpoint(tmp_path).name == "step-00000008"
+    assert (tmp_path / "model" / "homeforge.json").is_file()
+
+
+def test_resume_with_other_config_is_refused_and_nothing_overwritten(full_run, tmp_path):
+    tmp, _, _ = full_run
+    before = tree_bytes(tmp / "checkpoints")
+    cfg = make_cfg(tmp, "optim.lr=1e-2")
+    with pytest.raises(HomeforgeError) as err:
+        train_task(make_task(cfg), cfg, tmp, resume=ck.resolve_resume(tmp, "latest"))
+    assert "optim.lr" in err.value.render() and "different training config" in err.value.render()
+    assert tree_bytes(tmp / "checkpoints") == before
+    with pytest.raises(HomeforgeError, match="not a complete homeforge checkpoint"):
+        ck.resolve_resume(tmp, str(tmp / "model"))
+
+
+def test_failed_checkpoint_write_leaves_no_partial_dir(tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        run(tmp_path, "max_steps=4", "eval_every=100")
+    assert ck.step_checkpoints(tmp_path) == [] and not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_out_of_memory_names_the_knob(tmp_path):
+    cfg = make_cfg(tmp_path)
+    task = make_task(cfg)
+
+    def oom(model, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    task.loss_fn = oom
+    with pytest.raises(HomeforgeError) as err:
+        train_task(task, cfg, tmp_path)
+    assert "does not fit in memory" in err.value.render() and "micro_batch_size=2 grad_accum=2" in err.value.render()
+
+
+def test_precision_auto_is_fp32_on_cpu():
+    from homeforge.train.precision import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+
+
+def test_tensorboard_events_read_back(full_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tmp, state, _ = full_run
+    acc = EventAccumulator(str(tmp / "tensorboard"))
+    acc.Reload()
+    events = acc.Scalars("loss")
+    assert [e.step for e in events] == list(range(1, 13))
+    assert events[-1].value == pytest.approx(state.history[-1]["loss"], rel=1e-6)
+    assert {"lr", "val_loss", "mfu", "tokens_per_s"} <= set(acc.Tags()["scalars"])
+
+
+def test_mlflow_sqlite_store_read_back(tmp_path):
+    from mlflow import MlflowClient
+
+    state, _ = run(tmp_path, "max_steps=4", "tracking.mlflow=true", "tracking.experiment=engine-test")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("engine-test")
+    (run_info,) = client.search_runs([exp.experiment_id])
+    assert run_info.info.status == "FINISHED"
+    assert run_info.data.params["optim.lr"] == "0.003"
+    history = client.get_metric_history(run_info.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert history[-1].value == pytest.approx(state.history[-1]["loss"], rel=1e-6)
+
+
+def test_mlflow_remote_uri_refused(tmp_path):
+    with pytest.raises(HomeforgeError, match="not a local store"):
+        run(tmp_path, "max_steps=1", "tracking.mlflow=true", "tracking.mlflow_uri=http://10.0.0.1:5000")
