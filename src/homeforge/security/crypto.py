@@ -1,0 +1,435 @@
+"""Encryption at rest: AES-256-GCM in authenticated chunks (the STREAM construction).
+
+File format (all integers big-endian)::
+
+    header (45 bytes)
+      magic        8  b"\\x89HFENC\\r\\n"
+      version      1  1
+      flags        1  0
+      chunk_size   4  plaintext bytes per chunk (the last chunk may be shorter, even empty)
+      key_id       8  which data key (keys.key_id, first 8 bytes)
+      salt        16  random; file key = HKDF-SHA256(data key, salt, "homeforge file v1")
+      nonce_prefix 7  random
+    chunk k (k = 0 .. n-1): ciphertext || 16-byte GCM tag
+      nonce = nonce_prefix || uint32(k) || uint8(k == n-1)
+      associated data = the whole header
+
+Each chunk is bound to its position and to the header, and only the last chunk carries
+the "final" flag, so an edited byte, swapped chunks, a cut-off tail or a file assembled
+from two files all fail authentication. Writers stream (memory holds one chunk) and
+replace the target atomically on close; readers stream, or read chunks at random
+(``EncryptedArray``) after checking every tag once on open.
+
+Readers in homeforge call ``open_read`` / ``read_bytes`` / ``open_text``: plain files
+pass through unchanged, encrypted ones are decrypted with the configured data key.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import struct
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from homeforge.errors import HomeforgeError
+from homeforge.security.keys import DataKey, load_key
+
+MAGIC = b"\x89HFENC\r\n"
+VERSION = 1
+HEADER = struct.Struct(">8sBBI8s16s7s")
+HEADER_LEN = HEADER.size  # 45
+TAG = 16
+DEFAULT_CHUNK = 64 * 1024
+
+
+class CryptoError(HomeforgeError):
+    """An encrypted file that cannot be decrypted: wrong key, tampered or truncated."""
+
+
+# --------------------------------------------------------------------------- primitives
+
+
+def _file_key(key: DataKey, salt: bytes):
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    k = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=b"homeforge file v1").derive(key.secret)
+    return AESGCM(k)
+
+
+def _nonce(prefix: bytes, index: int, final: bool) -> bytes:
+    return prefix + struct.pack(">IB", index, 1 if final else 0)
+
+
+def _key(key: DataKey | None) -> DataKey:
+    return key if key is not None else load_key(required=True)
+
+
+def is_encrypted(path: str | Path) -> bool:
+    """True if the file starts with the magic, or with something a few bytes away from it.
+
+    A damaged magic must not turn an encrypted file into a "plain" one that readers pass
+    through, so a near match counts as encrypted (and then fails on its header).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(MAGIC))
+    except OSError:
+        return False
+    if len(head) < len(MAGIC):
+        return False
+    return sum(a != b for a, b in zip(head, MAGIC, strict=True)) <= 2
+
+
+def read_header(path: str | Path, f=None) -> dict:
+    own = f is None
+    f = f or open(path, "rb")
+    try:
+        f.seek(0)
+        raw = f.read(HEADER_LEN)
+    finally:
+        if own:
+            f.close()
+    if len(raw) < HEADER_LEN or raw[:8] != MAGIC:
+        raise CryptoError(f"{path} is not a homeforge encrypted file, or its header is damaged or cut off", where=str(path),
+                          fix="restore the file from a backup or re-run the stage that made it")
+    magic, version, flags, chunk_size, kid, salt, prefix = HEADER.unpack(raw)
+    if version != VERSION:
+        raise CryptoError(f"{path} uses encryption format version {version}; this homeforge reads version {VERSION}",
+                          where=str(path), fix="upgrade homeforge")
+    if chunk_size <= 0:
+        raise CryptoError(f"{path} has a corrupted header", where=str(path), fix="restore the file from a backup")
+    return {"raw": raw, "chunk_size": chunk_size, "key_id": kid.hex(), "salt": salt, "prefix": prefix}
+
+
+def _check_key(path, header: dict, key: DataKey) -> None:
+    if key.key_id[:16] != header["key_id"]:
+        raise CryptoError(
+            f"{path} was encrypted with key {header['key_id']}, but the current data key is {key.key_id}",
+            where=str(path),
+            fix="set HOMEFORGE_KEY_FILE (or HOMEFORGE_KEY / HOMEFORGE_KEY_COMMAND) to the key that encrypted it; "
+                "after a rotation, rotate this artifact too (`homeforge keys rotate ARTIFACT`)")
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class EncryptedWriter(io.RawIOBase):
+    """A write-only binary file that encrypts in chunks; the target appears only on ``close``."""
+
+    def __init__(self, path: str | Path, key: DataKey | None = None, chunk_size: int = DEFAULT_CHUNK):
+        super().__init__()
+        self.path = Path(path)
+        self.key = _key(key)
+        self.chunk_size = chunk_size
+        salt, prefix = secrets.token_bytes(16), secrets.token_bytes(7)
+        self.header = HEADER.pack(MAGIC, VERSION, 0, chunk_size, bytes.fromhex(self.key.key_id[:16]), salt, prefix)
+        self.prefix = prefix
+        self.aead = _file_key(self.key, salt)
+        self.tmp = self.path.with_name(f".{self.path.name}.enc-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.f = open(self.tmp, "wb")
+        self.f.write(self.header)
+        self.buf = bytearray()
+        self.index = 0
+        self.size = 0
+        self._done = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        mv = memoryview(data).cast("B")
+        self.buf += mv
+        self.size += len(mv)
+        cs = self.chunk_size
+        if len(self.buf) > cs:
+            n_full = (len(self.buf) - 1) // cs  # always keep >= 1 byte pending: the final chunk is written on close
+            for i in range(n_full):
+                self._emit(bytes(self.buf[i * cs:(i + 1) * cs]), final=False)
+            del self.buf[: n_full * cs]
+        return len(mv)
+
+    def _emit(self, chunk: bytes, final: bool) -> None:
+        self.f.write(self.aead.encrypt(_nonce(self.prefix, self.index, final), chunk, self.header))
+        self.index += 1
+        if self.index >= 2**32:
+            raise CryptoError(f"{self.path} is too large for one encrypted file", fix="raise the chunk size")
+
+    def close(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._emit(bytes(self.buf), final=True)
+            self.buf = bytearray()
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            super().close()
+
+    def abort(self) -> None:
+        """Discard everything written; the target is not touched."""
+        self._done = True
+        if not self.f.closed:
+            self.f.close()
+        self.tmp.unlink(missing_ok=True)
+        if not self.closed:
+            super().close()
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+        return False
+
+
+def open_write(path: str | Path, key: DataKey | None = None, chunk_size: int = DEFAULT_CHUNK) -> EncryptedWriter:
+    return EncryptedWriter(path, key, chunk_size)
+
+
+def write_encrypted(path: str | Path, data: bytes | Iterable[bytes], key: DataKey | None = None,
+                    chunk_size: int = DEFAULT_CHUNK) -> None:
+    """Encrypt ``data`` (bytes, or an iterable of byte blocks to stream) into ``path`` atomically."""
+    with EncryptedWriter(path, key, chunk_size) as w:
+        for block in ([data] if isinstance(data, (bytes, bytearray, memoryview)) else data):
+            w.write(block)
+
+
+def encrypt_file(path: str | Path, key: DataKey | None = None, chunk_size: int = DEFAULT_CHUNK) -> None:
+    """Encrypt a plain file in place (streamed; atomic replace). Already-encrypted files are left alone."""
+    p = Path(path)
+    if is_encrypted(p):
+        return
+    with open(p, "rb") as src, EncryptedWriter(p, key, chunk_size) as w:
+        while block := src.read(1 << 20):
+            w.write(block)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Chunks:
+    """Random access to the authenticated chunks of one encrypted file."""
+
+    def __init__(self, path: str | Path, key: DataKey | None = None):
+        self.path = Path(path)
+        self.f = open(self.path, "rb")
+        try:
+            self.h = read_header(self.path, self.f)
+            self.key = _key(key)
+            _check_key(self.path, self.h, self.key)
+        except BaseException:
+            self.f.close()
+            raise
+        self.cs = self.h["chunk_size"]
+        body = os.fstat(self.f.fileno()).st_size - HEADER_LEN
+        step = self.cs + TAG
+        self.n = max(1, -(-body // step))
+        last_len = body - (self.n - 1) * step
+        if body < TAG or last_len < TAG:
+            self.f.close()
+            raise CryptoError(f"{self.path} is truncated: its last chunk is cut off", where=str(self.path),
+                              fix="restore the file from a backup or re-run the stage that made it")
+        self.size = (self.n - 1) * self.cs + last_len - TAG
+        self.aead = _file_key(self.key, self.h["salt"])
+
+    def chunk(self, k: int) -> bytes:
+        from cryptography.exceptions import InvalidTag
+
+        step = self.cs + TAG
+        self.f.seek(HEADER_LEN + k * step)
+        ct = self.f.read(step)
+        final = k == self.n - 1
+        try:
+            return self.aead.decrypt(_nonce(self.h["prefix"], k, final), ct, self.h["raw"])
+        except InvalidTag:
+            pass
+        truncated = False
+        if final:
+            try:
+                self.aead.decrypt(_nonce(self.h["prefix"], k, False), ct, self.h["raw"])
+                truncated = True
+            except InvalidTag:
+                pass
+        what = ("is truncated: chunks after chunk {k} were cut off" if truncated
+                else "failed authentication at chunk {k}: it was modified (tampered, corrupted or cut short), or chunks were reordered")
+        raise CryptoError(f"{self.path} {what.format(k=k)}; nothing of it was used", where=str(self.path),
+                          fix="restore the file from a backup or re-run the stage that made it")
+
+    def verify_all(self) -> None:
+        for k in range(self.n):
+            self.chunk(k)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class DecryptingReader(io.RawIOBase):
+    """A sequential read-only binary stream over an encrypted file (memory: one chunk)."""
+
+    def __init__(self, path: str | Path, key: DataKey | None = None):
+        super().__init__()
+        self._c = _Chunks(path, key)
+        self._k = 0
+        self._buf = b""
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf and self._k < self._c.n:
+            self._buf = self._c.chunk(self._k)
+            self._k += 1
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        self._pos += n
+        return n
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self._c.close()
+        super().close()
+
+
+def open_read(path: str | Path, key: DataKey | None = None):
+    """A buffered binary file for reading: plain files as-is, encrypted ones decrypted on the fly."""
+    if is_encrypted(path):
+        return io.BufferedReader(DecryptingReader(path, key), buffer_size=DEFAULT_CHUNK)
+    return open(path, "rb")
+
+
+def open_text(path: str | Path, key: DataKey | None = None, encoding: str = "utf-8"):
+    """A text file for reading (e.g. JSONL), decrypted on the fly if encrypted."""
+    return io.TextIOWrapper(open_read(path, key), encoding=encoding)
+
+
+def read_bytes(path: str | Path, key: DataKey | None = None) -> bytes:
+    """The whole plaintext; for an encrypted file, every chunk is authenticated before returning."""
+    if not is_encrypted(path):
+        return Path(path).read_bytes()
+    c = _Chunks(path, key)
+    try:
+        return b"".join(c.chunk(k) for k in range(c.n))
+    finally:
+        c.close()
+
+
+def iter_plain(path: str | Path, key: DataKey | None = None, block: int = 1 << 20) -> Iterator[bytes]:
+    with open_read(path, key) as f:
+        while data := f.read(block):
+            yield data
+
+
+def reencrypt(path: str | Path, old: DataKey, new: DataKey) -> bool:
+    """Re-encrypt one file from ``old`` to ``new`` (streamed, atomic). False if it is plain or already under ``new``."""
+    p = Path(path)
+    if not is_encrypted(p):
+        return False
+    h = read_header(p)
+    if h["key_id"] == new.key_id[:16]:
+        return False
+    with EncryptedWriter(p, new, h["chunk_size"]) as w:
+        for data in iter_plain(p, old):
+            w.write(data)
+    return True
+
+
+# --------------------------------------------------------------------------- arrays
+
+
+class EncryptedArray:
+    """A read-only 1-D array view of an encrypted token file, decrypted chunk by chunk on access.
+
+    Supports ``len``, integer indexing and contiguous slices (what ``np.memmap`` is used
+    for in training and eval) and ``np.asarray(arr)`` for the whole thing. Every chunk's
+    tag is checked once on open, so a tampered or truncated file is refused before any
+    token is used. Memory: a small LRU cache of decrypted chunks.
+    """
+
+    def __init__(self, path: str | Path, dtype, length: int | None = None, key: DataKey | None = None,
+                 cache_chunks: int = 64, verify: bool = True):
+        self._c = _Chunks(path, key)
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        if verify:
+            self._c.verify_all()
+        n = self._c.size // self.dtype.itemsize
+        if self._c.size % self.dtype.itemsize or (length is not None and length != n):
+            raise CryptoError(f"{path} holds {self._c.size} bytes, which is not {length} tokens of {self.dtype}",
+                              where=str(path), fix="re-run the stage that made it")
+        self.shape = (n,)
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache_chunks = cache_chunks
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def size(self) -> int:
+        return self.shape[0]
+
+    @property
+    def ndim(self) -> int:
+        return 1
+
+    def _chunk(self, k: int) -> bytes:
+        data = self._cache.get(k)
+        if data is None:
+            data = self._c.chunk(k)
+            self._cache[k] = data
+            if len(self._cache) > self._cache_chunks:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(k)
+        return data
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        isz = self.dtype.itemsize
+        b0, b1 = start * isz, stop * isz
+        if b1 <= b0:
+            return np.zeros(0, dtype=self.dtype)
+        cs = self._c.cs
+        parts = []
+        for k in range(b0 // cs, (b1 - 1) // cs + 1):
+            data = self._chunk(k)
+            lo = max(b0 - k * cs, 0)
+            hi = min(b1 - k * cs, len(data))
+            parts.append(data[lo:hi])
+        return np.frombuffer(b"".join(parts), dtype=self.dtype)
+
+    def __getitem__(self, idx):
+        n = len(self)
+        if isinstance(idx, slice):
+            start, stop, step = idx.indices(n)
+            arr = self._read(start, max(start, stop)) if step == 1 else self._read(0, n)[idx]
+            return arr
+        if isinstance(idx, (int, np.integer)):
+            i = int(idx) + (n if idx < 0 else 0)
+            if not 0 <= i < n:
+                raise IndexError(f"index {idx} is out of bounds for {n} tokens")
+            return self._read(i, i + 1)[0]
+        return self._read(0, n)[idx]
+
+    def __array__(self, dtype=None, copy=None):
+        arr = self._read(0, len(self))
+        return arr.astype(dtype) if dtype is not None else arr
+
+    def close(self) -> None:
+        self._c.close()
