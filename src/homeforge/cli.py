@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect stage configurations.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+keys_app = typer.Typer(help="API keys for `homeforge serve` (and data-encryption keys).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -187,6 +189,230 @@ def config_show(
     for key, default, desc in describe(schema):
         table.add_row(key, default, desc)
     console.print(table)
+
+
+# --------------------------------------------------------------------------- export
+
+
+@app.command()
+def export(
+    model_dir: Annotated[Path, typer.Argument(help="local model directory (or a LoRA adapter directory)")],
+    format: Annotated[str | None, typer.Option("--format", "-f", help="hf, onnx or gguf (default hf)")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="output directory (default MODEL_DIR-FORMAT)")] = None,
+    outtype: Annotated[str | None, typer.Option(help="gguf: f32, f16 or q8_0 (default q8_0)")] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="onnx: also write an ONNX Runtime dynamic int8 model")] = False,
+    base: Annotated[Path | None, typer.Option(help="base model directory of a LoRA adapter")] = None,
+    overrides: Overrides = None,
+    config: ConfigFile = None,
+    force: Force = False,
+) -> None:
+    """Export a model to HF (safetensors), ONNX (ONNX Runtime) or GGUF (llama.cpp, Ollama).
+
+    A LoRA adapter is merged into its base. Every export is checked against the PyTorch
+    model (logits on fixed texts) and the result is written into the manifest
+    (homeforge.json); an export that fails the check is not written.
+
+    Examples:
+
+        homeforge export runs/model --format hf
+        homeforge export runs/lora-adapter --format hf --base runs/model
+        homeforge export runs/model --format onnx --int8
+        homeforge export runs/model --format gguf --outtype q8_0 -o runs/model-gguf
+        homeforge export runs/model --format onnx onnx.kv_cache=false onnx.optimize=basic
+    """
+    from homeforge.config import ExportConfig, load_config
+    from homeforge.export import run_export
+
+    extra = [*([f"format={format}"] if format else []), *(overrides or [])]
+    if outtype is not None:
+        extra.append(f"gguf.outtype={outtype}")
+    if int8:
+        extra.append("onnx.int8=true")
+    if base is not None:
+        extra.append(f"base_model={base}")
+    cfg = load_config(ExportConfig, config, extra)
+    run_export(model_dir, output, cfg, force=force, console=console)
+
+
+# --------------------------------------------------------------------------- import
+
+
+@app.command("import")
+def import_gguf(
+    gguf_file: Annotated[Path, typer.Argument(help="a .gguf file (llama.cpp / Ollama)")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="output model directory (default: beside the file)")] = None,
+    overrides: Overrides = None,
+    config: ConfigFile = None,
+    force: Force = False,
+) -> None:
+    """Import a GGUF model into a Hugging Face model directory (to fine-tune or evaluate it).
+
+    The tensors are dequantized to fp32 (or dtype=float16/bfloat16), the tokenizer and
+    chat template are rebuilt from the GGUF metadata, and the written directory is
+    checked against the GGUF-loaded model.
+
+    Examples:
+
+        homeforge import SmolLM2-135M-Instruct.Q4_1.gguf -o models/smollm2
+        homeforge import runs/model-gguf/model-q8_0.gguf -o runs/reimported dtype=bfloat16
+    """
+    from homeforge.config import ImportConfig, load_config
+    from homeforge.export.importer import import_gguf as run_import
+
+    cfg = load_config(ImportConfig, config, list(overrides or []))
+    run_import(gguf_file, output, cfg, force=force, console=console)
+
+
+# --------------------------------------------------------------------------- serve
+
+
+@app.command()
+def serve(
+    model_dir: Annotated[Path, typer.Argument(help="local model directory to serve")],
+    overrides: Overrides = None,
+    config: ConfigFile = None,
+    host: Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1; others need API keys)")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default 8000)")] = None,
+    backend: Annotated[str | None, typer.Option(help="torch (default), onnx or vllm")] = None,
+    model_name: Annotated[str | None, typer.Option(help="model id clients use (default: directory name)")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(min=1, help="sequences decoded together")] = None,
+    keys_file: Annotated[Path | None, typer.Option(help="API key store (default ~/.homeforge/api_keys.json)")] = None,
+) -> None:
+    """Serve a model with an OpenAI-compatible API: continuous batching, streaming, keys, metrics, audit.
+
+    Routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings,
+    /v1/classifications (classifier models), /health, /ready, /metrics, /admin/reload.
+    With API keys present (`homeforge keys add`), every route but /health and /ready needs
+    `Authorization: Bearer KEY`. A non-loopback --host is refused without keys.
+    Ctrl-C / SIGTERM finishes the requests in flight, then exits.
+
+    Examples:
+
+        homeforge serve homeforge-runs/quickstart/model
+        homeforge serve MODEL --port 9000 max_batch_size=32 threads=2
+        homeforge keys add --name app --role user && homeforge serve MODEL --host 0.0.0.0
+        curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' -d '{"prompt": "Hello", "max_tokens": 20}'
+    """
+    from homeforge.config import ServeConfig, load_config
+    from homeforge.serve.app import serve as run_server
+
+    extra = [f"model_dir={model_dir}", *(overrides or [])]
+    for key, value in (("host", host), ("port", port), ("backend", backend), ("model_name", model_name),
+                       ("max_batch_size", max_batch_size), ("keys_file", keys_file)):
+        if value is not None:
+            extra.append(f"{key}={value}")
+    cfg = load_config(ServeConfig, config, extra)
+    run_server(cfg, console=console)
+
+
+# --------------------------------------------------------------------------- chat
+
+
+@app.command()
+def chat(
+    model_dir: Annotated[Path | None, typer.Argument(help="local model directory (omit with --url)")] = None,
+    url: Annotated[str | None, typer.Option(help="chat with a running server instead, e.g. http://127.0.0.1:8000")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="HOMEFORGE_API_KEY", help="API key for --url")] = None,
+    model: Annotated[str | None, typer.Option(help="model id on the server (default: its first model)")] = None,
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="tokens per answer at most")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, max=2.0, help="0 = greedy")] = 0.7,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="nucleus sampling mass")] = 0.95,
+    seed: Annotated[int | None, typer.Option(help="seed for sampling")] = None,
+) -> None:
+    """Chat with a model in the terminal, streaming tokens as they are generated.
+
+    Runs the model in this process (same engine as `homeforge serve`), or talks to a
+    running server with --url. Type /reset to clear the conversation, /exit or Ctrl-D to quit.
+
+    Examples:
+
+        homeforge chat homeforge-runs/sft/model
+        homeforge chat MODEL --temperature 0 --system "Answer in one sentence."
+        homeforge chat --url http://127.0.0.1:8000 --api-key hfk_...
+    """
+    from homeforge.serve.chat import LocalChat, RemoteChat, repl
+
+    if (model_dir is None) == (url is None):
+        raise HomeforgeError("give either a MODEL_DIR or --url, not both or neither",
+                             fix="e.g. `homeforge chat MODEL_DIR` or `homeforge chat --url http://127.0.0.1:8000`")
+    backend = RemoteChat(url, api_key, model) if url else LocalChat(str(model_dir))
+    try:
+        repl(backend, console, system, max_tokens, temperature, top_p, seed)
+    finally:
+        backend.close()
+
+
+# --------------------------------------------------------------------------- keys (API keys)
+
+
+@keys_app.command("add")
+def keys_add(
+    name: Annotated[str, typer.Option(help="a name for the key (who or what uses it)")],
+    role: Annotated[str, typer.Option(help="admin (everything), user (inference) or metrics (/metrics only)")] = "user",
+    rpm: Annotated[int | None, typer.Option(min=1, help="requests per minute allowed (default: no limit)")] = None,
+    tpm: Annotated[int | None, typer.Option(min=1, help="tokens per minute allowed (default: no limit)")] = None,
+    keys_file: Annotated[Path | None, typer.Option(help="API key store (default ~/.homeforge/api_keys.json)")] = None,
+) -> None:
+    """Create an API key for `homeforge serve`. The key is printed once; only its hash is stored.
+
+    Examples:
+
+        homeforge keys add --name frontend --role user --rpm 60 --tpm 20000
+        homeforge keys add --name grafana --role metrics
+        homeforge keys add --name ops --role admin
+    """
+    from homeforge.serve.auth import KeyStore
+
+    store = KeyStore.open(keys_file)
+    key, token = store.add(name, role, rpm, tpm)
+    console.print(f"created key [bold]{key.id}[/] ({key.name}, role {key.role}) in {store.path}", highlight=False)
+    console.print("the key (shown only now; store it safely):", highlight=False)
+    sys.stdout.write(token + "\n")
+
+
+@keys_app.command("list")
+def keys_list(
+    keys_file: Annotated[Path | None, typer.Option(help="API key store (default ~/.homeforge/api_keys.json)")] = None,
+    all_keys: Annotated[bool, typer.Option("--all", help="include revoked keys")] = False,
+) -> None:
+    """List API keys (id, name, role, limits, created, revoked); never the keys themselves.
+
+    Examples:
+
+        homeforge keys list
+        homeforge keys list --all
+    """
+    from homeforge.serve.auth import KeyStore
+
+    store = KeyStore.open(keys_file)
+    table = Table(title=f"API keys in {store.path}")
+    for col in ("id", "name", "role", "req/min", "tok/min", "created", "revoked"):
+        table.add_column(col)
+    for k in store.keys.values():
+        if k.revoked and not all_keys:
+            continue
+        table.add_row(k.id, k.name, k.role, str(k.requests_per_minute or "-"), str(k.tokens_per_minute or "-"),
+                      k.created, k.revoked or "")
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: Annotated[str, typer.Argument(help="key id or name")],
+    keys_file: Annotated[Path | None, typer.Option(help="API key store (default ~/.homeforge/api_keys.json)")] = None,
+) -> None:
+    """Revoke an API key; a running server refuses it from its next request on.
+
+    Examples:
+
+        homeforge keys revoke frontend
+        homeforge keys revoke 3fa2c1d9
+    """
+    from homeforge.serve.auth import KeyStore
+
+    k = KeyStore.open(keys_file).revoke(key)
+    console.print(f"revoked key {k.id} ({k.name})", highlight=False)
 
 
 # --------------------------------------------------------------------------- prepare
