@@ -1,0 +1,362 @@
+"""`--format gguf`: a GGUF file for llama.cpp and Ollama, written with the `gguf` package.
+
+Pure numpy: no compiler, no llama.cpp checkout, no network. Supported: Llama-architecture
+models (every built-in preset, Llama/SmolLM/Mistral-style checkpoints) and Qwen2, with a
+byte-level BPE tokenizer. Weights go out as f32, f16 or q8_0 (1-D norms stay f32, as
+llama.cpp does; a matrix whose rows are not a multiple of 32 falls back to f16 under q8_0).
+
+llama.cpp's ``llama`` architecture applies rotary embeddings to interleaved pairs while
+transformers rotates halves, so Q and K weights are permuted on the way out exactly as
+llama.cpp's ``convert_hf_to_gguf.py`` does (transformers' GGUF loader reverses it).
+Qwen2 uses the "neox" rotary layout in llama.cpp and needs no permutation.
+
+The tokenizer goes in as ``tokenizer.ggml.*`` metadata (model ``gpt2``, merges, token
+types: special added tokens are CONTROL) with the chat template. Parity: the file is read
+back with ``GGUFReader`` (every tensor's name, shape and type, the metadata), then
+loaded with transformers' GGUF loader (which dequantizes) and its logits and tokenizer
+compared with the original's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from homeforge.errors import HomeforgeError
+from homeforge.export import common
+
+SUPPORTED = {"llama": "LlamaForCausalLM (the built-in presets, Llama, SmolLM, Mistral-style)",
+             "qwen2": "Qwen2ForCausalLM"}
+# tokenizers' pre-tokenizer split regexes -> llama.cpp's `tokenizer.ggml.pre` names
+_PRE_BY_REGEX: dict[str, str] = {}
+
+
+def _pre_names() -> dict[str, str]:
+    if not _PRE_BY_REGEX:
+        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as qwen2
+
+        llama3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+        _PRE_BY_REGEX.update({qwen2: "qwen2", llama3: "llama-bpe"})
+    return _PRE_BY_REGEX
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _rope_type(config) -> str:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return params.get("rope_type", params.get("type", "default")) or "default"
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _head_dim(config) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def check_supported(config, tokenizer) -> None:
+    """Raise a clear HomeforgeError if this model or tokenizer cannot go to GGUF."""
+    arch = getattr(config, "model_type", None)
+    supported = "; ".join(f"{k}: {v}" for k, v in SUPPORTED.items())
+    if arch not in SUPPORTED:
+        raise HomeforgeError(
+            f"GGUF export does not support the architecture {arch!r} ({(config.architectures or ['?'])[0]})",
+            fix=f"supported architectures are {supported}; export this model with --format hf or --format onnx",
+        )
+    problems = []
+    if _rope_type(config) != "default":
+        problems.append(f"rope scaling {_rope_type(config)!r} (only plain rotary embeddings are written)")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        problems.append(f"activation {config.hidden_act!r} (llama.cpp's {arch} uses silu)")
+    if arch == "llama" and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
+        problems.append("attention/MLP biases (llama.cpp's llama architecture has none)")
+    if arch == "qwen2" and getattr(config, "use_sliding_window", False):
+        problems.append("sliding-window attention")
+    try:
+        _pre_tokenizer(tokenizer)
+    except HomeforgeError as exc:
+        problems.append(exc.what)
+    if problems:
+        raise HomeforgeError(
+            f"this {arch} model cannot be exported to GGUF: " + "; ".join(problems),
+            fix=f"GGUF export supports {supported} with a byte-level BPE tokenizer; use --format hf or onnx instead",
+        )
+
+
+def _tokenizer_json(tokenizer) -> dict:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise HomeforgeError("the tokenizer is not a fast (tokenizers) tokenizer",
+                             fix="save the tokenizer as tokenizer.json (PreTrainedTokenizerFast)")
+    return json.loads(backend.to_str())
+
+
+def _pre_tokenizer(tokenizer) -> str:
+    """llama.cpp's name of this tokenizer's pre-tokenizer (gpt2, qwen2, llama-bpe)."""
+    tj = _tokenizer_json(tokenizer)
+    model = tj.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise HomeforgeError(f"the tokenizer is {model.get('type')!r}{' with byte fallback' if model.get('byte_fallback') else ''}, "
+                             "not a byte-level BPE")
+    pre = tj.get("pre_tokenizer") or {}
+    items = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in items]
+    if kinds == ["ByteLevel"] and items[0].get("use_regex", True):
+        return "gpt2"
+    if kinds == ["Split", "ByteLevel"] and not items[1].get("use_regex", True):
+        regex = items[0].get("pattern", {}).get("Regex")
+        name = _pre_names().get(regex)
+        if name:
+            return name
+    raise HomeforgeError(f"the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds))}) is not one llama.cpp knows "
+                         "(GPT-2, Qwen2 or Llama-3 byte-level BPE)")
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def tokenizer_metadata(tokenizer, vocab_size: int) -> dict[str, Any]:
+    """``tokenizer.ggml.*`` fields for a byte-level BPE tokenizer (llama.cpp's ``gpt2`` model)."""
+    import gguf
+
+    tj = _tokenizer_json(tokenizer)
+    vocab: dict[str, int] = dict(tj["model"]["vocab"])
+    types: dict[int, int] = {}
+    for added in tj.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+        types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    n = max(vocab_size, max(vocab.values()) + 1)
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    token_types = [int(gguf.TokenType.UNUSED)] * n
+    for text, idx in vocab.items():
+        tokens[idx] = text
+        token_types[idx] = int(types.get(idx, gguf.TokenType.NORMAL))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"].get("merges", [])]
+    ids = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")}
+    return {"model": "gpt2", "pre": _pre_tokenizer(tokenizer), "tokens": tokens, "token_types": token_types,
+            "merges": merges, "ids": ids, "chat_template": common.chat_template(tokenizer),
+            "add_bos": bool(getattr(tokenizer, "add_bos_token", False))}
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate-half Q/K rows -> llama.cpp interleaved pairs (convert_hf_to_gguf.py's permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _qtype(name: str, arr: np.ndarray, outtype: str):
+    from gguf import GGMLQuantizationType as Q
+
+    if arr.ndim == 1 or outtype == "f32":
+        return Q.F32
+    if outtype == "f16" or arr.shape[-1] % 32 != 0:
+        return Q.F16
+    return Q.Q8_0
+
+
+def gguf_tensors(model, outtype: str):
+    """Yield (gguf name, HF name, numpy array in the file's dtype, GGML type) for every weight."""
+    import gguf
+    import torch
+
+    config = model.config
+    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[config.model_type]
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for hf_name, tensor in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue
+        base, _, suffix = hf_name.rpartition(".")
+        name = names.get_name(base)
+        if name is None:
+            raise HomeforgeError(f"no GGUF name for the tensor {hf_name!r}",
+                                 fix="this checkpoint has weights llama.cpp's architecture does not know")
+        arr = tensor.detach().to(torch.float32).numpy()
+        if config.model_type == "llama" and suffix == "weight":
+            if base.endswith("self_attn.q_proj"):
+                arr = _permute(arr, config.num_attention_heads)
+            elif base.endswith("self_attn.k_proj"):
+                arr = _permute(arr, config.num_key_value_heads)
+        qtype = _qtype(name, arr, outtype)
+        if qtype == gguf.GGMLQuantizationType.F16:
+            data = arr.astype(np.float16)
+        elif qtype == gguf.GGMLQuantizationType.F32:
+            data = arr.astype(np.float32)
+        else:
+            data = gguf.quants.quantize(arr, qtype)
+        yield f"{name}.{suffix}", hf_name, data, qtype, arr.shape
+
+
+def write_gguf(model, tokenizer, path: Path, outtype: str, name: str, progress=None) -> dict:
+    """Write ``model`` and ``tokenizer`` to the GGUF file ``path``; return what was written."""
+    import gguf
+
+    from homeforge import __version__
+
+    config = model.config
+    arch = config.model_type
+    w = gguf.GGUFWriter(str(path), arch, use_temp_file=False)
+    w.add_name(name)
+    w.add_string("general.source.homeforge_version", __version__)
+    w.add_context_length(int(config.max_position_embeddings))
+    w.add_embedding_length(int(config.hidden_size))
+    w.add_block_count(int(config.num_hidden_layers))
+    w.add_feed_forward_length(int(config.intermediate_size))
+    w.add_head_count(int(config.num_attention_heads))
+    w.add_head_count_kv(int(config.num_key_value_heads))
+    w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    w.add_rope_freq_base(_rope_theta(config))
+    head_dim = _head_dim(config)
+    w.add_rope_dimension_count(head_dim)
+    if head_dim * config.num_attention_heads != config.hidden_size:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_vocab_size(int(config.vocab_size))
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    w.add_file_type(int(ftype))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    tm = tokenizer_metadata(tokenizer, int(config.vocab_size))
+    w.add_tokenizer_model(tm["model"])
+    w.add_tokenizer_pre(tm["pre"])
+    w.add_token_list(tm["tokens"])
+    w.add_token_types(tm["token_types"])
+    w.add_token_merges(tm["merges"])
+    for key, adder in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("pad", w.add_pad_token_id)):
+        if tm["ids"][key] is not None:
+            adder(int(tm["ids"][key]))
+    w.add_add_bos_token(tm["add_bos"])
+    if tm["chat_template"]:
+        w.add_chat_template(tm["chat_template"])
+
+    written: dict[str, dict] = {}
+    n = len(model.state_dict())
+    task = progress.add_task(f"writing {path.name}", total=n) if progress is not None else None
+    for gname, hf_name, data, qtype, shape in gguf_tensors(model, outtype):
+        w.add_tensor(gname, data, raw_dtype=qtype)  # quantized rows: uint8 bytes, shape derived
+        written[gname] = {"hf_name": hf_name, "shape": list(shape), "type": qtype.name}
+        if task is not None:
+            progress.advance(task)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {"tensors": written, "n_tokens": len(tm["tokens"]), "pre": tm["pre"],
+            "chat_template": tm["chat_template"], "ids": tm["ids"]}
+
+
+# --------------------------------------------------------------------------- read back
+
+
+def _field(reader, key: str):
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    return f.contents()
+
+
+def read_back(path: Path, written: dict, config) -> dict:
+    """Check the file with GGUFReader: every tensor (name, shape, type) and the key metadata."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    problems = []
+    got = {t.name: t for t in reader.tensors}
+    if set(got) != set(written["tensors"]):
+        problems.append(f"tensor names differ: missing {sorted(set(written['tensors']) - set(got))}, "
+                        f"extra {sorted(set(got) - set(written['tensors']))}")
+    for name, info in written["tensors"].items():
+        t = got.get(name)
+        if t is None:
+            continue
+        shape = list(reversed([int(x) for x in t.shape]))  # GGUF lists dims fastest-first
+        if shape != info["shape"] or t.tensor_type.name != info["type"]:
+            problems.append(f"{name}: {shape} {t.tensor_type.name}, expected {info['shape']} {info['type']}")
+    arch = config.model_type
+    expect = {
+        "general.architecture": arch,
+        f"{arch}.block_count": config.num_hidden_layers,
+        f"{arch}.embedding_length": config.hidden_size,
+        f"{arch}.feed_forward_length": config.intermediate_size,
+        f"{arch}.attention.head_count": config.num_attention_heads,
+        f"{arch}.attention.head_count_kv": config.num_key_value_heads,
+        f"{arch}.context_length": config.max_position_embeddings,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": written["pre"],
+    }
+    if written["chat_template"]:
+        expect["tokenizer.chat_template"] = written["chat_template"]
+    for key, value in expect.items():
+        if _field(reader, key) != value:
+            problems.append(f"metadata {key} = {_field(reader, key)!r}, expected {value!r}")
+    n_tokens = len(_field(reader, "tokenizer.ggml.tokens") or [])
+    if n_tokens != written["n_tokens"]:
+        problems.append(f"{n_tokens} tokens in the file, expected {written['n_tokens']}")
+    return {"tensors": len(got), "metadata_keys": len(reader.fields), "problems": problems, "passed": not problems}
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_gguf(src: common.Source, out: Path, cfg, console=None) -> dict:
+    """Write ``model-<outtype>.gguf`` (+ Modelfile) into ``out`` and check parity."""
+    import torch
+    from rich.progress import Progress
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from homeforge.export.modelfile import write_modelfile
+
+    check_supported(src.model.config, src.tokenizer)
+    outtype = cfg.gguf.outtype
+    filename = f"model-{outtype}.gguf"
+    path = out / filename
+    name = cfg.gguf.name or src.path.name
+    with Progress(console=console, transient=True, disable=console is None or console.quiet) as progress:
+        written = write_gguf(src.model, src.tokenizer, path, outtype, name, progress=progress)
+    readback = read_back(path, written, src.model.config)
+    if not readback["passed"]:
+        raise common.ParityError("the GGUF file does not read back as written: " + "; ".join(readback["problems"][:5]),
+                                 where=str(path), fix="report this model and settings")
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=filename, dtype=torch.float32,
+                                                      local_files_only=True).eval()
+        tok = AutoTokenizer.from_pretrained(str(out), gguf_file=filename, local_files_only=True)
+    finally:
+        hf_logging.set_verbosity_warning()
+    ids = common.parity_ids(src.tokenizer, cfg.parity.texts)
+    result = common.compare(common.torch_logits(src.reference, ids), common.torch_logits(loaded, ids),
+                            common.tolerance_for(outtype, cfg.parity.max_rel_error), cfg.parity.min_top1_agreement)
+    samples = list(cfg.parity.texts)
+    if common.chat_template(src.tokenizer):
+        samples.append(src.tokenizer.apply_chat_template([{"role": "user", "content": "Hello there!"}],
+                                                         tokenize=False, add_generation_prompt=True))
+    mismatched = [s for s in samples if tok(s, add_special_tokens=False)["input_ids"]
+                  != src.tokenizer(s, add_special_tokens=False)["input_ids"]]
+    result["tokenizer_equal"] = not mismatched
+    result["loader"] = "transformers GGUF loader (dequantized)"
+    if mismatched:
+        result["passed"] = False
+        result["tokenizer_mismatch"] = mismatched[:3]
+    common.check(result, f"the GGUF export ({outtype})", path)
+    if cfg.gguf.modelfile:
+        write_modelfile(out / "Modelfile", filename, src.tokenizer)
+    types: dict[str, int] = {}
+    for info in written["tensors"].values():
+        types[info["type"]] = types.get(info["type"], 0) + 1
+    return {"parity": result, "readback": readback,
+            "gguf": {"file": filename, "outtype": outtype, "architecture": src.model.config.model_type,
+                     "bytes": path.stat().st_size, "tensor_types": types, "tokens": written["n_tokens"],
+                     "pre_tokenizer": written["pre"], "chat_template": bool(written["chat_template"])}}

@@ -1,0 +1,124 @@
+"""`homeforge import FILE.gguf`: a GGUF (llama.cpp / Ollama) into a plain HF model directory.
+
+transformers' GGUF loader dequantizes the tensors (and reverses llama.cpp's Q/K
+permutation) and rebuilds the tokenizer and chat template from the ``tokenizer.*``
+metadata. A model loaded that way carries a ``quantization_config`` that makes
+``save_pretrained`` refuse, so a plain model is built from the config without it, the
+state dict is loaded into it, and that is saved. The written directory is reloaded and
+its logits compared with the GGUF-loaded model's before the artifact is committed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from homeforge.errors import HomeforgeError
+from homeforge.export import common
+
+
+def default_output(gguf_file: str | Path) -> Path:
+    p = Path(gguf_file).expanduser()
+    return p.parent / p.stem
+
+
+def _gguf_summary(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # the reader raises ValueError/struct errors on a foreign file
+        raise HomeforgeError(f"{path} is not a readable GGUF file ({exc})", where=str(path),
+                             fix="pass a .gguf file written by llama.cpp, Ollama or `homeforge export --format gguf`") from None
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+
+    def field(key):
+        f = reader.fields.get(key)
+        return f.contents() if f is not None else None
+
+    return {"architecture": field("general.architecture"), "name": field("general.name"),
+            "tensor_types": types, "tensors": len(reader.tensors),
+            "chat_template": field("tokenizer.chat_template") is not None}
+
+
+def load_gguf(path: Path, dtype=None):
+    """(plain transformers model in fp32, tokenizer) from a GGUF file."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    folder, name = str(path.parent), path.name
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                      local_files_only=True)
+        config = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    except (ValueError, KeyError, NotImplementedError, OSError) as exc:
+        raise HomeforgeError(f"transformers cannot load {path}: {exc}", where=str(path),
+                             fix="import supports the architectures transformers' GGUF loader knows (llama, qwen2, "
+                             "mistral, gemma, phi3, ...) in f32/f16/bf16 and the q4/q5/q6/q8 quantizations") from None
+    finally:
+        hf_logging.set_verbosity_warning()
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype or torch.float32
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise HomeforgeError(f"the weights of {path} do not fit its config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}", where=str(path))
+    if config.tie_word_embeddings:
+        plain.tie_weights()
+    return plain.eval(), tok
+
+
+def import_gguf(gguf_file: str | Path, out: str | Path | None, cfg, *, force: bool = False, console=None) -> Path:
+    """Import ``gguf_file`` into the HF model directory ``out``; return its path."""
+    import torch
+    from rich.console import Console
+
+    from homeforge import artifacts
+    from homeforge.models.io import load_causal_lm, save_model_dir
+
+    console = console or Console(quiet=True)
+    path = Path(gguf_file).expanduser()
+    if not path.is_file():
+        raise HomeforgeError(f"GGUF file {path} does not exist", fix="pass the path of a .gguf file")
+    summary = _gguf_summary(path)
+    out_p = Path(out) if out is not None else default_output(path)
+    config = cfg.model_dump(mode="json")
+    out_abs, fp, _ = artifacts.begin(out_p, stage="import-gguf", config=config, inputs={"gguf": path})
+    if not force and artifacts.is_up_to_date(out_abs, fp):
+        console.print(f"[green]up to date[/]: {out_abs} (use --force to import again)")
+        return out_abs
+    torch.set_grad_enabled(False)
+    with artifacts.write_artifact(out_p, stage="import-gguf", config=config, inputs={"gguf": path}, force=force) as w:
+        with w.timed("load"), console.status(f"loading and dequantizing {path.name}"):
+            model, tok = load_gguf(path)
+        with w.timed("save"), console.status("saving the model directory and checking parity"):
+            dtype = getattr(torch, cfg.dtype)
+            ids = common.parity_ids(tok, cfg.parity.texts)
+            ref = common.torch_logits(model, ids)
+            save_model_dir(model.to(dtype), tok, w.dir)
+            reloaded, tok2 = load_causal_lm(w.dir, dtype=torch.float32)
+            result = common.compare(ref, common.torch_logits(reloaded, ids),
+                                    common.tolerance_for(cfg.dtype, cfg.parity.max_rel_error),
+                                    cfg.parity.min_top1_agreement)
+            result["tokenizer_equal"] = all(tok2(t, add_special_tokens=False)["input_ids"]
+                                            == tok(t, add_special_tokens=False)["input_ids"] for t in cfg.parity.texts)
+            result["chat_template"] = common.chat_template(tok2) is not None
+            if not result["tokenizer_equal"]:
+                result["passed"] = False
+            common.check(result, f"the imported model ({path.name})", out_abs)
+        w.metrics.update({"parity": result, "source": {**summary, "file": path.name,
+                                                      "bytes": path.stat().st_size}})
+        w.extra["kind"] = "model"
+    console.print(f"  parity: max rel. logit error {result['max_rel_error']:.2e} (tolerance {result['tolerance']:.0e}) "
+                  f"against the dequantized GGUF")
+    console.print(f"[green]wrote[/] {out_abs}")
+    return out_abs
+

@@ -1,0 +1,250 @@
+"""`--format onnx`: a decoder logits graph for ONNX Runtime, with KV-cache inputs and outputs.
+
+Exported with ``torch.onnx.export(..., dynamo=True)`` (the TorchScript exporter fails on
+transformers 5 decoders). With ``onnx.kv_cache`` (default) the graph is the one a
+generation loop needs, in the layout optimum and onnxruntime-genai use:
+
+    inputs   input_ids [batch, seq]  attention_mask [batch, past+seq]  position_ids [batch, seq]
+             past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim]   (past may be 0)
+    outputs  logits [batch, seq, vocab]  present.{i}.key / .value [batch, kv_heads, past+seq, head_dim]
+
+Without it: ``input_ids``, ``attention_mask`` -> ``logits``. The graph is then optimised by
+ONNX Runtime (offline, the optimised graph is what is saved), and optionally quantized
+to dynamic int8 (``onnxruntime.quantization.quantize_dynamic``: int8 MatMul weights,
+activations quantized per call) into ``model.int8.onnx``.
+
+Parity: logits of the parity texts in onnxruntime vs PyTorch; with a KV cache also a
+prefill + token-by-token decode whose logits must match PyTorch's full-sequence logits.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from homeforge.errors import HomeforgeError
+from homeforge.export import common
+
+LARGE = 1_500_000_000  # bytes of weights above which initializers go to an external data file
+
+
+def _dims(config) -> tuple[int, int, int]:
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv, head_dim
+
+
+def _wrapper(model, kv_cache: bool):
+    import torch
+    from transformers import DynamicCache
+
+    n_layers = model.config.num_hidden_layers
+
+    class WithCache(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(config=self.m.config)
+            for i in range(n_layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+            flat = []
+            for layer in out.past_key_values.layers:
+                flat += [layer.keys, layer.values]
+            return (out.logits, *flat)
+
+    class NoCache(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    return (WithCache if kv_cache else NoCache)(model).eval()
+
+
+def io_names(config, kv_cache: bool) -> tuple[list[str], list[str]]:
+    n_layers = config.num_hidden_layers
+    ins = ["input_ids", "attention_mask"]
+    outs = ["logits"]
+    if kv_cache:
+        ins.append("position_ids")
+        ins += [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+        outs += [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    return ins, outs
+
+
+def _export_raw(model, path: Path, kv_cache: bool, opset: int) -> None:
+    import torch
+    from torch.export import Dim
+
+    n_layers, kv_heads, head_dim = _dims(model.config)
+    batch, seq, past, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
+    b, t, p = 2, 5, 3  # example sizes; every one of them is dynamic in the graph
+    ids = torch.zeros(b, t, dtype=torch.long)
+    ins, outs = io_names(model.config, kv_cache)
+    if kv_cache:
+        mask = torch.ones(b, p + t, dtype=torch.long)
+        pos = torch.arange(p, p + t).expand(b, t).contiguous()
+        pasts = tuple(torch.zeros(b, kv_heads, p, head_dim) for _ in range(2 * n_layers))
+        args = (ids, mask, pos, *pasts)
+        shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
+                  "position_ids": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past} for _ in pasts)}
+    else:
+        mask = torch.ones(b, t, dtype=torch.long)
+        args = (ids, mask)
+        shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        import warnings
+
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(_wrapper(model, kv_cache), args, dynamo=True, input_names=ins, output_names=outs,
+                                     dynamic_shapes=shapes, opset_version=opset, optimize=True, verbose=False)
+    except Exception as exc:  # torch.export / onnxscript raise many kinds
+        raise HomeforgeError(
+            f"torch.onnx.export failed for this {model.config.model_type} model: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:300]}",
+            fix="try onnx.kv_cache=false (a plain logits graph), or export with --format hf",
+        ) from None
+    prog.save(str(path), external_data=size > LARGE)
+
+
+def _ort_optimize(src: Path, dst: Path, level: str) -> None:
+    import onnxruntime as ort
+
+    if level == "none":
+        import onnx
+
+        model = onnx.load(str(src))
+        onnx.save(model, str(dst), save_as_external_data=src.stat().st_size > LARGE)
+        return
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}[level]
+    so.optimized_model_filepath = str(dst)
+    if src.stat().st_size > LARGE or any(src.parent.glob("*.data")):
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", dst.name + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+
+
+def session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # already optimised offline
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _empty_past(config, batch: int, kv_cache: bool) -> dict:
+    if not kv_cache:
+        return {}
+    n_layers, kv_heads, head_dim = _dims(config)
+    return {f"past_key_values.{i}.{kv}": np.zeros((batch, kv_heads, 0, head_dim), np.float32)
+            for i in range(n_layers) for kv in ("key", "value")}
+
+
+def ort_logits(sess, config, ids_list: list[list[int]], kv_cache: bool) -> list[np.ndarray]:
+    """Full-sequence logits [T, V] of each sequence in onnxruntime (batch 1, empty cache)."""
+    out = []
+    for ids in ids_list:
+        x = np.array([ids], dtype=np.int64)
+        feed = {"input_ids": x, "attention_mask": np.ones_like(x), **_empty_past(config, 1, kv_cache)}
+        if kv_cache:
+            feed["position_ids"] = np.arange(x.shape[1], dtype=np.int64)[None]
+        out.append(sess.run(["logits"], feed)[0][0])
+    return out
+
+
+def ort_decode_logits(sess, config, ids: list[int], prefill: int) -> np.ndarray:
+    """Logits [T, V]: a prefill of ``prefill`` tokens, then one token per step through the cache."""
+    ins, outs = io_names(config, True)
+    past = _empty_past(config, 1, True)
+    rows = []
+    pos = 0
+    steps = [ids[:prefill]] + [[t] for t in ids[prefill:]]
+    for chunk in steps:
+        x = np.array([chunk], dtype=np.int64)
+        feed = {"input_ids": x, "attention_mask": np.ones((1, pos + len(chunk)), np.int64),
+                "position_ids": np.arange(pos, pos + len(chunk), dtype=np.int64)[None], **past}
+        res = sess.run(outs, feed)
+        rows.append(res[0][0])
+        past = {name.replace("present", "past_key_values"): v for name, v in zip(outs[1:], res[1:], strict=True)}
+        pos += len(chunk)
+    return np.concatenate(rows, axis=0)
+
+
+def _parity(sess, src: common.Source, ids, ref, kv_cache: bool, tol: float, min_top1: float) -> dict:
+    config = src.model.config
+    result = common.compare(ref, ort_logits(sess, config, ids, kv_cache), tol, min_top1)
+    if kv_cache:
+        longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+        seq = ids[longest]
+        if len(seq) >= 2:
+            prefill = max(1, len(seq) // 2)
+            dec = common.compare([ref[longest]], [ort_decode_logits(sess, config, seq, prefill)], tol, min_top1)
+            result["kv_decode"] = {k: dec[k] for k in ("max_rel_error", "top1_agreement", "passed")}
+            result["kv_decode"]["prefill"], result["kv_decode"]["decode_steps"] = prefill, len(seq) - prefill
+            result["passed"] = result["passed"] and dec["passed"]
+            result["max_rel_error"] = max(result["max_rel_error"], dec["max_rel_error"])
+    return result
+
+
+def export_onnx(src: common.Source, out: Path, cfg, console=None) -> dict:
+    """Write ``model.onnx`` (+ ``model.int8.onnx``), tokenizer and config into ``out``; check parity."""
+    import torch
+
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise HomeforgeError("ONNX export needs onnx, onnxscript and onnxruntime",
+                             fix="pip install 'homeforge[export]'") from None
+    oc = cfg.onnx
+    model = src.model.float().eval()
+    ids = common.parity_ids(src.tokenizer, cfg.parity.texts)
+    ref = common.torch_logits(src.reference, ids)
+    metrics: dict = {}
+    with tempfile.TemporaryDirectory(prefix=".onnx-raw-", dir=out.parent) as scratch:
+        raw = Path(scratch) / "raw.onnx"
+        _export_raw(model, raw, oc.kv_cache, oc.opset)
+        _ort_optimize(raw, out / "model.onnx", oc.optimize)
+        res = _parity(session(out / "model.onnx"), src, ids, ref, oc.kv_cache,
+                      common.tolerance_for("float32", cfg.parity.max_rel_error), cfg.parity.min_top1_agreement)
+        common.check(res, "the ONNX export (fp32)", out / "model.onnx")
+        metrics["parity"] = res
+        if oc.int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            q_raw = Path(scratch) / "raw.int8.onnx"
+            quantize_dynamic(raw, q_raw, weight_type=QuantType.QInt8,
+                             use_external_data_format=raw.stat().st_size > LARGE)
+            _ort_optimize(q_raw, out / "model.int8.onnx", oc.optimize)
+            q_tol = cfg.parity.max_rel_error if cfg.parity.max_rel_error is not None else common.TOLERANCES["int8"]
+            res8 = _parity(session(out / "model.int8.onnx"), src, ids, ref, oc.kv_cache, q_tol,
+                           cfg.parity.min_top1_agreement)
+            common.check(res8, "the ONNX int8 export", out / "model.int8.onnx")
+            metrics["parity_int8"] = res8
+    src.tokenizer.save_pretrained(str(out))
+    src.model.config.save_pretrained(str(out))
+    if getattr(src.model, "generation_config", None) is not None:
+        src.model.generation_config.save_pretrained(str(out))
+    ins, outs = io_names(model.config, oc.kv_cache)
+    n_layers, kv_heads, head_dim = _dims(model.config)
+    sizes = {p.name: p.stat().st_size for p in out.glob("*.onnx*")}
+    metrics["onnx"] = {"kv_cache": oc.kv_cache, "opset": oc.opset, "optimize": oc.optimize, "inputs": ins,
+                       "outputs": outs, "num_layers": n_layers, "kv_heads": kv_heads, "head_dim": head_dim,
+                       "bytes": sizes, "torch_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+                       "torch_version": torch.__version__}
+    return metrics

@@ -1,0 +1,53 @@
+"""Tiny models for the export tests: a debug-preset Llama on the session tokenizer, saved once."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="package")
+def llama_dir(tiny_tokenizer, tmp_path_factory):
+    import torch
+
+    from homeforge.models.io import save_model_dir
+    from homeforge.models.presets import build_model, preset_config
+
+    torch.set_num_threads(1)
+    tok = tiny_tokenizer
+    cfg = preset_config("debug", len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id, overrides={"initializer_range": 0.1})
+    model = build_model(cfg, seed=0)
+    out = tmp_path_factory.mktemp("llama") / "model"
+    save_model_dir(model, tok, out)
+    return out
+
+
+@pytest.fixture(scope="package")
+def qwen2_dir(tiny_tokenizer, tmp_path_factory):
+    """A Qwen2 checkpoint (q/k/v biases, untied lm_head) with our tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from homeforge.models.io import save_model_dir
+
+    tok = tiny_tokenizer
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False, initializer_range=0.1, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # random, clearly non-zero biases so a lost bias shows in the logits
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("qwen2") / "model"
+    save_model_dir(model, tok, out)
+    return out
+
+
+def logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0]
