@@ -311,18 +311,29 @@ def create_app(cfg: ServeConfig, state: ServerState | None = None, load: bool = 
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        errs = exc.errors()
-        parts, param = [], None
-        for e in errs[:5]:
+        by_field: dict[str, list[dict]] = {}
+        for e in exc.errors():
             loc = [str(x) for x in e.get("loc", []) if x != "body"]
             if e.get("type") == "json_invalid" or (loc == [] and e.get("type") in ("model_attributes_type",
                                                                                  "dict_type")):
-                parts.append("the request body must be a JSON object (check the JSON syntax and the "
-                             "Content-Type: application/json header)")
-                continue
-            field = ".".join(loc) or "body"
+                return JSONResponse(error_body("the request body must be a JSON object (check the JSON syntax "
+                                               "and the Content-Type: application/json header)",
+                                               "invalid_request_error"), status_code=400)
+            by_field.setdefault(loc[0] if loc else "body", []).append({**e, "loc": loc})
+        parts, param = [], None
+        for field, errs in list(by_field.items())[:5]:
             param = param or field
-            parts.append(f"{field}: {e.get('msg')}")
+            e = errs[0]
+            if e.get("type") == "missing":
+                parts.append(f"{'.'.join(e['loc'])} is required")
+            elif field in ("prompt", "input") and len(errs) > 1:
+                parts.append(f"{field} must be a string, a list of strings, a list of token ids or a list of "
+                             f"token-id lists (given {str(e.get('input'))[:60]!r})")
+            elif len(errs) > 1:
+                parts.append(f"{field}: {str(e.get('input'))[:60]!r} is not an accepted value")
+            else:
+                sub = ".".join(e["loc"])
+                parts.append(f"{sub}: {e.get('msg')} (given {str(e.get('input'))[:60]!r})")
         return JSONResponse(error_body("; ".join(parts) or "invalid request", "invalid_request_error", param),
                             status_code=400)
 
