@@ -476,6 +476,147 @@ def prepare(
     run(cfg, force=force, check_only=check_only, console=console)
 
 
+# --------------------------------------------------------------------------- eval
+
+
+@app.command("eval")
+def eval_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="local model directory (causal LM or sequence classifier)")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="dataset artifact (made by `homeforge prepare`)")],
+    overrides: Overrides = None,
+    baseline: Annotated[Path | None, typer.Option("--baseline", "-b", help="model to compare against (paired tests)")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="report directory (default MODEL_DIR-eval)")] = None,
+    split: Annotated[str | None, typer.Option(help="dataset split (default val)")] = None,
+    config: ConfigFile = None,
+    force: Force = False,
+) -> None:
+    """Evaluate a model on a dataset: perplexity, generation metrics and speed, or classifier
+    metrics; robustness under seeded typos; paired significance tests against a baseline;
+    quality gates (exit code 3 when one fails); report eval.json, eval.md and PNG plots.
+
+    Examples:
+
+        homeforge eval runs/qs/model --data runs/qs/data
+        homeforge eval runs/sft/model --data data/sft --baseline runs/base/model gates.max_regression=0.02
+        homeforge eval runs/cls/model --data data/tickets gates.min_accuracy=0.9 robustness.enabled=false
+        homeforge eval runs/qs/model-int8-dynamic --data runs/qs/data gates.max_ppl=40
+    """
+    from homeforge.config import EvalConfig, load_config
+    from homeforge.evaluate.run import run
+
+    extra = list(overrides or [])
+    if split is not None:
+        extra.append(f"split={split}")
+    cfg = load_config(EvalConfig, config, extra)
+    run(model_dir, data, cfg, baseline, output, force, console)
+
+
+# --------------------------------------------------------------------------- compress
+
+
+@app.command()
+def compress(
+    model_dir: Annotated[Path, typer.Argument(help="local model directory (causal LM)")],
+    method: Annotated[str | None, typer.Option("--method", "-m", help="int8-dynamic, int8-weight-only, "
+                                               "int4-weight-only, qat, distill, prune")] = None,
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="text dataset artifact for the quality gate "
+                                              "(and training for qat/distill)")] = None,
+    overrides: Overrides = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="output model directory "
+                                                "(default MODEL_DIR-METHOD)")] = None,
+    config: ConfigFile = None,
+    force: Annotated[bool, typer.Option("--force", help="write even if the quality gate fails; replace an "
+                                        "existing output")] = False,
+) -> None:
+    """Compress a model into a new model directory: int8/int4 quantization, QAT, distillation
+    or pruning. Prints a before/after table (size on disk, latency at batch 1 and 8,
+    perplexity) and refuses to write a model that fails the quality gate unless --force.
+
+    Examples:
+
+        homeforge compress runs/qs/model --method int8-dynamic --data runs/qs/data
+        homeforge compress runs/qs/model -m int4-weight-only -d runs/qs/data group_size=32 gates.max_ppl_increase=0.1
+        homeforge compress runs/qs/model -m prune -d runs/qs/data prune.kind=structured prune.mlp_keep=0.5
+        homeforge compress runs/qs/model -m distill -d runs/qs/data distill.student_preset=debug distill.steps=500
+        homeforge compress runs/qs/model -m qat -d runs/qs/data qat.steps=100
+    """
+    from homeforge.compress.run import run
+    from homeforge.config import CompressConfig, load_config
+
+    extra = list(overrides or [])
+    if method is not None:
+        extra.append(f"method={method}")
+    cfg = load_config(CompressConfig, config, extra)
+    run(model_dir, data, cfg, output, force, console)
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+@app.command()
+def train(
+    overrides: Overrides = None,
+    config: ConfigFile = None,
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="dataset directory (from `homeforge prepare`)")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="run directory (checkpoints, metrics, model/)")] = None,
+    method: Annotated[str | None, typer.Option(help="pretrain, sft, lora or classify")] = None,
+    resume: Annotated[str | None, typer.Option("--resume", help="continue a run: 'latest' or a checkpoint directory",
+                                               show_default=False)] = None,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="processes on this machine (launches torchrun)")] = 1,
+    force: Annotated[bool, typer.Option("--force", help="delete the run directory's old checkpoints and start over")] = False,
+) -> None:
+    """Train a model (pretrain, SFT, LoRA, classifier) on a prepared dataset; stop and resume at any step.
+
+    Writes checkpoints every `checkpoint.every` steps and at the best validation loss,
+    metrics.jsonl, TensorBoard events (and MLflow with `tracking.mlflow=true`), loss.png
+    and the final Hugging Face model in OUTPUT/model. `--nproc N` runs N processes with
+    torchrun (DDP, or FSDP2 with `distributed.strategy=fsdp`); for several machines run
+    `torchrun --nnodes ... -m homeforge train ...` yourself.
+
+    Examples:
+
+        homeforge train --data runs/data --output runs/pre model.preset=tiny max_steps=2000
+        homeforge train --config examples/lora.yaml --output runs/lora
+        homeforge train --output runs/pre --resume latest
+        homeforge train --config pre.yaml --nproc 2 distributed.strategy=fsdp
+    """
+    from homeforge.config import TrainConfig, load_config
+
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from homeforge.train.distributed import launch
+
+        code = launch(nproc, _without_nproc(sys.argv[1:]))
+        if code:
+            err_console.print(f"[bold red]error:[/] torchrun exited with code {code} (see the messages above)")
+        raise typer.Exit(code)
+    extra = list(overrides or [])
+    for key, value in (("data", data), ("output_dir", output), ("method", method)):
+        if value is not None:
+            extra.append(f"{key}={value}")
+    base = None
+    if resume is not None and config is None:  # continue with the checkpoint's own config (+ overrides)
+        from homeforge.train.checkpoint import read_config, resolve_resume
+
+        run_dir = output if output is not None else Path(TrainConfig().output_dir)
+        base = read_config(resolve_resume(run_dir, resume))
+    cfg = load_config(TrainConfig, config, extra, base=base)
+    from homeforge.train.run import run
+
+    run(cfg, resume=resume, force=force, console=console)
+
+
 # --------------------------------------------------------------------------- entry point
 
 

@@ -1,0 +1,81 @@
+"""``homeforge train``: config -> method task -> engine -> run directory, with a progress bar.
+
+Run directory (``output_dir``)::
+
+    checkpoints/step-NNNNNNNN/  last K checkpoints (see ``train.checkpoint``)
+    checkpoints/best/           the checkpoint with the best validation loss
+    metrics.jsonl               one record per logged step
+    tensorboard/                event files (tracking.tensorboard)
+    mlflow.db                   local MLflow store (tracking.mlflow)
+    loss.png                    the loss curves
+    model/                      the final model artifact (HF directory + homeforge.json)
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from rich.console import Console
+
+from homeforge.config import TrainConfig
+from homeforge.errors import HomeforgeError
+from homeforge.train import checkpoint as ck
+
+
+def prepare_run_dir(run_dir: Path, resume: str | None, force: bool, is_main: bool) -> Path | None:
+    """Resolve ``--resume``; refuse to start over an existing run unless ``--force`` (nothing overwritten)."""
+    if resume is not None:
+        return ck.resolve_resume(run_dir, resume)
+    existing = ck.step_checkpoints(run_dir) or (run_dir / "checkpoints" / "best").is_dir()
+    if existing and not force:
+        raise HomeforgeError(f"{run_dir} already holds checkpoints of an earlier run", where=str(run_dir),
+                             fix="continue it with --resume latest, choose another --output, or pass --force to "
+                                 "delete its checkpoints and start over")
+    if existing and is_main:
+        shutil.rmtree(run_dir / "checkpoints")
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+    return None
+
+
+def run(cfg: TrainConfig, *, resume: str | None = None, force: bool = False, console: Console | None = None) -> dict:
+    """Train as configured (one process or one torchrun rank); returns the final metrics."""
+    from homeforge.train.distributed import init_distributed, shutdown
+    from homeforge.train.loop import final_metrics, train_task
+    from homeforge.train.methods import build_task
+
+    console = console or Console()
+    info = init_distributed(cfg.distributed.backend)
+    try:
+        run_dir = Path(cfg.output_dir).expanduser().absolute()
+        resume_path = prepare_run_dir(run_dir, resume, force, info.is_main)
+        if resume_path is not None:  # refuse a foreign checkpoint before building anything
+            ck.check_resume_config(resume_path, ck.read_config(resume_path), cfg.model_dump(mode="json"))
+        info.barrier()
+        task = build_task(cfg)
+        if info.is_main:
+            n = sum(p.numel() for p in task.model.parameters())
+            n_train = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
+            console.print(f"[bold]{cfg.method}[/]: {type(task.model).__name__}, {n / 1e6:.2f}M parameters "
+                          f"({n_train / 1e6:.2f}M trainable), {info.world} process(es) on {info.device.type}"
+                          + (f", resuming from {resume_path}" if resume_path else ""))
+        if info.is_main:
+            from homeforge.quickstart import progress_bar
+
+            with progress_bar(console) as bar:
+                bar_task = bar.add_task("training", total=cfg.max_steps, info="")
+
+                def on_log(state, rec):
+                    text = f"loss {rec['loss']:.3f}" + (f" val {rec['val_loss']:.3f}" if "val_loss" in rec else "")
+                    text += f" {rec['tokens_per_s']:.0f} tok/s mfu {rec['mfu']:.0%}"
+                    bar.update(bar_task, completed=state.step, total=state.total_steps, info=text)
+
+                state = train_task(task, cfg, run_dir, resume=resume_path, info=info, progress=on_log)
+            console.print(f"done: {state.step} steps ({state.stop_reason}); model in [bold]{run_dir / 'model'}[/], "
+                          f"curves in {run_dir / 'loss.png'}")
+        else:
+            state = train_task(task, cfg, run_dir, resume=resume_path, info=info)
+        return final_metrics(state)
+    finally:
+        shutdown()
