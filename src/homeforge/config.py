@@ -344,6 +344,8 @@ class ServeConfig(Section):
     host: str = Field("127.0.0.1", description="bind address; a non-loopback address requires API keys")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
     backend: Literal["torch", "onnx", "vllm"] = Field("torch", description="inference backend")
+    onnx_file: str = Field("model.onnx", description="ONNX backend: graph file in the exported directory "
+                                                     "(model.int8.onnx for the int8 export)")
     max_batch_size: int = Field(16, ge=1, description="sequences decoded together in one step")
     max_queue: int = Field(256, ge=1, description="waiting requests before new ones get HTTP 429")
     max_context: int | None = Field(None, ge=8, description="prompt + completion tokens (default: the model's maximum)")

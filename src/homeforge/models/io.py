@@ -49,8 +49,18 @@ def load_causal_lm(path: str | Path, dtype=None, with_tokenizer: bool = True):
 
     hf_logging.disable_progress_bar()
     p = check_model_dir(path)
+    from homeforge.compress.quantize import load_quantized, read_quantization
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype or torch.float32)
+        qinfo = read_quantization(p)  # a `homeforge compress` int8/int4 directory: rebuilt for this hardware
+        from homeforge.security import storage
+
+        if qinfo:
+            model = load_quantized(p, qinfo)
+        elif storage.has_encrypted_weights(p):  # decrypted in memory only (security/storage.py)
+            model = storage.load_encrypted_pretrained(AutoModelForCausalLM, p, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype or torch.float32)
     except (OSError, ValueError, KeyError) as exc:
         raise HomeforgeError(f"could not load the model in {p}: {exc}", where=str(p),
                              fix="check that the directory is a complete Hugging Face causal LM") from None

@@ -1,0 +1,1 @@
+"""Model compression: quantization (int8/int4), QAT, distillation, pruning."""

@@ -1,0 +1,289 @@
+"""`homeforge compress`: make a smaller/faster model directory, measure it against the
+original (size on disk, latency at batch 1 and 8, perplexity) and refuse to write it when
+the quality gate fails (unless --force)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from homeforge import artifacts
+from homeforge.config import CompressConfig
+from homeforge.errors import HomeforgeError
+
+QUANT = ("int8-dynamic", "int8-weight-only", "int4-weight-only")
+
+
+class CompressGateError(HomeforgeError):
+    """The compressed model failed the quality gate; nothing was written."""
+
+    exit_code = 3
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def weights_on_disk(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+@torch.no_grad()
+def latency_ms(model, vocab_size: int, batch: int, seq_len: int, repeats: int) -> float:
+    """Median wall time (ms) of one forward pass over ``batch`` x ``seq_len`` tokens."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab_size, (batch, seq_len), generator=g)
+    model(input_ids=x)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(input_ids=x)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def quality_docs(data: Path, split: str, tok, max_examples: int) -> tuple[list[list[int]], list[str]]:
+    from homeforge.evaluate.run import _text_docs, dataset_kind, read_jsonl, resolve_split
+
+    kind = dataset_kind(data)
+    if kind != "text":
+        raise HomeforgeError(f"the compress quality gate needs a text dataset; {data} is kind {kind!r}",
+                             where=str(data), fix="pass --data with a text dataset (e.g. the quickstart's data "
+                             "directory or `homeforge prepare` with kind text)")
+    split = resolve_split(data, split)
+    path = data / f"{split}.jsonl"
+    return _text_docs(read_jsonl(path, max_examples), tok, path)
+
+
+def perplexity(model, docs, context: int) -> float:
+    from homeforge.evaluate.lm import document_nll, ppl
+
+    nll, count = document_nll(model, docs, context, context // 2, batch_size=8)
+    return ppl(float(nll.sum()), int(count.sum()))
+
+
+def interleaved_latency(before, after, vocab_size: int, seq_len: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Latency of both models at batch 1 and 8, alternating rounds so machine load hits both alike."""
+    out: dict[str, dict[str, list[float]]] = {"before": {}, "after": {}}
+    for _ in range(repeats):
+        for b in (1, 8):
+            for name, m in (("before", before), ("after", after)):
+                out[name].setdefault(f"latency_b{b}_ms", []).append(latency_ms(m, vocab_size, b, seq_len, 1))
+    return {name: {k: statistics.median(v) for k, v in d.items()} for name, d in out.items()}
+
+
+def measure(model, model_dir: Path, docs, cfg: CompressConfig) -> dict:
+    from homeforge.compress.quantize import linear_weight_bytes
+
+    lin, _ = linear_weight_bytes(model_dir)
+    out = {"weights_bytes": weights_on_disk(model_dir), "linear_bytes": lin,
+           "params": sum(p.numel() for p in model.parameters())}
+    if docs is not None:
+        out["ppl"] = perplexity(model, docs, min(cfg.context, model.config.max_position_embeddings))
+    return out
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def _train_texts(data: Path | None, split: str, limit: int = 100_000) -> list[str]:
+    from homeforge.evaluate.run import read_jsonl, resolve_split
+
+    if data is None:
+        raise HomeforgeError("this method trains on data: pass --data DATASET", fix="e.g. --data runs/quickstart/data")
+    split = resolve_split(data, split) if not (data / f"{split}.jsonl").is_file() else split
+    rows = read_jsonl(data / f"{split}.jsonl", limit)
+    return [r["text"] for r in rows if isinstance(r.get("text"), str)]
+
+
+def _progress_cb(bar, task):
+    def cb(step, loss):
+        bar.update(task, completed=step + 1, info=f"loss {loss:.4f}")
+    return cb
+
+
+def compress_into(model, tok, method: str, tmp: Path, data: Path | None, cfg: CompressConfig,
+                  console: Console) -> dict:
+    """Write the compressed model directory into ``tmp``; returns method facts for the manifest."""
+    from homeforge.compress import prune, quantize, train
+    from homeforge.models.io import save_model_dir
+    from homeforge.quickstart import progress_bar
+
+    facts: dict = {}
+    if method in QUANT:
+        facts["quantization"] = quantize.save_quantized(model, tok, tmp, method, cfg.group_size)
+    elif method == "qat":
+        q = cfg.qat
+        tokens = train.token_stream(_train_texts(data, cfg.train_split), tok)
+        with progress_bar(console) as bar:
+            task = bar.add_task("QAT fine-tuning", total=q.steps, info="")
+            losses = train.qat(model, tokens, q.steps, q.lr, q.seq_len, q.batch_size, progress=_progress_cb(bar, task))
+        facts["qat"] = {"first_loss": losses[0], "last_loss": losses[-1], "steps": q.steps}
+        facts["quantization"] = quantize.save_quantized(model, tok, tmp, "int8-dynamic")
+        facts["quantization"]["trained_with"] = "qat"
+    elif method == "distill":
+        from homeforge.models.presets import build_model, preset_config
+
+        d = cfg.distill
+        tokens = train.token_stream(_train_texts(data, cfg.train_split), tok)
+        scfg = preset_config(d.student_preset, model.config.vocab_size, bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, overrides=d.student_overrides)
+        student = build_model(scfg, seed=d.seed)
+        with progress_bar(console) as bar:
+            task = bar.add_task(f"distilling into {d.student_preset}", total=d.steps, info="")
+            losses = train.distill(model, student, tokens, d.steps, d.lr, d.seq_len, d.batch_size, d.alpha,
+                                   d.temperature, d.seed, progress=_progress_cb(bar, task))
+        facts["distill"] = {"student_preset": d.student_preset, "first_loss": losses[0], "last_loss": losses[-1],
+                            "alpha": d.alpha, "temperature": d.temperature, "steps": d.steps}
+        save_model_dir(student, tok, tmp)
+    elif method == "prune":
+        p = cfg.prune
+        if p.kind == "unstructured":
+            facts["prune"] = {"kind": "unstructured", **prune.prune_unstructured(model, p.sparsity)}
+            save_model_dir(model, tok, tmp)
+        else:
+            small, stats = prune.prune_structured(model, p.mlp_keep, p.heads_keep)
+            facts["prune"] = {"kind": "structured", **stats}
+            save_model_dir(small, tok, tmp)
+    else:
+        raise HomeforgeError(f"unknown compression method {method!r}")
+    return facts
+
+
+# --------------------------------------------------------------------------- command
+
+
+def run(model_dir: Path, data: Path | None, cfg: CompressConfig, output: Path | None, force: bool,
+        console: Console) -> dict:
+    from homeforge.evaluate.run import model_kind
+    from homeforge.models.io import check_model_dir, load_causal_lm
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model_dir = check_model_dir(model_dir)
+    if model_kind(model_dir) != "causal-lm":
+        raise HomeforgeError(f"{model_dir} is a sequence classifier; homeforge compress handles causal language "
+                             "models", where=str(model_dir), fix="compress the causal LM, or evaluate the classifier as is")
+    if data is None and not force:
+        raise HomeforgeError("no --data given, so the quality gate cannot run",
+                             fix="pass --data DATASET (a text dataset artifact), or --force to write the compressed "
+                             "model without a quality check")
+    if data is not None:
+        artifacts.verify(data, deep=False)
+    output = Path(output) if output else model_dir.parent / f"{model_dir.name}-{cfg.method}"
+    config = cfg.model_dump(mode="json")
+    inputs = {"model": model_dir, **({"data": data} if data else {})}
+    out_p, fp, _ = artifacts.begin(output, stage="compress", config=config, inputs=inputs)
+    if not force and artifacts.is_up_to_date(out_p, fp):
+        console.print(f"[green]compressed model up to date[/] {out_p} (same model, data and config; --force re-runs)")
+        return json.loads((out_p / "compress.json").read_text())
+    model, tok = load_causal_lm(model_dir)
+    docs = quality_docs(data, cfg.split, tok, cfg.max_examples)[0] if data else None
+    with console.status("measuring the original model"):
+        before = measure(model, model_dir, docs, cfg)
+    with artifacts.write_artifact(out_p, stage="compress", config=config, inputs=inputs, force=force) as art:
+        with art.timed("compress"):
+            facts = compress_into(model, tok, cfg.method, art.dir, data, cfg, console)
+        del model
+        with console.status("measuring the compressed model"):
+            (art.dir / "homeforge.json").write_text(json.dumps({"quantization": facts.get("quantization")}))
+            small, _ = load_causal_lm(art.dir)  # exactly what users will load
+            (art.dir / "homeforge.json").unlink()
+            after = measure(small, art.dir, docs, cfg)
+            if "quantization" in facts:
+                after["params"] = before["params"]  # packed int8 weights are not nn.Parameters
+            original, _ = load_causal_lm(model_dir, with_tokenizer=False)
+            lat = interleaved_latency(original, small, original.config.vocab_size, cfg.latency_seq_len,
+                                      cfg.latency_repeats)
+            del original
+            before.update(lat["before"])
+            after.update(lat["after"])
+        after.update(_method_checks(small, facts))
+        result = {"method": cfg.method, "source": str(model_dir), "latency_seq_len": cfg.latency_seq_len,
+                  "threads": torch.get_num_threads(), "before": before, "after": after,
+                  "gate": gate(before, after, cfg), **facts}
+        _print_table(result, console)
+        if not result["gate"]["passed"] and not force:
+            raise CompressGateError(f"the {cfg.method} model failed the quality gate: {result['gate']['detail']}; "
+                                    f"nothing was written", where=str(out_p),
+                                    fix="relax gates.max_ppl_increase, choose a milder method (e.g. int8-dynamic, "
+                                    "fewer pruned channels), or pass --force to write it anyway")
+        (art.dir / "compress.json").write_text(json.dumps(result, indent=2))
+        (art.dir / "compress.md").write_text(markdown(result))
+        art.metrics = {"before": before, "after": after, "gate": result["gate"]}
+        art.extra.update({k: v for k, v in facts.items()})
+        art.extra["kind"] = "model"
+    if not result["gate"]["passed"]:
+        console.print(f"[yellow]written despite the failed gate (--force)[/]: {result['gate']['detail']}")
+    console.print(f"[green]compressed model[/] {out_p}")
+    return result
+
+
+def _method_checks(model, facts: dict) -> dict:
+    from homeforge.compress.prune import linear_sparsity
+
+    out = {}
+    if "prune" in facts:
+        out["linear_sparsity"] = linear_sparsity(model)
+    return out
+
+
+def gate(before: dict, after: dict, cfg: CompressConfig) -> dict:
+    if "ppl" not in before:
+        return {"passed": False, "detail": "no quality measurement (no --data)", "checked": False}
+    change = after["ppl"] / before["ppl"] - 1
+    ok = change <= cfg.gates.max_ppl_increase
+    return {"passed": bool(ok), "checked": True, "ppl_change": change, "max_ppl_increase": cfg.gates.max_ppl_increase,
+            "detail": f"perplexity {before['ppl']:.3f} -> {after['ppl']:.3f} ({change:+.2%}; allowed "
+                      f"+{cfg.gates.max_ppl_increase:.2%})"}
+
+
+def _rows(r: dict) -> list[tuple[str, str, str, str]]:
+    b, a = r["before"], r["after"]
+    rows = []
+
+    def add(name, key, fmt, ratio=True, inverse=False):
+        if key in b and key in a:
+            rat = ""
+            if ratio and a[key]:
+                rat = f"{(b[key] / a[key]) if inverse else (a[key] / b[key]):.2f}x"
+            rows.append((name, format(b[key], fmt), format(a[key], fmt), rat))
+
+    add("weights on disk (MB)", "weights_bytes", ",.0f", inverse=True)
+    rows[-1] = (rows[-1][0], f"{b['weights_bytes'] / 1e6:.2f}", f"{a['weights_bytes'] / 1e6:.2f}", rows[-1][3] + " smaller")
+    rows.append(("Linear weights (MB)", f"{b['linear_bytes'] / 1e6:.2f}", f"{a['linear_bytes'] / 1e6:.2f}",
+                 f"{b['linear_bytes'] / max(1, a['linear_bytes']):.2f}x smaller"))
+    add("parameters", "params", ",d", ratio=False)
+    for bs in (1, 8):
+        k = f"latency_b{bs}_ms"
+        rows.append((f"latency batch {bs} (ms)", f"{b[k]:.1f}", f"{a[k]:.1f}", f"{b[k] / a[k]:.2f}x faster"))
+    if "ppl" in b:
+        rows.append(("perplexity", f"{b['ppl']:.3f}", f"{a['ppl']:.3f}", f"{a['ppl'] / b['ppl'] - 1:+.2%}"))
+    if "linear_sparsity" in a:
+        rows.append(("Linear sparsity", "", f"{a['linear_sparsity']:.3f}", ""))
+    return rows
+
+
+def _print_table(r: dict, console: Console) -> None:
+    t = Table(title=f"{r['method']}: before / after")
+    for c in ("", "before", "after", "change"):
+        t.add_column(c, justify="right" if c else "left")
+    for row in _rows(r):
+        t.add_row(*row)
+    console.print(t)
+    colour = "green" if r["gate"]["passed"] else "red"
+    console.print(f"[{colour}]gate {'PASS' if r['gate']['passed'] else 'FAIL'}[/]: {r['gate']['detail']}")
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# `{r['method']}` of `{r['source']}`", "", "| | before | after | change |", "| --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in _rows(r)]
+    lines += ["", f"Gate: {'PASS' if r['gate']['passed'] else 'FAIL'}, {r['gate']['detail']}.",
+              f"Latency: median of forward passes over batch x {r.get('latency_seq_len')} tokens on "
+              f"{r.get('threads')} threads."]
+    return "\n".join(lines) + "\n"
