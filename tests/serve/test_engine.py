@@ -74,7 +74,7 @@ def test_requests_join_and_leave_between_steps(lm):
     eng = Engine(TorchBackend(model), tok, max_batch_size=3).start()
     try:
         ref = {p: run(eng, tok, [p], max_tokens=30)[0].ids for p in PROMPTS}
-        cols, lens = [], []
+        cols = []
         for i, p in enumerate(PROMPTS * 2):
             n = 5 + 2 * i
             c = Collector()

@@ -145,12 +145,18 @@ def load_model(cfg: ServeConfig):
                                  "homeforge's in-process engine is --backend torch")
     if cfg.backend == "onnx":
         try:
-            from homeforge.export import onnx as _onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
         except ImportError:
-            raise HomeforgeError("the ONNX Runtime backend needs homeforge.export.onnx, which this build lacks",
-                                 fix="use --backend torch") from None
-        raise HomeforgeError("the ONNX Runtime serving backend is not implemented yet",
-                             fix="use --backend torch (the exported directory keeps the HF weights too)")
+            raise HomeforgeError("the ONNX Runtime backend needs the onnxruntime package",
+                                 fix="pip install 'homeforge[export]', or use --backend torch") from None
+        from homeforge.serve.backends import OnnxBackend
+
+        p = Path(cfg.model_dir or "")
+        if not (p / "config.json").is_file():
+            raise HomeforgeError(f"{p} is not an exported model directory (no config.json)", where=str(p),
+                                 fix="pass the output of `homeforge export MODEL --format onnx`")
+        backend = OnnxBackend(p, cfg.onnx_file, cfg.threads)
+        return "causal", None, load_tokenizer(p), backend
     p = check_model_dir(cfg.model_dir or "")
     kind = detect_kind(p)
     if kind == "classifier":
@@ -210,11 +216,29 @@ class ServerState:
             return self.cfg.require_keys
         return bool(self.keys.active())
 
+    def generation_config(self):
+        if self.model is not None:
+            return getattr(self.model, "generation_config", None)
+        if not hasattr(self, "_gen_cfg"):
+            from transformers import GenerationConfig
+
+            try:
+                self._gen_cfg = GenerationConfig.from_pretrained(self.cfg.model_dir, local_files_only=True)
+            except OSError:
+                self._gen_cfg = None
+        return self._gen_cfg
+
+    @property
+    def vocab_size(self) -> int:
+        if self.engine is not None:
+            return self.engine.backend.vocab_size
+        return int(self.model.config.vocab_size)
+
     def stop_ids(self, chat: bool) -> set[int]:
         ids: set[int] = set()
         if self.tok.eos_token_id is not None:
             ids.add(int(self.tok.eos_token_id))
-        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        gen_eos = getattr(self.generation_config(), "eos_token_id", None)
         if gen_eos is not None:
             ids |= {int(x) for x in (gen_eos if isinstance(gen_eos, list) else [gen_eos])}
         if chat:
@@ -452,7 +476,7 @@ def create_app(cfg: ServeConfig, state: ServerState | None = None, load: bool = 
                 ids = st.tok(p)["input_ids"]
             else:
                 ids = list(p)
-                bad = [t for t in ids if not 0 <= t < max(vocab, st.model.config.vocab_size)]
+                bad = [t for t in ids if not 0 <= t < max(vocab, st.vocab_size)]
                 if bad:
                     raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
                                    param="prompt")
@@ -754,6 +778,9 @@ def create_app(cfg: ServeConfig, state: ServerState | None = None, load: bool = 
         if max(len(p) for p in prompts) > ctx:
             raise ApiError(413, f"an input is longer than the context of {ctx} tokens", param="input",
                            code="context_length_exceeded")
+        if st.model is None:
+            raise ApiError(400, f"embeddings need the PyTorch backend (this server runs {st.cfg.backend})",
+                           code="unsupported_backend")
         if st.engine is not None:
             vecs = await asyncio.wrap_future(st.engine.call(lambda: _embed(st.model, prompts)))
         else:
@@ -864,7 +891,8 @@ def serve(cfg: ServeConfig, console=None) -> None:
     from homeforge.models.io import check_model_dir
     from homeforge.serve.audit import RequestAudit
 
-    check_model_dir(cfg.model_dir or "")
+    if cfg.backend == "torch":
+        check_model_dir(cfg.model_dir or "")
     keys = KeyStore.open(cfg.keys_file)
     check_bind(cfg, keys)
     audit = RequestAudit(cfg.audit_file, log_text=cfg.audit_text)
