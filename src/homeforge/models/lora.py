@@ -120,6 +120,7 @@ def apply_lora(model, r: int = 16, alpha: float = 32, dropout: float = 0.05, tar
     with warnings.catch_warnings():  # peft's v4->v5 MoE rename notes; harmless here
         warnings.filterwarnings("ignore", message=".*(rank_pattern|alpha_pattern).*")
         warnings.filterwarnings("ignore", message=".*target_parameters.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         return get_peft_model(model, cfg)
 
 
