@@ -59,6 +59,8 @@ def load_source(model_dir: str | Path, base_model: str | Path | None = None) -> 
     if not p.exists():
         raise HomeforgeError(f"model directory {p} does not exist", fix="pass a local model directory")
     torch.set_grad_enabled(False)
+    if not (p / "config.json").is_file() and (p / "adapter" / "adapter_config.json").is_file():
+        p = p / "adapter"  # a `homeforge train` LoRA run without a merged copy
     if (p / "adapter_config.json").is_file():
         return _load_lora(p, base_model)
     check_model_dir(p)

@@ -1,0 +1,103 @@
+"""ONNX export: logits match PyTorch in onnxruntime, with and without a KV cache; int8."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from homeforge.config import ExportConfig, load_config
+from homeforge.export import run_export
+from homeforge.export.onnx import session
+from homeforge.models.io import load_causal_lm
+
+TEXT = "Return the number of items in the container."
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(llama_dir, tmp_path_factory):
+    cfg = load_config(ExportConfig, overrides=["format=onnx", "onnx.int8=true"])
+    return run_export(llama_dir, tmp_path_factory.mktemp("onnx") / "out", cfg)
+
+
+def test_onnx_graph_io_and_manifest(onnx_dir):
+    sess = session(onnx_dir / "model.onnx")
+    names = [i.name for i in sess.get_inputs()]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert names[3:] == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert [o.name for o in sess.get_outputs()] == ["logits"] + [f"present.{i}.{kv}" for i in range(2)
+                                                                 for kv in ("key", "value")]
+    assert sess.get_inputs()[0].shape == ["batch", "sequence"]
+    assert sess.get_inputs()[3].shape == ["batch", 2, "past_sequence", 16]
+    assert sess.get_outputs()[0].shape[:2] == ["batch", "sequence"]
+    metrics = json.loads((onnx_dir / "homeforge.json").read_text())["metrics"]
+    assert metrics["parity"]["passed"] and metrics["parity"]["kv_decode"]["passed"]
+    assert metrics["parity"]["max_rel_error"] < 1e-4
+    assert metrics["parity_int8"]["passed"]
+    assert (onnx_dir / "tokenizer.json").is_file() and (onnx_dir / "config.json").is_file()
+
+
+def test_onnx_logits_match_pytorch_batched_left_padded_and_with_cache(onnx_dir, llama_dir):
+    model, tok = load_causal_lm(llama_dir)
+    sess = session(onnx_dir / "model.onnx")
+    a = tok(TEXT)["input_ids"]
+    b = tok("def add(a, b): return a + b")["input_ids"]
+    T = max(len(a), len(b))
+    ids = np.full((2, T), tok.pad_token_id, np.int64)
+    mask = np.zeros((2, T), np.int64)
+    for row, seq in enumerate((a, b)):  # left padding, as a batched server does
+        ids[row, T - len(seq):] = seq
+        mask[row, T - len(seq):] = 1
+    pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+    empty = {f"past_key_values.{i}.{kv}": np.zeros((2, 2, 0, 16), np.float32) for i in range(2) for kv in ("key", "value")}
+    out = sess.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **empty})
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                    position_ids=torch.from_numpy(pos)).logits.numpy()
+    real = mask.astype(bool)
+    np.testing.assert_allclose(out[0][real], ref[real], atol=1e-4, rtol=0)
+    assert np.abs(ref[real]).max() > 1.0
+    # one decode step through the cache equals the full-sequence logits of the next position
+    nxt = np.array([[7], [11]], np.int64)
+    feed = {"input_ids": nxt, "attention_mask": np.concatenate([mask, np.ones((2, 1), np.int64)], 1),
+            "position_ids": pos[:, -1:] + 1}
+    feed.update({f"past_key_values.{i // 2}.{'key' if i % 2 == 0 else 'value'}": out[1 + i] for i in range(4)})
+    step = sess.run(["logits"], feed)[0][:, -1]
+    for row, seq in enumerate((a, b)):
+        with torch.no_grad():
+            full = model(input_ids=torch.tensor([seq + [int(nxt[row, 0])]])).logits[0, -1].numpy()
+        np.testing.assert_allclose(step[row], full, atol=1e-4, rtol=0)
+
+
+def test_onnx_int8_is_smaller_and_close(onnx_dir, llama_dir):
+    model, tok = load_causal_lm(llama_dir)
+    ids = np.array([tok(TEXT)["input_ids"]], np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None],
+            **{f"past_key_values.{i}.{kv}": np.zeros((1, 2, 0, 16), np.float32) for i in range(2) for kv in ("key", "value")}}
+    q = session(onnx_dir / "model.int8.onnx").run(["logits"], feed)[0][0]
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids)).logits[0].numpy()
+    assert np.abs(q - ref).max() < 0.1 * np.abs(ref).max()
+    assert not np.allclose(q, ref, atol=1e-6)  # it really is quantized
+    sizes = json.loads((onnx_dir / "homeforge.json").read_text())["metrics"]["onnx"]["bytes"]
+    assert sizes["model.int8.onnx"] < 0.5 * sizes["model.onnx"]
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(onnx_dir / "model.int8.onnx")).graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
+
+
+def test_onnx_without_cache_is_a_plain_logits_graph(qwen2_dir, tmp_path):
+    cfg = load_config(ExportConfig, overrides=["format=onnx", "onnx.kv_cache=false", "onnx.optimize=basic"])
+    out = run_export(qwen2_dir, tmp_path / "o", cfg)
+    sess = session(out / "model.onnx")
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    assert [o.name for o in sess.get_outputs()] == ["logits"]
+    model, tok = load_causal_lm(qwen2_dir)
+    ids = np.array([tok(TEXT)["input_ids"]], np.int64)
+    got = sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
