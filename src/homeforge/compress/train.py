@@ -143,5 +143,5 @@ def _train(model, tokens, steps, lr, seq_len, batch_size, seed, progress, loss_f
         opt.step()
         losses.append(loss.item())
         if progress:
-            progress(step, float(loss))
+            progress(step, losses[-1])
     return losses

@@ -1,0 +1,191 @@
+"""`homeforge compress` on tiny models: each method changes the model in the claimed way,
+the result loads through models.io, and the gate refuses a degraded model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors import safe_open
+
+from evaluate.helpers import train_debug_model  # tests/evaluate/helpers.py
+from homeforge.compress import prune, quantize, train
+from homeforge.compress import run as C
+from homeforge.config import CompressConfig, load_config
+from homeforge.errors import HomeforgeError
+from homeforge.models.io import load_causal_lm
+
+QUIET = Console(quiet=True)
+FAST = ["max_examples=12", "latency_repeats=1", "latency_seq_len=16", "context=64"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tiny_tokenizer, tmp_path_factory):
+    torch.set_num_threads(1)
+    return train_debug_model(tiny_dataset, tiny_tokenizer, tmp_path_factory.mktemp("cm") / "model", steps=40)
+
+
+def _cfg(*extra):
+    return load_config(CompressConfig, overrides=[*FAST, *extra])
+
+
+def _dtypes(path):
+    with safe_open(str(path / "model.safetensors"), "pt") as st:
+        return {k: st.get_slice(k).get_dtype() for k in st.keys()}
+
+
+def test_int8_and_int4_math():
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    q, s = quantize.quantize_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (48,)
+    assert ((quantize.dequantize_int8(q, s) - w).abs() <= s[:, None] / 2 + 1e-6).all()
+    p4, s4 = quantize.quantize_int4(w, 16)
+    assert p4.dtype == torch.uint8 and p4.shape == (48, 32) and s4.shape == (48, 4)
+    deq = quantize.dequantize_int4(p4, s4)
+    err = (deq - w).abs().reshape(48, 4, 16)
+    assert (err <= s4[..., None] / 2 + 1e-6).all()
+    # packing round trip: re-quantizing the dequantized weights gives the same codes
+    assert torch.equal(quantize.quantize_int4(deq, 16)[0], p4)
+    with pytest.raises(HomeforgeError, match="group size"):
+        quantize.quantize_int4(w, 48)
+
+
+@pytest.mark.parametrize("method", ["int8-dynamic", "int8-weight-only", "int4-weight-only"])
+def test_quantized_artifact_loads_and_matches(method, trained, tiny_dataset, tmp_path):
+    out = tmp_path / method
+    r = C.run(trained, tiny_dataset, _cfg(f"method={method}", "group_size=32"), out, False, QUIET)
+    manifest = json.loads((out / "homeforge.json").read_text())
+    q = manifest["quantization"]
+    assert q["method"] == method and len(q["modules"]) == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    dt = _dtypes(out)
+    want = "U8" if method.startswith("int4") else "I8"
+    assert all(dt[f"{m}.qweight"] == want for m in q["modules"])
+    assert not any(k.endswith("proj.weight") for k in dt)
+    ratio = r["before"]["linear_bytes"] / r["after"]["linear_bytes"]
+    assert ratio > (6.0 if method.startswith("int4") else 3.5)
+    assert r["after"]["weights_bytes"] < r["before"]["weights_bytes"]
+    assert r["gate"]["passed"] and abs(r["gate"]["ppl_change"]) < (0.05 if method.startswith("int4") else 0.01)
+
+    # models.io loads it transparently, with the kernels for this hardware
+    model, tok = load_causal_lm(out)
+    ref, _ = load_causal_lm(trained)
+    layer = model.model.layers[0].self_attn.q_proj
+    if method == "int8-dynamic":
+        assert type(layer).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    else:  # weight-only on a CPU: exactly the dequantized weights
+        fq = quantize.fake_quantized_weights(ref, method, 32)
+        assert torch.equal(layer.weight, fq["model.layers.0.self_attn.q_proj"])
+    x = torch.tensor([tok("Return the number of items in the list.")["input_ids"]])
+    with torch.no_grad():
+        a, b = model(input_ids=x).logits, ref(input_ids=x).logits
+    assert (a - b).abs().max() / b.abs().max() < (0.1 if method.startswith("int4") else 0.03)
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
+    assert (out / "compress.md").read_text().count("|") > 10
+
+
+def test_gate_refuses_degraded_model_and_force_writes_it(trained, tiny_dataset, tmp_path):
+    harsh = ["method=prune", "prune.kind=structured", "prune.mlp_keep=0.1", "prune.heads_keep=0.5",
+             "gates.max_ppl_increase=0.01"]
+    out = tmp_path / "pruned"
+    with pytest.raises(C.CompressGateError, match="quality gate") as exc:
+        C.run(trained, tiny_dataset, _cfg(*harsh), out, False, QUIET)
+    assert exc.value.exit_code == 3
+    assert not out.exists() and not list(tmp_path.glob(".pruned.tmp-*"))  # nothing half-written
+    r = C.run(trained, tiny_dataset, _cfg(*harsh), out, True, QUIET)
+    assert not r["gate"]["passed"] and r["after"]["ppl"] > r["before"]["ppl"] * 1.01
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["intermediate_size"] == 13 and cfg["num_key_value_heads"] == 1 and cfg["num_attention_heads"] == 2
+    assert cfg["head_dim"] == 16
+    assert r["after"]["weights_bytes"] < r["before"]["weights_bytes"]
+    model, _ = load_causal_lm(out)  # a plain, smaller HF model
+    assert model.model.layers[0].mlp.down_proj.weight.shape == (64, 13)
+
+
+def test_structured_prune_keep_all_is_identity_and_shrinks(trained):
+    ref, tok = load_causal_lm(trained)
+    same, stats = prune.prune_structured(ref, 1.0, 1.0)
+    x = torch.tensor([tok("Raise ValueError if the argument is negative.")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(same(input_ids=x).logits, ref(input_ids=x).logits, atol=1e-5)
+    small, stats = prune.prune_structured(ref, 0.5, 0.5)
+    assert stats["intermediate_size"] == [128, 64] and stats["num_key_value_heads"] == [2, 1]
+    assert stats["params"][1] < stats["params"][0]
+    with torch.no_grad():
+        assert small(input_ids=x).logits.shape == ref(input_ids=x).logits.shape
+
+
+def test_unstructured_prune_hits_target_sparsity(trained, tiny_dataset, tmp_path):
+    r = C.run(trained, tiny_dataset, _cfg("method=prune", "prune.kind=unstructured", "prune.sparsity=0.6",
+                                          "gates.max_ppl_increase=10"), tmp_path / "sparse", False, QUIET)
+    assert r["after"]["linear_sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert r["prune"]["linear_sparsity"] == pytest.approx(0.6, abs=1e-3)
+    model, _ = load_causal_lm(tmp_path / "sparse")
+    emb = model.get_input_embeddings().weight
+    assert (emb != 0).all()  # embeddings and norms are untouched
+
+
+def test_qat_trains_then_stores_int8(trained, tiny_dataset, tmp_path):
+    r = C.run(trained, tiny_dataset, _cfg("method=qat", "qat.steps=4", "qat.seq_len=32", "qat.batch_size=2"),
+              tmp_path / "qat", False, QUIET)
+    q = json.loads((tmp_path / "qat" / "homeforge.json").read_text())["quantization"]
+    assert q["method"] == "int8-dynamic" and q["trained_with"] == "qat"
+    assert r["qat"]["steps"] == 4 and r["after"]["linear_bytes"] * 3.5 < r["before"]["linear_bytes"]
+    ref, _ = load_causal_lm(trained, with_tokenizer=False)
+    with safe_open(str(tmp_path / "qat" / "model.safetensors"), "pt") as st:
+        qw = st.get_tensor("model.layers.0.mlp.up_proj.qweight")
+    assert not torch.equal(qw, quantize.quantize_int8(ref.model.layers[0].mlp.up_proj.weight)[0])  # it trained
+
+
+def test_fake_quant_matches_stored_int8():
+    w = torch.randn(8, 32, requires_grad=True)
+    fq = train.fake_quant_weight(w)
+    assert torch.allclose(fq, quantize.dequantize_int8(*quantize.quantize_int8(w)))
+    fq.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))  # straight-through
+
+
+def test_distill_student_learns_from_teacher(trained, tiny_tokenizer, tiny_dataset, tmp_path):
+    teacher, tok = load_causal_lm(trained)
+    student, _ = load_causal_lm(trained)
+    toks = train.token_stream([json.loads(line)["text"] for line in open(tiny_dataset / "train.jsonl")][:50], tok)
+    # a student identical to the teacher has zero KL: with alpha=1 the loss is 0
+    losses = train.distill(teacher, student, toks, 1, 1e-9, 32, 2, alpha=1.0, temperature=2.0)
+    assert losses[0] == pytest.approx(0.0, abs=1e-5)
+    r = C.run(trained, tiny_dataset, _cfg("method=distill", "distill.steps=3", "distill.seq_len=32",
+                                          "distill.batch_size=2", "distill.student_overrides={num_hidden_layers: 1}",
+                                          "gates.max_ppl_increase=100"), tmp_path / "student", False, QUIET)
+    cfg = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 1 and cfg["vocab_size"] == len(tok)
+    assert r["after"]["params"] < r["before"]["params"] and r["distill"]["alpha"] == 0.5
+
+
+def test_bad_input(trained, tiny_dataset, tmp_path):
+    with pytest.raises(HomeforgeError, match="no --data"):
+        C.run(trained, None, _cfg(), tmp_path / "x", False, QUIET)
+    with pytest.raises(HomeforgeError, match="does not exist"):
+        C.run(tmp_path / "missing", tiny_dataset, _cfg(), tmp_path / "x", False, QUIET)
+    qwen_like = load_causal_lm(trained)[0]
+    qwen_like.config.model_type = "qwen2_moe"
+    with pytest.raises(HomeforgeError, match="does not support"):
+        prune.prune_structured(qwen_like, 0.5, 1.0)
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_compress_exit_codes(trained, tiny_dataset, tmp_path):
+    def hf(*args):
+        return subprocess.run([sys.executable, "-m", "homeforge", *map(str, args)], capture_output=True, text=True,
+                              timeout=300)
+
+    r = hf("compress", trained, "-m", "int8-dynamic", "-d", tiny_dataset, "-o", tmp_path / "q", *FAST, "threads=1")
+    assert r.returncode == 0, r.stderr
+    assert "Linear weights" in r.stdout and "gate PASS" in r.stdout
+    r = hf("compress", trained, "-m", "prune", "-d", tiny_dataset, "-o", tmp_path / "p", *FAST, "threads=1",
+           "prune.mlp_keep=0.1", "gates.max_ppl_increase=0.0")
+    assert r.returncode == 3 and "quality gate" in r.stderr and not (tmp_path / "p").exists()
+    r = hf("compress", trained, "-m", "int9", "-d", tiny_dataset)
+    assert r.returncode == 2 and "method" in r.stderr
