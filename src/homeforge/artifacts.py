@@ -79,7 +79,10 @@ def hash_input(path: str | Path) -> str:
 
 
 def fingerprint(stage: str, config: dict, input_hashes: dict[str, str]) -> str:
-    return sha256_json({"stage": stage, "config": config, "inputs": input_hashes, "format": FORMAT_VERSION})
+    payload = {"stage": stage, "config": config, "inputs": input_hashes, "format": FORMAT_VERSION}
+    if os.environ.get("HOMEFORGE_ENCRYPT", "").lower() in ("1", "true", "yes", "on"):
+        payload["encrypted"] = True  # a plain artifact is never "up to date" for an encrypted run
+    return sha256_json(payload)
 
 
 # --------------------------------------------------------------------------- facts
@@ -313,12 +316,20 @@ def write_artifact(
     config: dict,
     inputs: dict[str, str | Path] | None = None,
     force: bool = False,
+    encrypt: bool | None = None,
 ) -> Iterator[ArtifactWriter]:
     """Build an artifact atomically. On any exception the target is left untouched.
 
     An existing directory at ``out`` is replaced only if ``force`` is set (or it is an
     artifact of the same fingerprint, which callers normally skip via ``is_up_to_date``).
+    ``encrypt`` (default: ``--encrypt`` / ``HOMEFORGE_ENCRYPT``) encrypts the data files
+    before the manifest is written (``security.storage``); the key is loaded first, so a
+    missing key fails before any work.
     """
+    from homeforge.security import storage
+
+    encrypt = storage.encryption_requested() if encrypt is None else encrypt
+    key = storage.load_key(required=True) if encrypt else None
     out_p, fp, input_hashes = begin(out, stage=stage, config=config, inputs=inputs)
     check_writable(out_p)
     if out_p.exists() and not force and not is_up_to_date(out_p, fp):
@@ -334,6 +345,8 @@ def write_artifact(
     writer = ArtifactWriter(out=out_p, dir=tmp, stage=stage, config=config, inputs=input_hashes, fingerprint=fp)
     try:
         yield writer
+        if key is not None:
+            writer.extra["encryption"] = storage.encrypt_tree(tmp, key)
         manifest = writer.manifest()
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
         fsync_tree(tmp)

@@ -49,9 +49,17 @@ def _version_callback(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True,
                                           help="print the version and exit")] = False,
+    encrypt: Annotated[bool, typer.Option("--encrypt", help="encrypt the data files this command writes "
+                                          "(needs a data key: `homeforge keys init`)")] = False,
 ) -> None:
     """Set the offline switches and the egress guard before any command runs."""
     from homeforge.security import audit, egress
+
+    if encrypt:
+        from homeforge.security import keys
+
+        keys.load_key(required=True)  # no key: fail now, before anything is written (in the clear or not)
+        os.environ["HOMEFORGE_ENCRYPT"] = "1"
 
     egress.set_offline_env()
     if os.environ.get("HOMEFORGE_ALLOW_NETWORK") != "1":
@@ -615,6 +623,228 @@ def train(
     from homeforge.train.run import run
 
     run(cfg, resume=resume, force=force, console=console)
+
+
+# --------------------------------------------------------------------------- security (data keys, audit, verify)
+
+
+audit_app = typer.Typer(help="The tamper-evident audit log: verify, show, prune.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@keys_app.command("init")
+def keys_init(
+    key_file: Annotated[Path | None, typer.Option(help="where to write it (default $HOMEFORGE_KEY_FILE or "
+                                                       "~/.homeforge/keys/data.key)")] = None,
+) -> None:
+    """Create the data-encryption key (256-bit, in a file only you can read). Never overwrites one.
+
+    Encrypted artifacts need this key to be read: back it up somewhere safe (offline).
+    With a KMS, skip this and set HOMEFORGE_KEY_COMMAND to a command that prints the key.
+
+    Examples:
+
+        homeforge keys init
+        homeforge keys init --key-file /secure/homeforge.key
+        HOMEFORGE_KEY_FILE=/secure/homeforge.key homeforge --encrypt prepare docs/ -o data
+    """
+    from homeforge.security import keys
+
+    k = keys.init_key(key_file)
+    console.print(f"created data key [bold]{k.key_id}[/] in {k.source} (mode 600)", highlight=False)
+    console.print("back it up offline: without it, encrypted artifacts cannot be read", highlight=False)
+
+
+@keys_app.command("status")
+def keys_status(
+    force: Annotated[bool, typer.Option("--force", help="accept a key file other users can read")] = False,
+) -> None:
+    """Show which data key is configured (its id and source, never the key).
+
+    Examples:
+
+        homeforge keys status
+    """
+    from homeforge.security import keys
+
+    k = keys.load_key(required=True, force=force)
+    console.print(f"data key {k.key_id} from {k.source}", highlight=False)
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    artifacts_: Annotated[list[Path], typer.Argument(metavar="ARTIFACT...",
+                                                     help="artifact directories (or folders holding them) to re-encrypt")],
+    force: Annotated[bool, typer.Option("--force", help="accept a key file other users can read")] = False,
+    keep_old: Annotated[bool, typer.Option(help="keep the old key file as data.key.retired-ID (default: destroy it)")] = False,
+) -> None:
+    """Re-encrypt artifacts under a new data key, each atomically; then retire the old key.
+
+    The new key comes from HOMEFORGE_NEW_KEY (64 hex chars) or is generated. With a key
+    file, the new key replaces it once every artifact is re-encrypted; an interrupted
+    rotation can be re-run (the pending key is kept in data.key.new). With
+    HOMEFORGE_KEY/HOMEFORGE_KEY_COMMAND, give the new key in HOMEFORGE_NEW_KEY and update
+    your KMS afterwards.
+
+    Examples:
+
+        homeforge keys rotate homeforge-runs/
+        homeforge keys rotate data/clinic model/clinic-lora
+    """
+    from homeforge.security import keys, storage
+
+    old = keys.load_key(required=True, force=force)
+    file_key = old.source not in ("env", "command")
+    pending = Path(old.source).with_name(Path(old.source).name + ".new") if file_key else None
+    if os.environ.get("HOMEFORGE_NEW_KEY"):
+        secret = keys._decode(os.environ["HOMEFORGE_NEW_KEY"], "HOMEFORGE_NEW_KEY")
+        new = keys.DataKey(secret, keys.key_id(secret), "env")
+        if pending is not None:
+            new = keys.write_key_file(pending, secret, replace=True)
+    elif pending is not None and pending.is_file():
+        new = keys.read_key_file(pending)
+        console.print(f"resuming an interrupted rotation to key {new.key_id}", highlight=False)
+    elif pending is not None:
+        new = keys.init_key(pending)
+    else:
+        raise HomeforgeError("the data key comes from HOMEFORGE_KEY/HOMEFORGE_KEY_COMMAND: give the new key too",
+                             fix="set HOMEFORGE_NEW_KEY to the new key (64 hex characters) from your KMS")
+    if new.key_id == old.key_id:
+        raise HomeforgeError("the new key is the same as the current one", fix="give a different HOMEFORGE_NEW_KEY")
+    found = sorted({a for root in artifacts_ for a in storage.find_encrypted_artifacts(root)})
+    for root in artifacts_:
+        if not root.exists():
+            raise HomeforgeError(f"{root} does not exist", fix="pass artifact directories or folders holding them")
+    total = 0
+    for art in found:
+        n = storage.rotate_artifact(art, old, new)
+        total += n
+        console.print(f"{art}: {n} files re-encrypted under {new.key_id}", highlight=False)
+    if pending is not None:
+        current = Path(old.source)
+        if keep_old:
+            retired = current.with_name(f"{current.name}.retired-{old.key_id}")
+            os.replace(current, retired)
+            console.print(f"old key kept in {retired}", highlight=False)
+        os.replace(pending, current)
+        if not keep_old:
+            console.print(f"old key {old.key_id} destroyed", highlight=False)
+    console.print(f"rotated {len(found)} artifacts ({total} files) from key {old.key_id} to {new.key_id}",
+                  highlight=False)
+
+
+@audit_app.command("verify")
+def audit_verify(
+    log: Annotated[Path | None, typer.Option(help="audit log (default $HOMEFORGE_AUDIT_LOG or ~/.homeforge/audit/audit.jsonl)")] = None,
+) -> None:
+    """Check the audit log's hash chain (and HMAC signatures if a data key is set); name the first bad line.
+
+    Exit code 0 = intact, 1 = tampered (edited, deleted, inserted or reordered lines).
+
+    Examples:
+
+        homeforge audit verify
+        homeforge audit verify --log /var/log/homeforge/audit.jsonl
+    """
+    from homeforge.security import audit
+
+    res = audit.verify(log)
+    (console if res.ok else err_console).print(res.summary(), highlight=False)
+    if not res.ok:
+        raise typer.Exit(1)
+
+
+@audit_app.command("show")
+def audit_show(
+    log: Annotated[Path | None, typer.Option(help="audit log (default ~/.homeforge/audit/audit.jsonl)")] = None,
+    since: Annotated[str | None, typer.Option(help="from this time (ISO 8601, e.g. 2026-11-01 or 2026-11-01T08:00Z)")] = None,
+    until: Annotated[str | None, typer.Option(help="up to this time (ISO 8601)")] = None,
+    user: Annotated[str | None, typer.Option(help="only this OS user")] = None,
+    command: Annotated[str | None, typer.Option(help="only commands containing this (e.g. train)")] = None,
+    artifact: Annotated[str | None, typer.Option(help="only lines naming this artifact path or hash (part)")] = None,
+    event: Annotated[str | None, typer.Option(help="only this event: command, egress-refused, request, ...")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the JSON lines")] = False,
+) -> None:
+    """Show audit log lines, filtered by time, user, command, artifact or event.
+
+    Examples:
+
+        homeforge audit show --since 2026-11-01 --command train
+        homeforge audit show --user alice --artifact data/clinic
+        homeforge audit show --event egress-refused --json
+    """
+    import json as _json
+
+    from homeforge.security import audit
+
+    try:
+        rows = audit.show(log, since=since, until=until, user=user, command=command, artifact=artifact, event=event)
+    except ValueError as exc:
+        raise HomeforgeError(f"cannot read the time filter: {exc}", fix="use ISO 8601, e.g. 2026-11-01T08:00:00Z") from None
+    if as_json:
+        for r in rows:
+            sys.stdout.write(_json.dumps(r) + "\n")
+        return
+    table = Table(title=f"{len(rows)} audit lines")
+    for col in ("seq", "time", "user", "event", "command / detail", "outcome"):
+        table.add_column(col)
+    for r in rows:
+        detail = " ".join(r.get("args", [])) if r.get("event") == "command" else (
+            f"{r.get('host')}:{r.get('port')}" if r.get("event") == "egress-refused" else
+            str(r.get("command") or r.get("path") or r.get("action") or ""))
+        table.add_row(str(r.get("seq")), str(r.get("time")), str(r.get("user")), str(r.get("event")), detail,
+                      str(r.get("outcome", r.get("status", ""))))
+    console.print(table)
+
+
+@audit_app.command("prune")
+def audit_prune(
+    log: Annotated[Path | None, typer.Option(help="audit log (default ~/.homeforge/audit/audit.jsonl)")] = None,
+    keep_days: Annotated[int | None, typer.Option(min=1, help="keep this many days (default "
+                                                  "$HOMEFORGE_AUDIT_RETENTION_DAYS or 183)")] = None,
+) -> None:
+    """Drop lines older than the retention period; a signed checkpoint keeps the chain verifiable.
+
+    Examples:
+
+        homeforge audit prune
+        HOMEFORGE_AUDIT_RETENTION_DAYS=2555 homeforge audit prune
+    """
+    from homeforge.security import audit
+
+    n = audit.prune(log, keep_days=keep_days)
+    console.print(f"dropped {n} lines older than {keep_days or audit.retention_days()} days", highlight=False)
+
+
+@app.command()
+def verify(
+    artifact: Annotated[Path, typer.Argument(help="artifact directory (dataset, model, ...)")],
+) -> None:
+    """Re-hash an artifact and the inputs it records (recursively); exit 1 on any mismatch.
+
+    Traces a model to the exact dataset version, config and homeforge version that made it.
+    Inputs are looked for where the recorded config points; ones not on this machine are listed.
+
+    Examples:
+
+        homeforge verify homeforge-runs/quickstart/model
+        homeforge verify runs/clinic/model && homeforge serve runs/clinic/model
+    """
+    from homeforge.security.provenance import verify_tree
+
+    checks = verify_tree(artifact)
+    table = Table(title=f"provenance of {artifact}")
+    for col in ("", "artifact / input", "stage", "result", "made", "homeforge"):
+        table.add_column(col)
+    for c in checks:
+        mark = "[green]ok[/]" if c.ok and not c.facts.get("missing") else ("[yellow]?[/]" if c.ok else "[red]FAIL[/]")
+        table.add_row(mark, "  " * c.depth + c.artifact, c.stage or "", c.detail, str(c.facts.get("created") or ""),
+                      str(c.facts.get("homeforge") or ""))
+    console.print(table)
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        err_console.print(f"[bold red]{len(bad)} mismatch(es)[/]: {bad[0].detail}", highlight=False)
+        raise typer.Exit(1)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -67,8 +67,9 @@ def test_per_sample_gradients_are_exact_and_clipped(tmp_path):
     assert all(p.grad_sample is not None and p.grad_sample.shape[0] == 4 for p in params)
 
     # exact per-sample gradients: one backward per sample on a plain copy of the model
-    from homeforge.models.presets import build_model, preset_config
     from engine_task import VOCAB
+
+    from homeforge.models.presets import build_model, preset_config
 
     plain = build_model(preset_config("debug", VOCAB, eos_token_id=0), seed=cfg.seed)
     plain.load_state_dict(reference, strict=False)  # tied lm_head: one parameter

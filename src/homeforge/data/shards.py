@@ -76,4 +76,9 @@ def load_tokens(root: str | Path, split: str) -> np.ndarray:
     info = index["splits"][split]
     if info["tokens"] == 0:
         return np.zeros(0, dtype=index["dtype"])
-    return np.memmap(Path(root) / info["file"], dtype=index["dtype"], mode="r", shape=(info["tokens"],))
+    path = Path(root) / info["file"]
+    from homeforge.security import crypto
+
+    if crypto.is_encrypted(path):  # authenticated on open, decrypted chunk by chunk (security/crypto.py)
+        return crypto.EncryptedArray(path, index["dtype"], length=info["tokens"])
+    return np.memmap(path, dtype=index["dtype"], mode="r", shape=(info["tokens"],))

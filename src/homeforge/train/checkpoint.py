@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from homeforge.artifacts import _fsync_dir, fsync_tree, sha256_json
 from homeforge.errors import HomeforgeError
@@ -168,6 +168,10 @@ def save_checkpoint(run_dir: Path, name: str, *, model: torch.nn.Module, optimiz
         meta = {**meta, "name": name, "world_size": world, "config_hash": config_hash(config),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        from homeforge.security import storage
+
+        if storage.encryption_requested():  # weights, optimizer and RNG state encrypted at rest
+            storage.encrypt_tree(tmp)
         fsync_tree(tmp)
         if final.exists():  # only "best" is ever replaced
             old = root / f".old-{name}-{os.getpid()}"
@@ -198,7 +202,9 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, rank: int 
         set_optimizer_state_dict,
     )
 
-    weights = load_file(str(path / "model.safetensors"))
+    from homeforge.security.storage import load_safetensors, torch_load  # plain or encrypted files
+
+    weights = load_safetensors(path / "model.safetensors")
     missing = sorted(set(trainable_names(model)) - set(weights))
     if missing:
         raise HomeforgeError(f"checkpoint {path} does not match the model: {len(missing)} trainable parameters are "
@@ -206,11 +212,11 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, rank: int 
                              fix="resume with the model/method the checkpoint was written with")
     opts = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, weights, options=opts)
-    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    trainer = torch_load(path / "trainer.pt", map_location="cpu", weights_only=False)
     set_optimizer_state_dict(model, optimizer, trainer.pop("optimizer"), options=StateDictOptions(full_state_dict=True))
     rng_file = path / f"rng-rank{rank}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+        set_rng_state(torch_load(rng_file, map_location="cpu", weights_only=False))
     return trainer
 
 

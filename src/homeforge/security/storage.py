@@ -1,0 +1,188 @@
+"""Encrypted artifacts: which files are encrypted, the readers' helpers, key rotation.
+
+An artifact written with encryption on (``homeforge --encrypt STAGE ...``,
+``HOMEFORGE_ENCRYPT=1``, or ``write_artifact(..., encrypt=True)``) has its data files
+(token shards, JSONL records, weights, checkpoints) encrypted with ``crypto`` before the
+manifest is written; the manifest hashes the ciphertext (so ``homeforge verify`` needs no
+key) and records ``encryption: {format, key_id, files}``. Small metadata (manifest,
+``index.json``, ``config.json``, the tokenizer, plots) stays readable.
+
+Readers never look at the manifest to decide: every encrypted file starts with a magic
+header, and the helpers below decrypt it transparently (plain files pass through).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from homeforge.errors import HomeforgeError
+from homeforge.security import crypto
+from homeforge.security.keys import DataKey, load_key
+
+FORMAT = "homeforge-aes256gcm-chunked-v1"
+# data files: tokens, records, weights, checkpoints, feedback/request logs
+ENCRYPTED_PATTERNS = ("*.bin", "*.jsonl", "*.safetensors", "*.pt", "*.npy", "*.parquet", "*.gguf", "*.onnx",
+                      "*.onnx.data", "*.csv", "*.txt")
+NEVER_ENCRYPTED = ("homeforge.json", "index.json", "config.json", "generation_config.json", "labels.json",
+                   "*.png", "tokenizer*", "special_tokens_map.json", "chat_template*", "*.yaml", "*.md", "meta.json",
+                   "adapter_config.json", "*.index.json", "quantization.json", "Modelfile", "merges.txt", "vocab.json",
+                   "vocab.txt", "added_tokens.json")
+
+
+def encryption_requested() -> bool:
+    """True when the user asked for encryption for this process (``--encrypt`` / ``HOMEFORGE_ENCRYPT=1``)."""
+    return os.environ.get("HOMEFORGE_ENCRYPT", "").lower() in ("1", "true", "yes", "on")
+
+
+def should_encrypt(rel: str) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    if any(fnmatch.fnmatch(name, pat) for pat in NEVER_ENCRYPTED):
+        return False
+    return any(fnmatch.fnmatch(name, pat) for pat in ENCRYPTED_PATTERNS)
+
+
+def encrypt_tree(root: str | Path, key: DataKey | None = None) -> dict:
+    """Encrypt every data file under ``root`` in place; returns the manifest's ``encryption`` record."""
+    key = key or load_key(required=True)
+    root = Path(root)
+    files = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and not p.name.startswith(".") and should_encrypt(rel):
+            crypto.encrypt_file(p, key)
+            files.append(rel)
+    return {"format": FORMAT, "key_id": key.key_id, "files": files}
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def load_safetensors(path: str | Path, device: str = "cpu") -> dict:
+    """``safetensors.torch.load_file`` that also reads encrypted files (authenticated before use)."""
+    from safetensors.torch import load, load_file
+
+    if crypto.is_encrypted(path):
+        return {k: v.to(device) for k, v in load(crypto.read_bytes(path)).items()}
+    return load_file(str(path), device=device)
+
+
+def torch_load(path: str | Path, **kwargs):
+    """``torch.load`` that also reads encrypted files."""
+    import torch
+
+    if crypto.is_encrypted(path):
+        return torch.load(io.BytesIO(crypto.read_bytes(path)), **kwargs)
+    return torch.load(path, **kwargs)
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    return sorted(Path(model_dir).glob("*.safetensors"))
+
+
+def has_encrypted_weights(model_dir: str | Path) -> bool:
+    return any(crypto.is_encrypted(p) for p in weight_files(model_dir))
+
+
+def load_encrypted_pretrained(auto_cls, model_dir: str | Path, dtype=None):
+    """Build ``auto_cls`` (e.g. AutoModelForCausalLM) from config.json and load decrypted weights.
+
+    The plaintext weights exist only in memory; nothing is written to disk.
+    """
+    import torch
+    from transformers import AutoConfig
+
+    p = Path(model_dir)
+    config = AutoConfig.from_pretrained(str(p), local_files_only=True)
+    model = auto_cls.from_config(config, dtype=dtype or torch.float32)
+    state: dict = {}
+    for f in weight_files(p):
+        state.update(load_safetensors(f))
+    result = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    tied = {n for n, _ in model.named_parameters()}  # after tying, shared weights appear once
+    missing = [k for k in result.missing_keys if k in tied and not _is_tied(model, k)]
+    if missing or result.unexpected_keys:
+        raise HomeforgeError(f"the encrypted weights in {p} do not match its config.json "
+                             f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})", where=str(p),
+                             fix="re-run the stage that made the model")
+    return model.to(dtype or torch.float32).eval()
+
+
+def _is_tied(model, name: str) -> bool:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return (out is not None and inp is not None and out.weight is inp.weight
+            and name.endswith("weight") and "lm_head" in name)
+
+
+# --------------------------------------------------------------------------- rotation
+
+
+def rotate_artifact(path: str | Path, old: DataKey, new: DataKey) -> int:
+    """Re-encrypt an artifact's encrypted files under ``new``, atomically; returns files changed.
+
+    A copy of the artifact is built beside it (encrypted files re-encrypted, others hard-linked
+    or copied), its manifest updated (``files``, ``sizes``, ``content_hash``, ``encryption.key_id``
+    and a ``rotations`` entry that remembers the previous content hash, so downstream
+    manifests that recorded it still verify), and swapped in with renames. A crash leaves
+    either the old or the new artifact, never a mix.
+    """
+    from homeforge import artifacts
+
+    p = Path(path).absolute()
+    manifest = artifacts.verify(p, deep=True)
+    enc = manifest.get("encryption")
+    if not enc:
+        return 0
+    if enc.get("key_id") == new.key_id:
+        return 0
+    if enc.get("key_id") != old.key_id:
+        raise HomeforgeError(f"{p} is encrypted with key {enc.get('key_id')}, not with the current key {old.key_id}",
+                             where=str(p), fix="set HOMEFORGE_KEY_FILE to the key that encrypted it")
+    tmp = p.parent / f".{p.name}.rotate-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(p, tmp, copy_function=shutil.copy2)
+        changed = 0
+        for rel in enc["files"]:
+            if crypto.reencrypt(tmp / rel, old, new):
+                changed += 1
+        files = artifacts.hash_tree(tmp)
+        rotations = [*manifest.get("rotations", []),
+                     {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "from_key_id": old.key_id,
+                      "to_key_id": new.key_id, "previous_content_hash": manifest["content_hash"]}]
+        manifest.update(files=files, sizes={rel: (tmp / rel).stat().st_size for rel in files},
+                        content_hash=artifacts.content_hash(files), rotations=rotations,
+                        encryption={**enc, "key_id": new.key_id})
+        (tmp / artifacts.MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+        artifacts.fsync_tree(tmp)
+        old_dir = p.parent / f".{p.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.replace(p, old_dir)
+        os.replace(tmp, p)
+        shutil.rmtree(old_dir, ignore_errors=True)
+        return changed
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def find_encrypted_artifacts(root: str | Path) -> list[Path]:
+    """Artifact directories under ``root`` (inclusive) whose manifest records encryption."""
+    from homeforge import artifacts
+
+    root = Path(root)
+    found = []
+    for mf in sorted([root / artifacts.MANIFEST, *root.rglob(artifacts.MANIFEST)]):
+        if mf.is_file() and ".tmp-" not in str(mf) and ".old-" not in str(mf):
+            try:
+                if json.loads(mf.read_text(encoding="utf-8")).get("encryption"):
+                    found.append(mf.parent)
+            except (OSError, json.JSONDecodeError):
+                continue
+    return sorted(set(found))

@@ -1,0 +1,238 @@
+"""Encrypted artifacts through the real writers and readers: prepare -> shards/JSONL, train -> checkpoints and
+model, load_causal_lm; tamper/wrong key refused; rotation; provenance; CLI bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from homeforge.security import crypto, keys, storage
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A key, an encrypted dataset made by the real prepare stage, and an encrypted trained model."""
+    from rich.console import Console
+
+    from homeforge.config import QuickstartConfig, load_config
+    from homeforge.quickstart import build_dataset
+
+    root = tmp_path_factory.mktemp("enc")
+    saved = {k: os.environ.get(k) for k in ("HOMEFORGE_HOME", "HOMEFORGE_ENCRYPT", "HOMEFORGE_KEY_FILE", "HOMEFORGE_KEY")}
+    os.environ["HOMEFORGE_HOME"] = str(root / "home")
+    os.environ.pop("HOMEFORGE_KEY_FILE", None)
+    os.environ.pop("HOMEFORGE_KEY", None)
+    key = keys.init_key()
+    os.environ["HOMEFORGE_ENCRYPT"] = "1"
+    try:
+        cfg = load_config(QuickstartConfig, overrides=["corpus.max_chars=60000", "tokenizer.vocab_size=300"])
+        data = build_dataset(cfg, root / "data", force=False, console=Console(quiet=True))
+        from engine_task import make_cfg
+
+        from homeforge.train.loop import train_task
+        from homeforge.train.methods import build_task
+
+        tcfg = make_cfg(root / "run", f"data={data}", "model.preset=debug", "max_steps=4", "checkpoint.every=2",
+                        "eval_every=2", "seq_len=32")
+        task = build_task(tcfg, data)
+        train_task(task, tcfg, root / "run")
+        yield {"root": root, "key": key, "data": data, "run": root / "run", "model": root / "run" / "model", "cfg": tcfg}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_dataset_files_are_encrypted_and_read_back(env):
+    from homeforge.data.shards import load_tokens, read_index
+    from homeforge.evaluate.run import read_jsonl
+
+    data = env["data"]
+    manifest = json.loads((data / "homeforge.json").read_text())
+    enc = manifest["encryption"]
+    assert enc["key_id"] == env["key"].key_id and "train.bin" in enc["files"] and "train.jsonl" in enc["files"]
+    for rel in enc["files"]:
+        assert crypto.is_encrypted(data / rel), rel
+    first = read_jsonl(data / "train.jsonl", limit=3)
+    assert first and all("text" in r for r in first)
+    assert first[0]["text"][:30].encode() not in (data / "train.jsonl").read_bytes()  # no plaintext on disk
+    tokens = load_tokens(data, "train")
+    assert isinstance(tokens, crypto.EncryptedArray)
+    assert len(tokens) == read_index(data)["splits"]["train"]["tokens"]
+    # the same tokens as a plain re-encode of the records
+    from homeforge.models.io import load_tokenizer
+
+    tok = load_tokenizer(data / "tokenizer")
+    ids = tok(first[0]["text"])["input_ids"]
+    np.testing.assert_array_equal(np.asarray(tokens[: len(ids)]), ids)
+    for rec in read_jsonl(data / "train.jsonl"):
+        assert "text" in rec
+
+
+def test_training_wrote_encrypted_checkpoints_and_model(env):
+    from homeforge.models.io import load_causal_lm
+
+    ckpts = sorted((env["run"] / "checkpoints").glob("step-*"))
+    assert ckpts
+    for name in ("model.safetensors", "trainer.pt", "rng-rank0.pt"):
+        assert crypto.is_encrypted(ckpts[-1] / name), name
+    model_dir = env["model"]
+    manifest = json.loads((model_dir / "homeforge.json").read_text())
+    assert "model.safetensors" in manifest["encryption"]["files"]
+    assert crypto.is_encrypted(model_dir / "model.safetensors")
+    model, tok = load_causal_lm(model_dir)
+    # the decrypted weights equal the last checkpoint's, read through the checkpoint readers
+    weights = storage.load_safetensors(ckpts[-1] / "model.safetensors")
+    params = dict(model.named_parameters())
+    assert weights and set(weights) <= set(params) | {"lm_head.weight"}
+    for name, value in weights.items():
+        if name in params:
+            torch.testing.assert_close(params[name], value, msg=name)
+    trainer = storage.torch_load(ckpts[-1] / "trainer.pt", map_location="cpu", weights_only=False)
+    assert "optimizer" in trainer
+    x = torch.tensor([tok("def add(a, b):")["input_ids"]])
+    assert torch.isfinite(model(input_ids=x).logits).all()
+
+
+def test_tampered_or_truncated_model_refused(env, tmp_path):
+    import shutil
+
+    from homeforge.data.shards import load_tokens
+    from homeforge.models.io import load_causal_lm
+
+    copy = tmp_path / "model"
+    shutil.copytree(env["model"], copy)
+    w = copy / "model.safetensors"
+    raw = bytearray(w.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    w.write_bytes(bytes(raw))
+    with pytest.raises(crypto.CryptoError, match="failed authentication"):
+        load_causal_lm(copy)
+    w.write_bytes(bytes(raw[: len(raw) // 3]))
+    with pytest.raises(crypto.CryptoError):
+        load_causal_lm(copy)
+    data = tmp_path / "data"
+    shutil.copytree(env["data"], data)
+    b = data / "train.bin"
+    b.write_bytes(b.read_bytes()[:-5])
+    with pytest.raises(crypto.CryptoError):
+        load_tokens(data, "train")
+
+
+def test_wrong_or_missing_key_refused(env, monkeypatch, tmp_path):
+    from homeforge.data.shards import load_tokens
+    from homeforge.models.io import load_causal_lm
+
+    monkeypatch.setenv("HOMEFORGE_KEY", "ab" * 32)
+    with pytest.raises(crypto.CryptoError, match="encrypted with key"):
+        load_causal_lm(env["model"])
+    with pytest.raises(crypto.CryptoError, match="encrypted with key"):
+        load_tokens(env["data"], "train")
+    monkeypatch.delenv("HOMEFORGE_KEY")
+    monkeypatch.setenv("HOMEFORGE_HOME", str(tmp_path / "empty"))
+    with pytest.raises(keys.KeyError_, match="no data key"):
+        load_tokens(env["data"], "val")
+
+
+def test_verify_and_provenance(env, tmp_path):
+    from homeforge.cli import app
+    from homeforge.security.provenance import verify_tree
+
+    r = CliRunner().invoke(app, ["verify", str(env["model"])])
+    assert r.exit_code == 0, r.output
+    checks = verify_tree(env["model"])
+    assert [c.stage for c in checks if c.stage] == ["train", "prepare"]  # model -> dataset, both re-hashed
+    assert any("input 'dataset' is the recorded version" in c.detail for c in checks)
+
+
+def test_rotation_keeps_everything_readable_under_new_key_only(env, tmp_path, monkeypatch):
+    import shutil
+
+    from homeforge.cli import app
+    from homeforge.data.shards import load_tokens
+    from homeforge.models.io import load_causal_lm
+    from homeforge.security.provenance import verify_tree
+
+    root = tmp_path / "copy"
+    shutil.copytree(env["data"], root / "data")
+    shutil.copytree(env["model"], root / "model")
+    # the model's config points at the original dataset; point it at the copy for provenance
+    mf = json.loads((root / "model" / "homeforge.json").read_text())
+    mf["config"]["data"] = str(root / "data")
+    (root / "model" / "homeforge.json").write_text(json.dumps(mf))
+    home = tmp_path / "home"
+    (home / "keys").mkdir(parents=True)
+    shutil.copy2(keys.default_key_file(), home / "keys" / "data.key")
+    monkeypatch.setenv("HOMEFORGE_HOME", str(home))
+    old = keys.load_key()
+    before_tokens = np.asarray(load_tokens(root / "data", "val"))
+    before_model, _ = load_causal_lm(root / "model", with_tokenizer=False)
+
+    r = CliRunner().invoke(app, ["keys", "rotate", str(root)])
+    assert r.exit_code == 0, r.output
+    new = keys.load_key()
+    assert new.key_id != old.key_id
+    assert not (home / "keys" / "data.key.new").exists()
+    for art in ("data", "model"):
+        m = json.loads((root / art / "homeforge.json").read_text())
+        assert m["encryption"]["key_id"] == new.key_id and m["rotations"][-1]["from_key_id"] == old.key_id
+        for rel in m["encryption"]["files"]:
+            assert crypto.read_header(root / art / rel)["key_id"] == new.key_id
+    np.testing.assert_array_equal(np.asarray(load_tokens(root / "data", "val")), before_tokens)
+    after_model, _ = load_causal_lm(root / "model", with_tokenizer=False)
+    for a, b in zip(before_model.parameters(), after_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    checks = verify_tree(root / "model")
+    assert all(c.ok for c in checks), [c.detail for c in checks]
+    assert any("input 'dataset' is the recorded version" in c.detail for c in checks)
+    monkeypatch.setenv("HOMEFORGE_KEY", old.secret.hex())  # the old key no longer opens anything
+    with pytest.raises(crypto.CryptoError, match="encrypted with key"):
+        load_tokens(root / "data", "val")
+
+
+def test_verify_detects_changed_artifact_and_input(env, tmp_path):
+    import shutil
+
+    from homeforge.cli import app
+
+    data = tmp_path / "data"
+    shutil.copytree(env["data"], data)
+    model = tmp_path / "model"
+    shutil.copytree(env["model"], model)
+    mf = json.loads((model / "homeforge.json").read_text())
+    mf["config"]["data"] = str(data)
+    (model / "homeforge.json").write_text(json.dumps(mf))
+    assert CliRunner().invoke(app, ["verify", str(model)]).exit_code == 0
+    # a changed dataset (another version in the same place)
+    dm = json.loads((data / "homeforge.json").read_text())
+    (data / "labels.json").write_text("[]")
+    dm["files"]["labels.json"] = crypto.__name__  # any different hash
+    from homeforge import artifacts
+
+    dm["files"]["labels.json"] = artifacts.sha256_file(data / "labels.json")
+    dm["content_hash"] = artifacts.content_hash(dm["files"])
+    (data / "homeforge.json").write_text(json.dumps(dm))
+    r = CliRunner().invoke(app, ["verify", str(model)])
+    assert r.exit_code == 1, r.output
+    from homeforge.security.provenance import verify_tree
+
+    assert any("has changed since" in c.detail and not c.ok for c in verify_tree(model))
+    # one flipped byte in the model itself
+    w = model / "model.safetensors"
+    raw = bytearray(w.read_bytes())
+    raw[100] ^= 1
+    w.write_bytes(bytes(raw))
+    r = CliRunner().invoke(app, ["verify", str(model)])
+    assert r.exit_code == 1
+    assert "does not match its recorded hash" in verify_tree(model)[0].detail
