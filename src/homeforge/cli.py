@@ -652,6 +652,9 @@ def keys_init(
 
     k = keys.init_key(key_file)
     console.print(f"created data key [bold]{k.key_id}[/] in {k.source} (mode 600)", highlight=False)
+    a = keys.init_audit_key()
+    if a is not None:
+        console.print(f"created audit-log signing key {a.key_id} in {a.source} (mode 600)", highlight=False)
     console.print("back it up offline: without it, encrypted artifacts cannot be read", highlight=False)
 
 

@@ -14,7 +14,7 @@ records the hash of the last dropped line, so the rest of the chain still verifi
 
 API (stable; the server writes per-request lines through it)::
 
-    log = AuditLog()                     # default_path(); key from the data key if present
+    log = AuditLog()                     # default_path(); HMAC key = keys/audit.key if present
     log.append({"event": "request", "user": "alice", "outcome": "ok"})
     result = verify(path)                # VerifyResult(ok, lines, first_bad, reason)
     rows = show(path, since=..., user=..., command=..., artifact=...)
@@ -177,25 +177,23 @@ def _last_line(f) -> bytes | None:
     return None
 
 
-def audit_key_from_data_key(data_key: bytes) -> bytes:
-    """The HMAC key for the audit log, derived from the data key (never the key itself)."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"homeforge audit log v1").derive(data_key)
+def audit_key_path() -> Path:
+    """``$HOMEFORGE_AUDIT_KEY_FILE`` or ``<homeforge_home>/keys/audit.key`` (made by ``homeforge keys init``)."""
+    env = os.environ.get("HOMEFORGE_AUDIT_KEY_FILE")
+    return Path(env).expanduser() if env else homeforge_home() / "keys" / "audit.key"
 
 
 def default_key() -> bytes | None:
-    """The audit HMAC key if a data key is configured (env, command or key file); else None."""
-    try:
-        from homeforge.security import keys
-    except ImportError:
+    """The audit log's HMAC key, if one was created (``homeforge keys init``); else None (chain only).
+
+    It is its own key, not the data key, so rotating the data key never invalidates old lines.
+    """
+    path = audit_key_path()
+    if not path.is_file():
         return None
-    try:
-        data_key = keys.load_key(required=False)
-    except HomeforgeError:
-        return None
-    return None if data_key is None else audit_key_from_data_key(data_key.secret)
+    from homeforge.security import keys
+
+    return keys.read_key_file(path).secret
 
 
 class AuditLog:

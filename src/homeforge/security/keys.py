@@ -173,6 +173,16 @@ def init_key(path: Path | None = None) -> DataKey:
     return write_key_file(path or default_key_file(), secrets.token_bytes(KEY_BYTES))
 
 
+def init_audit_key() -> DataKey | None:
+    """Create the audit log's HMAC key beside the data key if there is none yet; None if it exists."""
+    from homeforge.security.audit import audit_key_path
+
+    path = audit_key_path()
+    if path.exists():
+        return None
+    return write_key_file(path, secrets.token_bytes(KEY_BYTES))
+
+
 def destroy_key_file(path: Path) -> None:
     """Overwrite a key file with random bytes, then delete it (best effort on journaling/SSD storage)."""
     try:
