@@ -76,8 +76,30 @@ def checks(path: str = ".") -> list[tuple[str, str, str, str]]:
     rows.append(("disk free", f"{free_gb:.1f} GiB at {os.path.abspath(path)}", "ok" if free_gb > 5 else "warn",
                  "" if free_gb > 5 else "free space: checkpoints of a 124M model take ~1.5 GB each"))
     guard = egress.is_installed()
-    rows.append(("network guard", "on: non-loopback connections are refused" if guard else "off",
+    allowed = f" (also allowed: {', '.join(egress.allowed_hosts())})" if egress.allowed_hosts() else ""
+    rows.append(("network guard", ("on: non-loopback connections are refused and audited" + allowed) if guard else "off",
                  "ok" if guard else "warn", "" if guard else "unset HOMEFORGE_ALLOW_NETWORK"))
+    rows.extend(_security_rows())
     offline = all(os.environ.get(k) == v for k, v in egress.OFFLINE_ENV.items())
     rows.append(("hub offline switches", "set" if offline else "not all set", "ok" if offline else "warn", ""))
+    return rows
+
+
+def _security_rows() -> list[tuple[str, str, str, str]]:
+    """Data key and audit log (security/keys.py, security/audit.py)."""
+    from homeforge.errors import HomeforgeError
+    from homeforge.security import audit, keys
+
+    rows = []
+    try:
+        k = keys.load_key(required=False)
+        rows.append(("data key", f"{k.key_id} from {k.source}" if k else "none (artifacts are written unencrypted)",
+                     "ok", "" if k else "for encryption at rest: homeforge keys init, then homeforge --encrypt ..."))
+    except HomeforgeError as exc:
+        rows.append(("data key", exc.what, "fail", exc.fix or ""))
+    log = audit.default_path()
+    signed = audit.audit_key_path().is_file()
+    rows.append(("audit log", f"{log} ({'HMAC-signed' if signed else 'hash-chained, unsigned'}, "
+                 f"retention {audit.retention_days()} days)", "ok",
+                 "" if signed else "homeforge keys init also creates the audit signing key"))
     return rows
