@@ -199,10 +199,11 @@ def test_prune_refuses_broken_log(tmp_path):
 
 def test_mask_args():
     argv = ["serve", "--api-key", "s3cret", "--token=abc", "serve.auth.token=xyz", "--key-file", "/k",
-            "train.optim.lr=3e-4", "--password", "pw", "--output", "out"]
+            "train.optim.lr=3e-4", "--password", "pw", "--output", "out", "--max-new-tokens", "5", "--hf_token", "t"]
     masked = audit.mask_args(argv)
     assert masked == ["serve", "--api-key", "***", "--token=***", "serve.auth.token=***", "--key-file", "/k",
-                      "train.optim.lr=3e-4", "--password", "***", "--output", "out"]
+                      "train.optim.lr=3e-4", "--password", "***", "--output", "out", "--max-new-tokens", "5",
+                      "--hf_token", "***"]
 
 
 def test_reserved_field_refused(tmp_path):

@@ -41,7 +41,6 @@ from homeforge.errors import HomeforgeError
 GENESIS = "0" * 64
 DEFAULT_RETENTION_DAYS = 183  # at least six months
 _MAC_RE = re.compile(rb',"mac":"([0-9a-f]{64})"\}$')
-_SECRET_WORDS = ("key", "token", "secret", "password", "passwd", "credential", "auth")
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
 
@@ -101,9 +100,16 @@ def _parse_time(value: str) -> dt.datetime:
 # --------------------------------------------------------------------------- masking
 
 
+_SECRET_PARTS = {"key", "token", "secret", "password", "passwd", "pass", "credential", "credentials", "auth",
+                 "apikey", "pwd"}
+
+
 def is_secret_name(name: str) -> bool:
-    n = name.lower().lstrip("-")
-    return any(w in n for w in _SECRET_WORDS) and not n.endswith(("_file", "-file", "_id", "-id", "_path", "-path"))
+    """``--api-key``, ``--token``, ``serve.auth.token``, ``--password``: yes; ``--key-file``, ``--max-new-tokens``: no."""
+    parts = [x for x in re.split(r"[-_.]+", name.lower().lstrip("-")) if x]
+    if not parts or parts[-1] in ("file", "path", "dir", "id", "name", "env", "command"):
+        return False
+    return any(x in _SECRET_PARTS for x in parts)
 
 
 def mask_args(argv: list[str]) -> list[str]:

@@ -102,6 +102,9 @@ def verify_tree(path: str | Path, max_depth: int = 8) -> list[Check]:
         for name, recorded in (m.get("inputs") or {}).items():
             paths = candidates.get(name, []) + [c for k, cs in candidates.items() if k != name for c in cs]
             match = next((c for c in paths if recorded in _known_hashes(c)), None)
+            if match is None:  # not where the config points: look at the artifacts beside this one
+                siblings = [d for d in sorted(p.parent.iterdir()) if d != p and (d / artifacts.MANIFEST).is_file()]
+                match = next((d for d in siblings if recorded in _known_hashes(d)), None)
             if match is not None:
                 checks.append(Check(str(match), None, True, f"input {name!r} is the recorded version "
                                     f"({recorded[:16]})", depth + 1))
