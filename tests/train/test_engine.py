@@ -93,6 +93,11 @@ def test_interrupted_and_resumed_equals_uninterrupted(full_run, tmp_path):
     # the metrics log holds one record per step, the replayed steps 9-10 once
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 13))
     assert read_metrics(tmp_path / "metrics.jsonl")[-1]["loss"] == read_metrics(tmp_full / "metrics.jsonl")[-1]["loss"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == list(range(1, 13))  # the replayed steps are not doubled
 
 
 def test_nan_loss_stops_with_last_good_checkpoint_intact(tmp_path):
@@ -193,3 +198,34 @@ def test_mlflow_sqlite_store_read_back(tmp_path):
 def test_mlflow_remote_uri_refused(tmp_path):
     with pytest.raises(HomeforgeError, match="not a local store"):
         run(tmp_path, "max_steps=1", "tracking.mlflow=true", "tracking.mlflow_uri=http://10.0.0.1:5000")
+
+
+def test_activation_checkpointing_gives_the_same_run(full_run, tmp_path):
+    _, state, _ = full_run
+    ck_state, task = run(tmp_path, "activation_checkpointing=true")
+    assert task.model.is_activation_checkpointing
+    assert [r["loss"] for r in ck_state.history] == pytest.approx([r["loss"] for r in state.history], abs=1e-5)
+
+
+def test_flops_per_token_and_cached_peak(tmp_path, monkeypatch):
+    from homeforge.models.presets import count_params
+    from homeforge.train import flops
+
+    cfg = make_cfg(tmp_path)
+    model = make_task(cfg).model
+    n = count_params(model)  # tied embeddings: the one matrix is the (counted) output head
+    assert flops.flops_per_token(model, 32) == 6 * n + 12 * 2 * 64 * 32
+    for p in model.model.layers.parameters():
+        p.requires_grad_(False)
+    frozen = sum(p.numel() for p in model.model.layers.parameters())
+    assert flops.flops_per_token(model, 32) == 6 * (n - frozen) + 4 * frozen + 12 * 2 * 64 * 32
+
+    monkeypatch.setenv("HOMEFORGE_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = flops.probe_peak_flops
+    monkeypatch.setattr(flops, "probe_peak_flops", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = flops.peak_flops(torch.device("cpu"))
+    assert first > 1e8 and calls == [1]  # measured once (a real matmul probe) ...
+    assert flops.peak_flops(torch.device("cpu")) == first and calls == [1]  # ... then read from the cache
+    assert (tmp_path / "cache" / "peak_flops.json").is_file()
+    assert flops.peak_flops(torch.device("cpu"), given_tflops=2.5) == 2.5e12

@@ -315,10 +315,13 @@ def setup_training(task: TrainTask, cfg: TrainConfig, info: DistInfo, precision:
     model = task.model.to(info.device)
     model.train()
     if cfg.activation_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
             raise HomeforgeError(f"activation checkpointing needs a transformers model, got {type(model).__name__}",
                                  fix="set activation_checkpointing=false")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not any(p.requires_grad for p in model.parameters()):
         raise HomeforgeError("the model has no trainable parameters", fix="check the method's settings (e.g. lora targets)")
     model = wrap_model(model, info, cfg.distributed.strategy)
