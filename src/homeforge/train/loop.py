@@ -459,7 +459,7 @@ def stop_decision(cfg: TrainConfig, state: RunState, speed: Speedometer, info: D
     total = state.total_steps
     if cfg.early_stopping_patience and state.bad_evals >= cfg.early_stopping_patience:
         return state.step, f"early stopping: no validation improvement in {state.bad_evals} evaluations"
-    if cfg.max_minutes and speed.steps == 5:
+    if cfg.max_minutes and speed.steps == 5 and state.step == 5:  # (a resumed run keeps its fitted schedule)
         per_step = info.all_sum([speed.train_seconds / 5])[0] / info.world
         total = max(state.step + 1, min(cfg.max_steps, int(cfg.max_minutes * 60 / per_step)))
     if state.step >= total:
