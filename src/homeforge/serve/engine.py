@@ -391,7 +391,7 @@ class Engine:
             self._finish(req, "stop")
             return True
         req._out_ids.append(tok)
-        info = TokenInfo(tok, self.tok.decode([tok]), info_lp, top)
+        info = TokenInfo(tok, self.tok.decode([tok]) if req.logprobs is not None else "", info_lp, top)
         stopped = self._flush(req, final=False, new=info)
         if stopped:
             self._finish(req, "stop")
