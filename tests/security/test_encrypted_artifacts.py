@@ -236,3 +236,24 @@ def test_verify_detects_changed_artifact_and_input(env, tmp_path):
     r = CliRunner().invoke(app, ["verify", str(model)])
     assert r.exit_code == 1
     assert "does not match its recorded hash" in verify_tree(model)[0].detail
+
+
+def test_encrypted_lora_adapter_round_trip(env, tmp_path):
+    from engine_task import VOCAB
+
+    from homeforge import artifacts
+    from homeforge.models.lora import apply_lora, load_adapter, save_adapter
+    from homeforge.models.presets import build_model, preset_config
+
+    base = build_model(preset_config("debug", VOCAB, eos_token_id=0), seed=0)
+    peft_model = apply_lora(base, r=4, dropout=0.0, seed=0)
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    with artifacts.write_artifact(tmp_path / "adapter", stage="test", config={}, encrypt=True) as art:
+        save_adapter(peft_model, art.dir)
+    assert crypto.is_encrypted(tmp_path / "adapter" / "adapter_model.safetensors")
+    loaded = load_adapter(build_model(preset_config("debug", VOCAB, eos_token_id=0), seed=0), tmp_path / "adapter")
+    x = torch.randint(0, VOCAB, (1, 16))
+    peft_model.eval()
+    torch.testing.assert_close(loaded(input_ids=x).logits, peft_model(input_ids=x).logits)

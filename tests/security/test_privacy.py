@@ -115,3 +115,36 @@ def test_delta_must_be_below_one_over_n(tmp_path):
 def test_bad_privacy_config(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         make_cfg(tmp_path, override)
+
+
+def test_lora_per_sample_gradients(tmp_path):
+    """LoRA (peft) under Opacus: only the adapter is trainable; its per-sample grads are exact."""
+    from engine_task import VOCAB
+
+    from homeforge.models.lora import apply_lora
+    from homeforge.models.presets import build_model, preset_config
+    from homeforge.train.loop import causal_lm_loss
+
+    cfg = make_cfg(tmp_path, "privacy.epsilon=50", "privacy.max_grad_norm=1e-4")
+    task = make_task(cfg)
+    torch.manual_seed(0)
+    task.model = apply_lora(build_model(preset_config("debug", VOCAB, eos_token_id=0), seed=0), r=4, dropout=0.0,
+                            seed=0)
+    for n, p in task.model.named_parameters():  # non-zero B so that A gets gradients too
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    state = {k: v.detach().clone() for k, v in task.model.state_dict().items()}
+    gsm, dp_opt = privacy.make_private(task, task.model, torch.optim.SGD(
+        [p for p in task.model.parameters() if p.requires_grad], lr=0.0), cfg)
+    batch = task.train.batch(0, 3)
+    causal_lm_loss(gsm, batch).loss_sum.backward()
+    trainable = [(n, p) for n, p in gsm.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n, _ in trainable)
+    plain = apply_lora(build_model(preset_config("debug", VOCAB, eos_token_id=0), seed=0), r=4, dropout=0.0, seed=0)
+    plain.load_state_dict(state)
+    ref = dict(plain.named_parameters())
+    for i in range(3):
+        plain.zero_grad()
+        causal_lm_loss(plain, {k: v[i : i + 1] for k, v in batch.items()}).loss_sum.backward()
+        for n, p in trainable:
+            torch.testing.assert_close(p.grad_sample[i], ref[n.removeprefix("_module.")].grad, rtol=1e-4, atol=1e-7)

@@ -149,6 +149,10 @@ def load_adapter(base_model, adapter_dir: str | Path, trainable: bool = False):
     if not (p / "adapter_config.json").is_file():
         raise HomeforgeError(f"{p} is not a LoRA adapter directory (no adapter_config.json)", where=str(p),
                              fix="pass the `adapter` directory written by a `method: lora` training run")
+    from homeforge.security import storage
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(rank_pattern|alpha_pattern).*")
+        if storage.has_encrypted_weights(p):  # an encrypted adapter: decrypted in memory only
+            return storage.load_encrypted_adapter(base_model, p, trainable)
         return PeftModel.from_pretrained(base_model, str(p), is_trainable=trainable)

@@ -122,6 +122,27 @@ def _is_tied(model, name: str) -> bool:
             and name.endswith("weight") and "lm_head" in name)
 
 
+def load_encrypted_adapter(base_model, adapter_dir: str | Path, trainable: bool = False):
+    """``PeftModel.from_pretrained`` for an adapter whose weights are encrypted (decrypted in memory)."""
+    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+
+    p = Path(adapter_dir)
+    config = PeftConfig.from_pretrained(str(p))
+    config.inference_mode = not trainable
+    model = PeftModel(base_model, config)
+    state: dict = {}
+    for f in weight_files(p):
+        state.update(load_safetensors(f))
+    result = set_peft_model_state_dict(model, state)
+    if getattr(result, "unexpected_keys", None):
+        raise HomeforgeError(f"the encrypted adapter in {p} does not match its adapter_config.json "
+                             f"(unexpected {result.unexpected_keys[:3]})", where=str(p),
+                             fix="re-run the training that made it")
+    if not trainable:
+        model.eval()
+    return model
+
+
 # --------------------------------------------------------------------------- rotation
 
 
