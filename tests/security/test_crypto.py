@@ -227,3 +227,35 @@ def test_key_from_env_and_command(tmp_path, monkeypatch):
     monkeypatch.setenv("HOMEFORGE_KEY", "too-short")
     with pytest.raises(keys.KeyError_, match="not a 256-bit key"):
         keys.load_key()
+
+
+def test_encrypted_log_append_read_tamper_rotate(tmp_path, key):
+    p = tmp_path / "feedback.jsonl"
+    log = crypto.EncryptedLog(p, key)
+    recs = [{"prompt": f"patient {i}", "rating": i % 5} for i in range(20)]
+    for r in recs[:10]:
+        log.append(json.dumps(r))
+    crypto.EncryptedLog(p, key).append(json.dumps(recs[10]))  # another writer (e.g. another process)
+    for r in recs[11:]:
+        log.append(json.dumps(r))
+    assert b"patient" not in p.read_bytes() and oct(p.stat().st_mode & 0o777) == "0o600"
+    with crypto.open_text(p, key) as f:
+        assert [json.loads(x) for x in f] == recs
+    assert crypto.read_bytes(p, key).count(b"\n") == 20
+    crypto.encrypt_file(p, key)  # already encrypted: left alone
+    with crypto.open_text(p, key) as f:
+        assert len(f.readlines()) == 20
+    new = keys.DataKey(b"\x03" * 32, keys.key_id(b"\x03" * 32), "test")
+    assert crypto.reencrypt(p, key, new)
+    with crypto.open_text(p, new) as f:
+        assert [json.loads(x) for x in f] == recs
+    with pytest.raises(CryptoError, match="encrypted with key"):
+        crypto.read_bytes(p, key)
+    raw = bytearray(p.read_bytes())
+    raw[crypto.LOG_HEADER.size + 40] ^= 1  # inside the first record
+    p.write_bytes(bytes(raw))
+    with pytest.raises(CryptoError, match="record 1"):
+        crypto.read_bytes(p, new)
+    p.write_bytes(bytes(raw[:-3]))
+    with pytest.raises(CryptoError):
+        crypto.read_bytes(p, new)

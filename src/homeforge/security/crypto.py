@@ -211,7 +211,7 @@ def write_encrypted(path: str | Path, data: bytes | Iterable[bytes], key: DataKe
 def encrypt_file(path: str | Path, key: DataKey | None = None, chunk_size: int = DEFAULT_CHUNK) -> None:
     """Encrypt a plain file in place (streamed; atomic replace). Already-encrypted files are left alone."""
     p = Path(path)
-    if is_encrypted(p):
+    if is_encrypted(p) or is_encrypted_log(p):
         return
     with open(p, "rb") as src, EncryptedWriter(p, key, chunk_size) as w:
         while block := src.read(1 << 20):
@@ -310,6 +310,8 @@ class DecryptingReader(io.RawIOBase):
 
 def open_read(path: str | Path, key: DataKey | None = None):
     """A buffered binary file for reading: plain files as-is, encrypted ones decrypted on the fly."""
+    if is_encrypted_log(path):
+        return io.BufferedReader(LogReader(path, key), buffer_size=DEFAULT_CHUNK)
     if is_encrypted(path):
         return io.BufferedReader(DecryptingReader(path, key), buffer_size=DEFAULT_CHUNK)
     return open(path, "rb")
@@ -322,6 +324,9 @@ def open_text(path: str | Path, key: DataKey | None = None, encoding: str = "utf
 
 def read_bytes(path: str | Path, key: DataKey | None = None) -> bytes:
     """The whole plaintext; for an encrypted file, every chunk is authenticated before returning."""
+    if is_encrypted_log(path):
+        with open_read(path, key) as f:
+            return f.read()
     if not is_encrypted(path):
         return Path(path).read_bytes()
     c = _Chunks(path, key)
@@ -340,6 +345,8 @@ def iter_plain(path: str | Path, key: DataKey | None = None, block: int = 1 << 2
 def reencrypt(path: str | Path, old: DataKey, new: DataKey) -> bool:
     """Re-encrypt one file from ``old`` to ``new`` (streamed, atomic). False if it is plain or already under ``new``."""
     p = Path(path)
+    if is_encrypted_log(p):
+        return _reencrypt_log(p, old, new)
     if not is_encrypted(p):
         return False
     h = read_header(p)
@@ -433,3 +440,155 @@ class EncryptedArray:
 
     def close(self) -> None:
         self._c.close()
+
+
+# --------------------------------------------------------------------------- append-only logs
+
+
+LOG_MAGIC = b"\x89HFLOG\r\n"
+LOG_HEADER = struct.Struct(">8sB8s16s16s")  # magic, version, key_id, salt, file_id
+_REC = struct.Struct(">I")
+
+
+def is_encrypted_log(path: str | Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(LOG_MAGIC)) == LOG_MAGIC
+    except OSError:
+        return False
+
+
+class EncryptedLog:
+    """An append-only encrypted record log (feedback, request text, ...): JSONL, sealed line by line.
+
+    Each appended record is sealed on its own with AES-256-GCM (random 96-bit nonce; the
+    header and the record's sequence number are associated data), so appends need no
+    rewrite, and an edited, reordered, removed-from-the-middle or foreign record fails
+    authentication on read. Records cut from the *end* cannot be told from a shorter log:
+    pair it with the audit log when that matters. Readers use ``open_text`` as for any
+    JSONL file. Safe across threads and processes (flock).
+    """
+
+    def __init__(self, path: str | Path, key: DataKey | None = None):
+        self.path = Path(path)
+        self.key = _key(key)
+        self._known: tuple[int, int] | None = None  # (file size, records) after our last append
+        import threading
+
+        self._lock = threading.Lock()
+
+    def append(self, record: bytes | str) -> None:
+        import fcntl
+
+        data = record.encode("utf-8") if isinstance(record, str) else bytes(record)
+        if not data.endswith(b"\n"):
+            data += b"\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, open(self.path, "a+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                size = os.fstat(f.fileno()).st_size
+                if size == 0:
+                    header = LOG_HEADER.pack(LOG_MAGIC, 1, bytes.fromhex(self.key.key_id[:16]), secrets.token_bytes(16),
+                                             secrets.token_bytes(16))
+                    f.write(header)
+                    os.chmod(self.path, 0o600)
+                    n, size = 0, len(header)
+                elif self._known is not None and self._known[0] == size:
+                    n = self._known[1]
+                else:
+                    n = sum(1 for _ in _log_records(self.path, f))
+                h = _log_header(self.path, f)
+                _check_key(self.path, h, self.key)
+                aead = _file_key(self.key, h["salt"])
+                nonce = secrets.token_bytes(12)
+                blob = nonce + aead.encrypt(nonce, data, h["raw"] + struct.pack(">Q", n))
+                f.seek(0, os.SEEK_END)
+                f.write(_REC.pack(len(blob)) + blob)
+                f.flush()
+                os.fsync(f.fileno())
+                self._known = (size + _REC.size + len(blob), n + 1)
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _log_header(path, f) -> dict:
+    f.seek(0)
+    raw = f.read(LOG_HEADER.size)
+    if len(raw) < LOG_HEADER.size or raw[:8] != LOG_MAGIC:
+        raise CryptoError(f"{path} is not a homeforge encrypted log, or its header is damaged", where=str(path),
+                          fix="restore the file from a backup")
+    _, _version, kid, salt, file_id = LOG_HEADER.unpack(raw)
+    return {"raw": raw, "key_id": kid.hex(), "salt": salt, "file_id": file_id}
+
+
+def _log_records(path, f) -> Iterator[bytes]:
+    f.seek(LOG_HEADER.size)
+    while True:
+        head = f.read(_REC.size)
+        if not head:
+            return
+        (n,) = _REC.unpack(head) if len(head) == _REC.size else (None,)
+        blob = f.read(n) if n is not None else b""
+        if n is None or len(blob) != n or n < 28:
+            raise CryptoError(f"{path} ends with a cut-off record", where=str(path),
+                              fix="the last write was interrupted or the file was truncated; restore it from a backup")
+        yield blob
+
+
+class LogReader(io.RawIOBase):
+    """Sequential plaintext of an ``EncryptedLog`` (records authenticated one by one)."""
+
+    def __init__(self, path: str | Path, key: DataKey | None = None):
+        super().__init__()
+        self.path = Path(path)
+        self.f = open(self.path, "rb")
+        self.h = _log_header(self.path, self.f)
+        key = _key(key)
+        _check_key(self.path, self.h, key)
+        self.aead = _file_key(key, self.h["salt"])
+        self.records = _log_records(self.path, self.f)
+        self.seq = 0
+        self.buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        from cryptography.exceptions import InvalidTag
+
+        while not self.buf:
+            blob = next(self.records, None)
+            if blob is None:
+                return 0
+            try:
+                self.buf = self.aead.decrypt(blob[:12], blob[12:], self.h["raw"] + struct.pack(">Q", self.seq))
+            except InvalidTag:
+                raise CryptoError(f"record {self.seq + 1} of {self.path} failed authentication: it was modified, "
+                                  "moved, or records before it were removed", where=str(self.path),
+                                  fix="restore the file from a backup") from None
+            self.seq += 1
+        n = min(len(b), len(self.buf))
+        b[:n] = self.buf[:n]
+        self.buf = self.buf[n:]
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def _reencrypt_log(p: Path, old: DataKey, new: DataKey) -> bool:
+    with open(p, "rb") as f:
+        if _log_header(p, f)["key_id"] == new.key_id[:16]:
+            return False
+    tmp = p.with_name(f".{p.name}.rekey-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        log = EncryptedLog(tmp, new)
+        with open_read(p, old) as f:
+            for line in f:
+                log.append(line)
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
