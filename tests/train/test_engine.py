@@ -125,7 +125,13 @@ def test_early_stopping(tmp_path):
     state, _ = run(tmp_path, "early_stopping_patience=1", "early_stopping_min_delta=10")
     assert state.step == 8 and state.stop_reason.startswith("early stopping")
     assert ck.latest_checkpoint(tmp_path).name == "step-00000008"
-    assert (tmp_path / "model" / "homeforge.json").is_file()
+    # the final model is the best checkpoint's (step 4), not the last weights
+    assert ck.read_meta(tmp_path / "checkpoints" / "best")["step"] == 4
+    manifest = json.loads((tmp_path / "model" / "homeforge.json").read_text())
+    assert manifest["metrics"]["final_weights"] == "best"
+    best = load_file(str(tmp_path / "checkpoints" / "best" / "model.safetensors"))
+    final = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert torch.equal(final["model.layers.0.mlp.up_proj.weight"], best["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_resume_with_other_config_is_refused_and_nothing_overwritten(full_run, tmp_path):

@@ -220,6 +220,16 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, rank: int 
     return trainer
 
 
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Only the trained weights of checkpoint ``path`` (every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from homeforge.security.storage import load_safetensors  # plain or encrypted files
+
+    set_model_state_dict(model, load_safetensors(path / "model.safetensors"),
+                         options=StateDictOptions(full_state_dict=True, strict=False))
+
+
 def read_meta(path: Path) -> dict:
     return json.loads((path / "meta.json").read_text(encoding="utf-8"))
 

@@ -81,6 +81,7 @@ from homeforge.train.checkpoint import (
     check_resume_config,
     checkpoint_dir,
     load_checkpoint,
+    load_weights,
     prune,
     read_config,
     read_meta,
@@ -140,6 +141,7 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     bad_evals: int = 0  # evaluations since the last validation-loss improvement (early stopping)
     stop_reason: str = ""  # max_steps | time budget | early stopping
+    final_weights: str = "last"  # "best" when early stopping restored the best checkpoint
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "history"}
@@ -294,6 +296,9 @@ def train_task(task: TrainTask, cfg: TrainConfig, run_dir: str | Path, *, resume
             if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or state.step >= state.total_steps:
                 last_ckpt = save(run_dir, f"step-{state.step:08d}", model, opt, sched, scaler, state, config, info)
             speed.reset_clock()  # evaluation, logging and checkpoint I/O do not count as training time
+        if state.stop_reason.startswith("early stopping") and (checkpoint_dir(run_dir) / "best").is_dir():
+            load_weights(checkpoint_dir(run_dir) / "best", model)  # the final model is the best one
+            state.final_weights = "best"
         save_final_model(task, model, cfg, run_dir, state, info, skeleton)
     except BaseException:
         if tracker is not None:
@@ -322,6 +327,8 @@ def setup_training(task: TrainTask, cfg: TrainConfig, info: DistInfo, precision:
         else:
             raise HomeforgeError(f"activation checkpointing needs a transformers model, got {type(model).__name__}",
                                  fix="set activation_checkpointing=false")
+    if len(task.train) == 0:
+        raise HomeforgeError("the training data holds no complete sample", fix="add data or lower seq_len")
     if not any(p.requires_grad for p in model.parameters()):
         raise HomeforgeError("the model has no trainable parameters", fix="check the method's settings (e.g. lora targets)")
     model = wrap_model(model, info, cfg.distributed.strategy)
@@ -383,7 +390,8 @@ def final_metrics(state: RunState) -> dict:
     vals = [r["val_loss"] for r in state.history if "val_loss" in r]
     return {"steps": state.step, "samples": state.samples, "final_loss": last.get("loss"),
             "val_loss": vals[-1] if vals else None, "best_val_loss": state.best_val if vals else None,
-            "tokens_per_s": median("tokens_per_s"), "mfu": median("mfu"), "stop_reason": state.stop_reason}
+            "tokens_per_s": median("tokens_per_s"), "mfu": median("mfu"), "stop_reason": state.stop_reason,
+            "final_weights": state.final_weights}
 
 
 def seed_everything(seed: int) -> None:
