@@ -328,7 +328,8 @@ def write_artifact(
     """
     from homeforge.security import storage
 
-    encrypt = storage.encryption_requested() if encrypt is None else encrypt
+    if encrypt is None:
+        encrypt = storage.encryption_requested() or bool(config.get("encrypt"))
     key = storage.load_key(required=True) if encrypt else None
     out_p, fp, input_hashes = begin(out, stage=stage, config=config, inputs=inputs)
     check_writable(out_p)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from homeforge.errors import ConfigError
 
@@ -114,6 +114,15 @@ class ClassifyConfig(Section):
     freeze_base: bool = Field(False, description="train only the classification head")
 
 
+def _require_data_key(encrypt: bool) -> bool:
+    """``encrypt: true`` needs a data key: fail when the config is loaded, before any work (security/keys.py)."""
+    if encrypt:
+        from homeforge.security.keys import load_key
+
+        load_key(required=True)
+    return encrypt
+
+
 class PrivacyConfig(Section):
     """Differential privacy (DP-SGD with Opacus): set epsilon to turn it on."""
 
@@ -164,6 +173,9 @@ class TrainConfig(Section):
     sft: SftConfig = Field(default_factory=SftConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    encrypt: bool = Field(False, description="encrypt checkpoints and the model at rest (needs a data key: `homeforge keys init`)")
+
+    _check_encrypt_key = field_validator("encrypt")(classmethod(lambda cls, v: _require_data_key(v)))
 
 
 # --------------------------------------------------------------------------- quickstart
@@ -322,6 +334,9 @@ class PrepareConfig(Section):
         default_factory=lambda: ["utf-8"], description="encodings tried in order for text files (a BOM is always honoured)"
     )
     max_builtin_chars: int = Field(2_500_000, ge=10_000, description="characters taken from a builtin corpus")
+    encrypt: bool = Field(False, description="encrypt the dataset's records and token shards at rest (needs a data key)")
+
+    _check_encrypt_key = field_validator("encrypt")(classmethod(lambda cls, v: _require_data_key(v)))
     clean: CleanConfig = Field(default_factory=CleanConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     pii: PIIConfig = Field(default_factory=PIIConfig)

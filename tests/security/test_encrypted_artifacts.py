@@ -257,3 +257,33 @@ def test_encrypted_lora_adapter_round_trip(env, tmp_path):
     x = torch.randint(0, VOCAB, (1, 16))
     peft_model.eval()
     torch.testing.assert_close(loaded(input_ids=x).logits, peft_model(input_ids=x).logits)
+
+
+def test_encrypt_true_in_a_stage_config(env, tmp_path):
+    """`encrypt: true` in a prepare config (no --encrypt, no env): the dataset is encrypted; the key is
+    required as soon as the config is loaded."""
+    from rich.console import Console
+
+    from homeforge.config import PrepareConfig, load_config
+    from homeforge.data.prepare import run as prepare
+
+    saved = os.environ.pop("HOMEFORGE_ENCRYPT", None)
+    try:
+        cfg_file = tmp_path / "prepare.yaml"
+        cfg_file.write_text("inputs: ['builtin:stdlib-docstrings']\nmax_builtin_chars: 30000\nencrypt: true\n"
+                            "tokenizer: {vocab_size: 300}\nworkers: 1\n")
+        cfg = load_config(PrepareConfig, cfg_file, [f"output_dir={tmp_path / 'ds'}"])
+        out = prepare(cfg, console=Console(quiet=True))["out"]
+        enc = json.loads((Path(out) / "homeforge.json").read_text())["encryption"]
+        assert "train.bin" in enc["files"] and crypto.is_encrypted(Path(out) / "train.jsonl")
+        old_home = os.environ["HOMEFORGE_HOME"]
+        os.environ["HOMEFORGE_HOME"] = str(tmp_path / "nokey")
+        try:
+            with pytest.raises(keys.KeyError_, match="no data key"):
+                load_config(PrepareConfig, cfg_file, [f"output_dir={tmp_path / 'ds2'}"])
+        finally:
+            os.environ["HOMEFORGE_HOME"] = old_home
+        assert not (tmp_path / "ds2").exists()
+    finally:
+        if saved is not None:
+            os.environ["HOMEFORGE_ENCRYPT"] = saved

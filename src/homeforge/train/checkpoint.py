@@ -170,7 +170,7 @@ def save_checkpoint(run_dir: Path, name: str, *, model: torch.nn.Module, optimiz
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         from homeforge.security import storage
 
-        if storage.encryption_requested():  # weights, optimizer and RNG state encrypted at rest
+        if storage.encryption_requested() or config.get("encrypt"):  # weights, optimizer, RNG state encrypted
             storage.encrypt_tree(tmp)
         fsync_tree(tmp)
         if final.exists():  # only "best" is ever replaced
