@@ -189,3 +189,44 @@ def test_cli_compress_exit_codes(trained, tiny_dataset, tmp_path):
     assert r.returncode == 3 and "quality gate" in r.stderr and not (tmp_path / "p").exists()
     r = hf("compress", trained, "-m", "int9", "-d", tiny_dataset)
     assert r.returncode == 2 and "method" in r.stderr
+
+
+def test_classifier_int8_accuracy_gate(tiny_tokenizer, tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    from evaluate.helpers import write_dataset
+    from homeforge.config import EvalConfig
+    from homeforge.evaluate import run as R
+    from homeforge.models.presets import preset_config
+
+    tok = tiny_tokenizer
+    cfg = preset_config("debug", len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    cfg.num_labels = 3
+    torch.manual_seed(0)
+    clf = LlamaForSequenceClassification(cfg)
+    clf.config.architectures = ["LlamaForSequenceClassification"]
+    clf.save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    rows = [{"text": f"request {i} about {['disks', 'login', 'vpn'][i % 3]} number {i * 7}", "label": i % 3}
+            for i in range(24)]
+    data = write_dataset(tmp_path / "cls", "classification", {"val": rows}, tok, labels=["hw", "sw", "net"])
+    r = C.run(tmp_path / "clf", data, _cfg("method=int8-dynamic", "gates.max_accuracy_drop=0.1"), tmp_path / "q",
+              False, QUIET)
+    assert "accuracy" in r["before"] and r["gate"]["passed"] and "ppl" not in r["after"]
+    q = json.loads((tmp_path / "q" / "homeforge.json").read_text())["quantization"]
+    assert "score" not in q["modules"] and len(q["modules"]) == 14  # the classification head stays fp32
+    # homeforge eval loads the int8 classifier transparently
+    res = R.evaluate_model(tmp_path / "q", data, load_config(EvalConfig, overrides=["robustness.enabled=false", "max_examples=12"]),
+                           QUIET)
+    assert res["classification"]["accuracy"] == pytest.approx(r["after"]["accuracy"])
+    with pytest.raises(HomeforgeError, match="for causal language models"):
+        C.run(tmp_path / "clf", data, _cfg("method=distill"), tmp_path / "d", False, QUIET)
+    with pytest.raises(HomeforgeError, match="needs a classification dataset"):
+        C.run(tmp_path / "clf", _text_dataset(tmp_path, tok), _cfg("method=int8-dynamic"), tmp_path / "d", False, QUIET)
+    assert not (tmp_path / "d").exists()
+
+
+def _text_dataset(tmp_path, tok):
+    from evaluate.helpers import write_dataset
+
+    return write_dataset(tmp_path / "txt", "text", {"val": [{"text": "hello there"}]}, tok)

@@ -187,3 +187,23 @@ def test_bad_inputs(models, tiny_dataset, tmp_path):
     with pytest.raises(HomeforgeError, match="no tokenizer"):
         R.run(notok, tiny_dataset, cfg, None, tmp_path / "o", False, QUIET)
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_eval_gate_exit_code_and_help(models, tiny_dataset, tmp_path):
+    import subprocess
+    import sys
+
+    def hf(*args):
+        return subprocess.run([sys.executable, "-m", "homeforge", *map(str, args)], capture_output=True, text=True,
+                              timeout=300)
+
+    r = hf("eval", "--help")
+    assert r.returncode == 0 and "Examples" in r.stdout
+    fast = [*FAST, "robustness.enabled=false", "generation.enabled=false", "threads=1"]
+    r = hf("eval", models[1], "--data", tiny_dataset, "--baseline", models[0], "-o", tmp_path / "e",
+           *fast, "gates.max_regression=0.01")
+    assert r.returncode == 3, r.stderr
+    assert "max_regression" in r.stderr and "FAIL" in r.stdout
+    assert (tmp_path / "e" / "eval.md").is_file()
+    r = hf("eval", models[0], "--data", tmp_path / "nodata", "-o", tmp_path / "bad", *fast)
+    assert r.returncode == 2 and "does not exist" in " ".join(r.stderr.split()) and not (tmp_path / "bad").exists()

@@ -87,7 +87,11 @@ def quantizable_linears(model) -> list[str]:
     q8/q4 recipes keep the output layer at higher precision).
     """
     head = model.get_output_embeddings()
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head
+            and name.rpartition(".")[2] not in CLASSIFIER_HEADS]
+
+
+CLASSIFIER_HEADS = ("score", "classifier")  # sequence-classification heads stay in full precision
 
 
 def quantize_state_dict(model, method: str, group_size: int = 64) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -168,14 +172,17 @@ def read_quantization(path: str | Path) -> dict | None:
 def load_quantized(path: str | Path, qinfo: dict, device: str | None = None):
     """Rebuild a quantized model directory as a runnable model for this hardware."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     p = Path(path)
     if qinfo.get("format") != FORMAT or qinfo.get("method") not in METHODS:
         raise HomeforgeError(f"{p} holds a quantized model in a format this homeforge does not know ({qinfo.get('format')}, "
                              f"{qinfo.get('method')})", where=str(p), fix="upgrade homeforge or re-run `homeforge compress`")
     config = AutoConfig.from_pretrained(str(p), local_files_only=True)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    archs = getattr(config, "architectures", None) or []
+    classifier = any(a.endswith("ForSequenceClassification") for a in archs)
+    model = (AutoModelForSequenceClassification if classifier else AutoModelForCausalLM).from_config(
+        config, dtype=torch.float32)
     sd = load_file(str(p / "model.safetensors"))
     method = qinfo["method"]
     names = qinfo["modules"]
@@ -245,8 +252,8 @@ def _torchao_quantize(model, method: str, group_size: int) -> None:
         return
     cfg = {"int8-dynamic": Int8DynamicActivationInt8WeightConfig(), "int8-weight-only": Int8WeightOnlyConfig(),
            "int4-weight-only": Int4WeightOnlyConfig(group_size=group_size)}[method]
-    head = model.get_output_embeddings()
-    quantize_(model, cfg, filter_fn=lambda m, _fqn: isinstance(m, nn.Linear) and m is not head)
+    names = set(quantizable_linears(model))
+    quantize_(model, cfg, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in names)
 
 
 def linear_weight_bytes(path: str | Path) -> tuple[int, int]:

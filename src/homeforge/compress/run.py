@@ -52,12 +52,34 @@ def quality_docs(data: Path, split: str, tok, max_examples: int) -> tuple[list[l
 
     kind = dataset_kind(data)
     if kind != "text":
-        raise HomeforgeError(f"the compress quality gate needs a text dataset; {data} is kind {kind!r}",
-                             where=str(data), fix="pass --data with a text dataset (e.g. the quickstart's data "
-                             "directory or `homeforge prepare` with kind text)")
+        raise HomeforgeError(f"the compress quality gate of a language model needs a text dataset; {data} is kind "
+                             f"{kind!r}", where=str(data), fix="pass --data with a text dataset (e.g. the quickstart's "
+                             "data directory or `homeforge prepare` with kind text)")
     split = resolve_split(data, split)
     path = data / f"{split}.jsonl"
     return _text_docs(read_jsonl(path, max_examples), tok, path)
+
+
+def quality_records(data: Path, split: str, max_examples: int) -> tuple[list[list[int]], list[int]]:
+    """(input_ids, labels) of a classification dataset split, for a classifier's accuracy gate."""
+    from homeforge.evaluate.run import dataset_kind, read_jsonl, resolve_split
+
+    kind = dataset_kind(data)
+    if kind != "classification":
+        raise HomeforgeError(f"the quality gate of a classifier needs a classification dataset; {data} is kind "
+                             f"{kind!r}", where=str(data), fix="pass --data with the classification dataset it was "
+                             "trained for")
+    split = resolve_split(data, split)
+    rows = read_jsonl(data / f"{split}.tokens.jsonl", max_examples)
+    return [r["input_ids"] for r in rows], [int(r["label"]) for r in rows]
+
+
+def accuracy(model, records) -> float:
+    from homeforge.evaluate.lm import classify
+
+    inputs, labels = records
+    probs = classify(model, inputs)
+    return float((probs.argmax(1) == torch.tensor(labels).numpy()).mean())
 
 
 def perplexity(model, docs, context: int) -> float:
@@ -83,7 +105,9 @@ def measure(model, model_dir: Path, docs, cfg: CompressConfig) -> dict:
     lin, _ = linear_weight_bytes(model_dir)
     out = {"weights_bytes": weights_on_disk(model_dir), "linear_bytes": lin,
            "params": sum(p.numel() for p in model.parameters())}
-    if docs is not None:
+    if isinstance(docs, tuple):  # classifier records
+        out["accuracy"] = accuracy(model, docs)
+    elif docs is not None:
         out["ppl"] = perplexity(model, docs, min(cfg.context, model.config.max_position_embeddings))
     return out
 
@@ -161,14 +185,16 @@ def compress_into(model, tok, method: str, tmp: Path, data: Path | None, cfg: Co
 def run(model_dir: Path, data: Path | None, cfg: CompressConfig, output: Path | None, force: bool,
         console: Console) -> dict:
     from homeforge.evaluate.run import model_kind
-    from homeforge.models.io import check_model_dir, load_causal_lm
+    from homeforge.models.io import check_model_dir
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model_dir = check_model_dir(model_dir)
-    if model_kind(model_dir) != "causal-lm":
-        raise HomeforgeError(f"{model_dir} is a sequence classifier; homeforge compress handles causal language "
-                             "models", where=str(model_dir), fix="compress the causal LM, or evaluate the classifier as is")
+    classifier = model_kind(model_dir) == "classifier"
+    if classifier and not (cfg.method in QUANT or (cfg.method == "prune" and cfg.prune.kind == "unstructured")):
+        raise HomeforgeError(f"method {cfg.method!r} is for causal language models; {model_dir} is a sequence "
+                             "classifier", where=str(model_dir),
+                             fix=f"for classifiers use {', '.join(QUANT)} or prune with prune.kind=unstructured")
     if data is None and not force:
         raise HomeforgeError("no --data given, so the quality gate cannot run",
                              fix="pass --data DATASET (a text dataset artifact), or --force to write the compressed "
@@ -182,8 +208,13 @@ def run(model_dir: Path, data: Path | None, cfg: CompressConfig, output: Path | 
     if not force and artifacts.is_up_to_date(out_p, fp):
         console.print(f"[green]compressed model up to date[/] {out_p} (same model, data and config; --force re-runs)")
         return json.loads((out_p / "compress.json").read_text())
-    model, tok = load_causal_lm(model_dir)
-    docs = quality_docs(data, cfg.split, tok, cfg.max_examples)[0] if data else None
+    model, tok = _load(model_dir, classifier)
+    if data is None:
+        docs = None
+    elif classifier:
+        docs = quality_records(data, cfg.split, cfg.max_examples)
+    else:
+        docs = quality_docs(data, cfg.split, tok, cfg.max_examples)[0]
     with console.status("measuring the original model"):
         before = measure(model, model_dir, docs, cfg)
     with artifacts.write_artifact(out_p, stage="compress", config=config, inputs=inputs, force=force) as art:
@@ -192,12 +223,12 @@ def run(model_dir: Path, data: Path | None, cfg: CompressConfig, output: Path | 
         del model
         with console.status("measuring the compressed model"):
             (art.dir / "homeforge.json").write_text(json.dumps({"quantization": facts.get("quantization")}))
-            small, _ = load_causal_lm(art.dir)  # exactly what users will load
+            small, _ = _load(art.dir, classifier)  # exactly what users will load
             (art.dir / "homeforge.json").unlink()
             after = measure(small, art.dir, docs, cfg)
             if "quantization" in facts:
                 after["params"] = before["params"]  # packed int8 weights are not nn.Parameters
-            original, _ = load_causal_lm(model_dir, with_tokenizer=False)
+            original, _ = _load(model_dir, classifier)
             lat = interleaved_latency(original, small, original.config.vocab_size, cfg.latency_seq_len,
                                       cfg.latency_repeats)
             del original
@@ -224,6 +255,18 @@ def run(model_dir: Path, data: Path | None, cfg: CompressConfig, output: Path | 
     return result
 
 
+def _load(path: Path, classifier: bool):
+    from homeforge.evaluate.run import load_model
+    from homeforge.models.io import load_causal_lm
+
+    if not classifier:
+        return load_causal_lm(path)
+    model, tok = load_model(path, "classification")
+    if model.config.pad_token_id is None:  # HF classifiers refuse batches > 1 without one
+        model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return model, tok
+
+
 def _method_checks(model, facts: dict) -> dict:
     from homeforge.compress.prune import linear_sparsity
 
@@ -234,6 +277,13 @@ def _method_checks(model, facts: dict) -> dict:
 
 
 def gate(before: dict, after: dict, cfg: CompressConfig) -> dict:
+    if "accuracy" in before:
+        drop = before["accuracy"] - after["accuracy"]
+        ok = drop <= cfg.gates.max_accuracy_drop
+        return {"passed": bool(ok), "checked": True, "accuracy_drop": drop,
+                "max_accuracy_drop": cfg.gates.max_accuracy_drop,
+                "detail": f"accuracy {before['accuracy']:.4f} -> {after['accuracy']:.4f} ({-drop:+.4f}; allowed "
+                          f"-{cfg.gates.max_accuracy_drop})"}
     if "ppl" not in before:
         return {"passed": False, "detail": "no quality measurement (no --data)", "checked": False}
     change = after["ppl"] / before["ppl"] - 1
@@ -264,6 +314,8 @@ def _rows(r: dict) -> list[tuple[str, str, str, str]]:
         rows.append((f"latency batch {bs} (ms)", f"{b[k]:.1f}", f"{a[k]:.1f}", f"{b[k] / a[k]:.2f}x faster"))
     if "ppl" in b:
         rows.append(("perplexity", f"{b['ppl']:.3f}", f"{a['ppl']:.3f}", f"{a['ppl'] / b['ppl'] - 1:+.2%}"))
+    if "accuracy" in b:
+        rows.append(("accuracy", f"{b['accuracy']:.4f}", f"{a['accuracy']:.4f}", f"{a['accuracy'] - b['accuracy']:+.4f}"))
     if "linear_sparsity" in a:
         rows.append(("Linear sparsity", "", f"{a['linear_sparsity']:.3f}", ""))
     return rows

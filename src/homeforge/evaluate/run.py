@@ -100,7 +100,16 @@ def load_model(model_dir: Path, kind: str):
     if mk == "classifier":
         from transformers import AutoModelForSequenceClassification
 
+        from homeforge.security import storage
+
         tok = load_tokenizer(p)
+        if storage.has_encrypted_weights(p):  # decrypted in memory only (security/storage.py)
+            return storage.load_encrypted_pretrained(AutoModelForSequenceClassification, p), tok
+        from homeforge.compress.quantize import load_quantized, read_quantization
+
+        qinfo = read_quantization(p)  # a `homeforge compress` int8/int4 classifier
+        if qinfo:
+            return load_quantized(p, qinfo).eval(), tok
         model = AutoModelForSequenceClassification.from_pretrained(str(p), local_files_only=True).eval()
         return model, tok
     return load_causal_lm(p)
