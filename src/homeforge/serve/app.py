@@ -517,13 +517,18 @@ def create_app(cfg: ServeConfig, state: ServerState | None = None, load: bool = 
         except NotAccepting as exc:
             raise ApiError(503, str(exc), "service_unavailable", code="shutting_down") from None
         left = len(reqs)
+        checked = time.monotonic()
         try:
             while left:
                 try:
                     i, ev = await asyncio.wait_for(events.get(), 0.5)
                 except asyncio.TimeoutError:
+                    ev = None
+                if time.monotonic() - checked > 0.5:  # also while tokens keep coming
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return
+                if ev is None:
                     continue
                 if isinstance(ev, Finish):
                     left -= 1
@@ -604,9 +609,9 @@ def create_app(cfg: ServeConfig, state: ServerState | None = None, load: bool = 
                     async for i, ev in _chain(first, gen):
                         if isinstance(ev, Delta):
                             if ev.text:
+                                lp = _legacy_lp(ev.tokens, len(texts[i])) if body.logprobs is not None else None
                                 texts[i] += ev.text
-                                yield sse(chunk(i, ev.text, lp=_legacy_lp(ev.tokens, 0) if body.logprobs is not None
-                                                else None))
+                                yield sse(chunk(i, ev.text, lp=lp))
                         else:
                             done += ev.completion_tokens
                             yield sse(chunk(i, "", _reason(ev)))
