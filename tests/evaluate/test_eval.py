@@ -91,6 +91,8 @@ def test_eval_text_with_baseline_report_and_gates(models, tiny_dataset, tmp_path
     assert 0 < m["perplexity"]["bits_per_byte"] < 10
     assert set(m["generation"]) >= {"bleu", "rouge_l", "exact_match"} and m["speed"]["tokens_per_s"] > 0
     assert m["robustness"]["char"]["ppl_ratio"] > 0.5
+    rg = m["robustness"]["word"]["generation"]
+    assert rg["n"] == 3 and rg["clean_same_examples"]["rouge_l"] == pytest.approx(m["generation"]["rouge_l"])
     c = res["comparison"]["perplexity"]
     assert c["delta"] < 0 and c["p_value"] < 0.05  # model (b) has lower loss than the baseline (a)
     assert all(g["passed"] for g in res["gates"])
@@ -170,6 +172,7 @@ def test_eval_chat_dataset(models, tiny_tokenizer, tmp_path):
     expected = sum(len(tiny_tokenizer(f"It is {2 * i}.", add_special_tokens=False)["input_ids"]) + 1 for i in range(6))
     assert res["perplexity"]["tokens"] == expected
     assert res["generation"]["n"] == 6 and set(res["robustness"]) == {"char", "word"}
+    assert res["robustness"]["char"]["generation"]["n"] == 6
 
 
 def test_bad_inputs(models, tiny_dataset, tmp_path):

@@ -119,6 +119,8 @@ def _rows(result: dict) -> list[tuple[str, str, str]]:
     for pk in ("char", "word"):
         add(f"robustness {pk}: ppl", ["robustness", pk, "ppl"])
         add(f"robustness {pk}: ppl / clean ppl", ["robustness", pk, "ppl_ratio"])
+        add(f"robustness {pk}: ROUGE-L F", ["robustness", pk, "generation", "rouge_l"])
+        add(f"robustness {pk}: BLEU", ["robustness", pk, "generation", "bleu"], ".2f")
         add(f"robustness {pk}: accuracy", ["robustness", pk, "accuracy"])
     return rows
 

@@ -233,6 +233,7 @@ def _eval_lm(model, tok, kind, path, rows, cfg: EvalConfig, console, res, per) -
     per["doc_loss"] = (nll / np.maximum(count, 1)).tolist()
     per["doc_tokens"] = count.tolist()
 
+    prompts, refs, preds, noisy_prompt = [], [], [], None
     if cfg.generation.enabled:
         g = cfg.generation
         if kind == "text":
@@ -244,10 +245,19 @@ def _eval_lm(model, tok, kind, path, rows, cfg: EvalConfig, console, res, per) -
                     refs.append(tok.decode(body[g.prompt_tokens: g.prompt_tokens + g.max_new_tokens]))
                 if len(prompts) >= g.max_examples:
                     break
+            pfx = _prefix_id(tok)
+
+            def noisy_prompt(i, pk, rate, seed):  # perturb the prompt's text, keep the reference
+                text = tok.decode(prompts[i][1:])
+                return [pfx, *tok(robustness.perturb(text, pk, rate, seed), add_special_tokens=False)["input_ids"]]
         else:
             sel = pairs[: g.max_examples]
             prompts = [_chat_prompt_ids(tok, h) for h, _ in sel]
             refs = [r for _, r in sel]
+
+            def noisy_prompt(i, pk, rate, seed):  # perturb the user turns
+                return _chat_prompt_ids(tok, [{**m, "content": robustness.perturb(m["content"], pk, rate, seed)}
+                                              if m["role"] == "user" else m for m in sel[i][0]])
         if prompts:
             with _progress(console) as bar:
                 task = bar.add_task("generating", total=len(prompts), info="")
@@ -282,6 +292,17 @@ def _eval_lm(model, tok, kind, path, rows, cfg: EvalConfig, console, res, per) -
             block["clean_ppl_same_examples"] = clean_ppl
             block["ppl_ratio"] = block["ppl"] / clean_ppl if clean_ppl else float("nan")
             block["rate"] = rate
+            n_gen = min(rb.max_examples, len(preds))
+            if n_gen and noisy_prompt is not None:
+                with _progress(console) as bar:
+                    task = bar.add_task(f"generating ({pk})", total=n_gen, info="")
+                    npreds, _ = lm.generate_greedy(model, tok, [noisy_prompt(i, pk, rate, rb.seed) for i in range(n_gen)],
+                                                   cfg.generation.max_new_tokens, lambda n, t=task: bar.advance(t, n))
+                gm = metrics.generation_metrics(npreds, refs[:n_gen])
+                clean = metrics.generation_metrics(preds[:n_gen], refs[:n_gen])
+                per[f"robust_{pk}_gen"] = gm.pop("per_example")
+                block["generation"] = {**gm, "clean_same_examples": {k: clean[k] for k in ("bleu", "rouge_l",
+                                                                                            "exact_match")}}
             out[pk] = block
             per[f"robust_{pk}_doc_loss"] = (nn_ / np.maximum(nc, 1)).tolist()
         res["robustness"] = out
