@@ -64,7 +64,7 @@ class OnnxBackend(Backend):
         empty = torch.zeros(1, self.kv_heads, 0, self.head_dim)
         return ListCache([_Layer(empty, empty) for _ in range(self.n_layers)])
 
-    def forward(self, input_ids, position_ids, attention_mask, cache: ListCache):
+    def forward(self, input_ids, position_ids, attention_mask, cache: ListCache, last_only: bool = False):
         feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(),
                 "position_ids": position_ids.numpy()}
         b = input_ids.shape[0]

@@ -95,7 +95,8 @@ class Backend:
     max_context: int
     vocab_size: int
 
-    def forward(self, input_ids, position_ids, attention_mask, cache):  # -> (logits [B,T,V], cache)
+    def forward(self, input_ids, position_ids, attention_mask, cache, last_only: bool = False):
+        """-> (logits [B, T, V] (T = 1 with ``last_only``), cache)."""
         raise NotImplementedError
 
 
@@ -119,9 +120,9 @@ class TorchBackend(Backend):
         return self._cache_cls(config=self.model.config)
 
     @torch.inference_mode()
-    def forward(self, input_ids, position_ids, attention_mask, cache):
+    def forward(self, input_ids, position_ids, attention_mask, cache, last_only: bool = False):
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                         past_key_values=cache, use_cache=True)
+                         past_key_values=cache, use_cache=True, logits_to_keep=1 if last_only else 0)
         return out.logits.float(), out.past_key_values
 
 
@@ -293,7 +294,8 @@ class Engine:
         ids = torch.tensor([req.prompt_ids], dtype=torch.long)
         n = ids.shape[1]
         cache = self.backend.new_cache()
-        logits, cache = self.backend.forward(ids, torch.arange(n).unsqueeze(0), torch.ones_like(ids), cache)
+        logits, cache = self.backend.forward(ids, torch.arange(n).unsqueeze(0), torch.ones_like(ids), cache,
+                                             last_only=not req.echo_logprobs)  # skip the LM head elsewhere
         logits = logits[0]
         req._pos = n
         if req.echo_logprobs:
