@@ -40,6 +40,7 @@ def make_task(cfg: TrainConfig):
 
 if __name__ == "__main__":  # torchrun worker: engine_task.py OUT [overrides...]
     import json
+    import os
 
     import torch
 
@@ -49,7 +50,8 @@ if __name__ == "__main__":  # torchrun worker: engine_task.py OUT [overrides...]
     cfg = make_cfg(Path(sys.argv[1]), *sys.argv[2:])
     info = init_distributed()
     task = make_task(cfg)
-    state = train_task(task, cfg, cfg.output_dir, info=info)
+    resume = os.environ.get("ENGINE_RESUME")  # a checkpoint directory to resume from
+    state = train_task(task, cfg, cfg.output_dir, info=info, resume=Path(resume) if resume else None)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(task.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

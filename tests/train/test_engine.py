@@ -235,3 +235,15 @@ def test_flops_per_token_and_cached_peak(tmp_path, monkeypatch):
     assert flops.peak_flops(torch.device("cpu")) == first and calls == [1]  # ... then read from the cache
     assert (tmp_path / "cache" / "peak_flops.json").is_file()
     assert flops.peak_flops(torch.device("cpu"), given_tflops=2.5) == 2.5e12
+
+
+def test_resume_config_check_tolerates_new_default_settings(tmp_path):
+    from homeforge.config import TrainConfig
+
+    defaults = TrainConfig().model_dump(mode="json")
+    current = make_cfg(tmp_path).model_dump(mode="json")
+    older = {k: v for k, v in current.items() if k != "early_stopping_min_delta"}  # a setting added later
+    ck.check_resume_config(tmp_path, older, current, defaults=defaults)
+    with pytest.raises(HomeforgeError, match="early_stopping_min_delta"):
+        ck.check_resume_config(tmp_path, older, {**current, "early_stopping_min_delta": 0.5}, defaults=defaults)
+    ck.check_resume_config(tmp_path, older, {**current, "max_minutes": 3.0, "log_every": 7}, defaults=defaults)

@@ -54,9 +54,12 @@ def config_hash(config: dict) -> str:
     return sha256_json(keep)
 
 
-def check_resume_config(ckpt: Path, saved: dict, current: dict) -> None:
-    """Refuse to resume a checkpoint written under a different config (listing what differs)."""
-    a, b = _flat(saved), _flat(current)
+def check_resume_config(ckpt: Path, saved: dict, current: dict, defaults: dict | None = None) -> None:
+    """Refuse to resume a checkpoint written under a different config (listing what differs).
+
+    Settings added to the schema after the checkpoint was written count as their ``defaults``.
+    """
+    a, b = {**_flat(defaults or {}), **_flat(saved)}, _flat(current)
     diff = [k for k in sorted(set(a) | set(b)) if not k.startswith(RESUMABLE_CHANGES) and a.get(k) != b.get(k)]
     if diff:
         shown = "; ".join(f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in diff[:8])

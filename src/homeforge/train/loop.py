@@ -488,7 +488,7 @@ def save(run_dir: Path, name: str, model, opt, sched, scaler, state: RunState, c
 
 def restore(path: Path, model, opt, sched, scaler, state: RunState, config: dict, info: DistInfo) -> None:
     """Model, optimizer, scheduler, scaler, RNG and data position from checkpoint ``path``."""
-    check_resume_config(path, read_config(path), config)
+    check_resume_config(path, read_config(path), config, defaults=TrainConfig().model_dump(mode="json"))
     meta = read_meta(path)
     if meta.get("world_size", 1) != info.world:
         raise HomeforgeError(f"cannot resume: the checkpoint was written by {meta.get('world_size')} processes, "

@@ -51,7 +51,8 @@ def run(cfg: TrainConfig, *, resume: str | None = None, force: bool = False, con
         run_dir = Path(cfg.output_dir).expanduser().absolute()
         resume_path = prepare_run_dir(run_dir, resume, force, info.is_main)
         if resume_path is not None:  # refuse a foreign checkpoint before building anything
-            ck.check_resume_config(resume_path, ck.read_config(resume_path), cfg.model_dump(mode="json"))
+            ck.check_resume_config(resume_path, ck.read_config(resume_path), cfg.model_dump(mode="json"),
+                                   defaults=TrainConfig().model_dump(mode="json"))
         info.barrier()
         task = build_task(cfg)
         if info.is_main:
