@@ -287,3 +287,20 @@ def test_encrypt_true_in_a_stage_config(env, tmp_path):
     finally:
         if saved is not None:
             os.environ["HOMEFORGE_ENCRYPT"] = saved
+
+
+def test_encrypted_classifier_round_trip(env, tmp_path):
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+    from homeforge import artifacts
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(cfg).eval()
+    with artifacts.write_artifact(tmp_path / "clf", stage="test", config={}, encrypt=True) as art:
+        model.save_pretrained(art.dir)
+    assert crypto.is_encrypted(tmp_path / "clf" / "model.safetensors")
+    loaded = storage.load_encrypted_pretrained(AutoModelForSequenceClassification, tmp_path / "clf")
+    x = torch.randint(1, 64, (2, 7))
+    torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits)

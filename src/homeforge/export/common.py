@@ -103,8 +103,13 @@ def _load_lora(p: Path, base_model: str | Path | None) -> Source:
         from peft import PeftModel
     except ImportError:
         raise HomeforgeError("merging a LoRA adapter needs peft", fix="pip install 'homeforge[train]'") from None
+    from homeforge.security import storage
+
     base_model_obj, _ = load_causal_lm(base, dtype=torch.float32, with_tokenizer=False)
-    peft_model = PeftModel.from_pretrained(base_model_obj, str(p), is_trainable=False).eval()
+    if storage.has_encrypted_weights(p):  # an encrypted adapter: decrypted in memory (security/storage.py)
+        peft_model = storage.load_encrypted_adapter(base_model_obj, p).eval()
+    else:
+        peft_model = PeftModel.from_pretrained(base_model_obj, str(p), is_trainable=False).eval()
     tok = load_tokenizer(tok_dir)
     # the reference keeps the adapter unmerged; the exported model is a merged copy
     import copy

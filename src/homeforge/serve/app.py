@@ -163,8 +163,13 @@ def load_model(cfg: ServeConfig):
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(str(p), local_files_only=True,
-                                                                   dtype=torch.float32).eval()
+        from homeforge.security import storage
+
+        if storage.has_encrypted_weights(p):  # decrypted in memory only (security/storage.py)
+            model = storage.load_encrypted_pretrained(AutoModelForSequenceClassification, p, torch.float32)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(str(p), local_files_only=True,
+                                                                       dtype=torch.float32).eval()
         return kind, model, load_tokenizer(p), None
     model, tok = load_causal_lm(p)
     return kind, model, tok, TorchBackend(model)
