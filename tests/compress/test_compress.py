@@ -86,6 +86,8 @@ def test_quantized_artifact_loads_and_matches(method, trained, tiny_dataset, tmp
     assert (a - b).abs().max() / b.abs().max() < (0.1 if method.startswith("int4") else 0.03)
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
     assert (out / "compress.md").read_text().count("|") > 10
+    with pytest.raises(HomeforgeError, match="already quantized"):
+        C.run(out, tiny_dataset, _cfg("method=int8-dynamic"), tmp_path / "again", False, QUIET)
 
 
 def test_gate_refuses_degraded_model_and_force_writes_it(trained, tiny_dataset, tmp_path):

@@ -190,6 +190,12 @@ def run(model_dir: Path, data: Path | None, cfg: CompressConfig, output: Path | 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model_dir = check_model_dir(model_dir)
+    from homeforge.compress.quantize import read_quantization
+
+    done = read_quantization(model_dir)
+    if done:
+        raise HomeforgeError(f"{model_dir} is already quantized ({done.get('method')})", where=str(model_dir),
+                             fix="compress the original full-precision model directory instead")
     classifier = model_kind(model_dir) == "classifier"
     if classifier and not (cfg.method in QUANT or (cfg.method == "prune" and cfg.prune.kind == "unstructured")):
         raise HomeforgeError(f"method {cfg.method!r} is for causal language models; {model_dir} is a sequence "
