@@ -101,3 +101,14 @@ def test_onnx_without_cache_is_a_plain_logits_graph(qwen2_dir, tmp_path):
     with torch.no_grad():
         ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+def test_ort_greedy_generation_equals_transformers_generate(onnx_dir, llama_dir):
+    from homeforge.export.onnx import ort_greedy
+
+    model, tok = load_causal_lm(llama_dir)
+    ids = tok(TEXT)["input_ids"]
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, len(ids):]
+    got = ort_greedy(session(onnx_dir / "model.onnx"), model.config, ids, 12)
+    assert got == ref.tolist()

@@ -248,3 +248,23 @@ def export_onnx(src: common.Source, out: Path, cfg, console=None) -> dict:
                        "bytes": sizes, "torch_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
                        "torch_version": torch.__version__}
     return metrics
+
+
+def ort_greedy(sess, config, ids: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
+    """Greedy generation with an exported KV-cache graph (batch 1): the new token ids."""
+    ins, outs = io_names(config, True)
+    past = _empty_past(config, 1, True)
+    chunk, pos, new = list(ids), 0, []
+    for _ in range(max_new_tokens):
+        x = np.array([chunk], dtype=np.int64)
+        feed = {"input_ids": x, "attention_mask": np.ones((1, pos + len(chunk)), np.int64),
+                "position_ids": np.arange(pos, pos + len(chunk), dtype=np.int64)[None], **past}
+        res = sess.run(outs, feed)
+        nxt = int(res[0][0, -1].argmax())
+        new.append(nxt)
+        if eos_id is not None and nxt == eos_id:
+            break
+        past = {name.replace("present", "past_key_values"): v for name, v in zip(outs[1:], res[1:], strict=True)}
+        pos += len(chunk)
+        chunk = [nxt]
+    return new
