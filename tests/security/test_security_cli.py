@@ -101,3 +101,18 @@ def test_command_line_records_masked_args_and_artifact_hashes(home, tmp_path):
     assert last["inputs"] == {str(tmp_path / "art"): content} and last["outputs"] == {}
     first = entries(home)[0]
     assert "supersecret" not in json.dumps(first) and "serve.auth.token=***" in first["args"]
+
+
+def test_corrupted_audit_log(home):
+    run(home, "config", "show", "train")
+    log = home / "audit" / "audit.jsonl"
+    with open(log, "ab") as f:
+        f.write(b'{"seq": 2, "prev": "garbage"\n')  # a cut-off line
+    r = run(home, "config", "show", "train")
+    assert r.returncode == 0 and "audit log could not be written" in r.stderr and "corrupted" in r.stderr
+    r = run(home, "config", "show", "train", env={"HOMEFORGE_AUDIT_REQUIRED": "1"})
+    assert r.returncode == 2 and "corrupted line" in r.stderr and r.stdout == ""  # refused before running
+    r = run(home, "audit", "verify")
+    assert r.returncode == 1 and "BROKEN at line 2" in r.stderr
+    r = run(home, "audit", "show")
+    assert r.returncode == 2 and "line 2 of the audit log is corrupted" in r.stderr and "Traceback" not in r.stderr

@@ -258,6 +258,29 @@ class AuditLog:
                              fix="make the directory writable, or set HOMEFORGE_AUDIT_LOG to a writable file") from None
         return entry
 
+    def check(self) -> None:
+        """Raise AuditError if the log cannot take another line (unwritable, or a corrupted last line)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not self.path.exists():
+                if not os.access(self.path.parent, os.W_OK):
+                    raise PermissionError(f"{self.path.parent} is not writable")
+                return
+            if not os.access(self.path, os.W_OK):
+                raise PermissionError(f"{self.path} is not writable")
+            with open(self.path, "rb") as f:
+                last = _last_line(f)
+        except OSError as exc:
+            raise AuditError(f"cannot write the audit log {self.path}: {exc}", where=str(self.path),
+                             fix="make it writable, or set HOMEFORGE_AUDIT_LOG to a writable file") from None
+        if last is not None:
+            try:
+                int(json.loads(last)["seq"])
+            except (ValueError, KeyError, TypeError):
+                raise AuditError(f"the audit log {self.path} ends with a corrupted line", where=str(self.path),
+                                 fix="run `homeforge audit verify` to see where; keep the file as evidence "
+                                     "and start a new log with HOMEFORGE_AUDIT_LOG") from None
+
     def _write_head(self, seq: int, digest: str) -> None:
         head = _encode({"seq": seq, "hash": digest}, self.key)
         tmp = self.head_path.with_name(self.head_path.name + f".tmp-{os.getpid()}-{threading.get_ident()}")
@@ -517,7 +540,9 @@ class audited_command:  # noqa: N801 - used as a context manager
         self.before = {p: _hash_of(p) for p in _path_candidates(self.argv)}
         try:
             self.log = AuditLog()
+            self.log.check()  # fail (HOMEFORGE_AUDIT_REQUIRED=1) or warn before the command runs
         except HomeforgeError as exc:
+            self.log = None
             self._fail_open(exc)
         return self
 

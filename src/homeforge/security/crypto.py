@@ -30,6 +30,7 @@ import io
 import os
 import secrets
 import struct
+import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -250,8 +251,7 @@ class _Chunks:
         from cryptography.exceptions import InvalidTag
 
         step = self.cs + TAG
-        self.f.seek(HEADER_LEN + k * step)
-        ct = self.f.read(step)
+        ct = os.pread(self.f.fileno(), step, HEADER_LEN + k * step)  # no shared file position: thread-safe
         final = k == self.n - 1
         try:
             return self.aead.decrypt(_nonce(self.h["prefix"], k, final), ct, self.h["raw"])
@@ -384,6 +384,7 @@ class EncryptedArray:
         self.shape = (n,)
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_chunks = cache_chunks
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -397,14 +398,16 @@ class EncryptedArray:
         return 1
 
     def _chunk(self, k: int) -> bytes:
-        data = self._cache.get(k)
-        if data is None:
-            data = self._c.chunk(k)
+        with self._lock:
+            data = self._cache.get(k)
+            if data is not None:
+                self._cache.move_to_end(k)
+                return data
+        data = self._c.chunk(k)
+        with self._lock:
             self._cache[k] = data
             if len(self._cache) > self._cache_chunks:
                 self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(k)
         return data
 
     def _read(self, start: int, stop: int) -> np.ndarray:
