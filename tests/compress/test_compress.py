@@ -232,3 +232,22 @@ def _text_dataset(tmp_path, tok):
     from evaluate.helpers import write_dataset
 
     return write_dataset(tmp_path / "txt", "text", {"val": [{"text": "hello there"}]}, tok)
+
+
+def test_gpu_path_without_torchao_falls_back_with_a_warning(trained, monkeypatch):
+    """The torchao (GPU) path is behind a capability check; without torchao it warns and keeps fp32 weights."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torchao(name, *a, **k):
+        if name.startswith("torchao"):
+            raise ImportError("no torchao")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchao)
+    model, _ = load_causal_lm(trained, with_tokenizer=False)
+    before = model.model.layers[0].mlp.up_proj.weight.clone()
+    with pytest.warns(UserWarning, match="torchao is not installed"):
+        quantize._torchao_quantize(model, "int8-weight-only", 64)
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
