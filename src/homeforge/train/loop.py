@@ -432,20 +432,22 @@ def forward_backward(model, task: TrainTask, cfg: TrainConfig, state: RunState, 
 def optimizer_step(model, opt, sched, scaler, cfg: TrainConfig, info: DistInfo, n_tokens: int, private: bool) -> float:
     """Normalise gradients by the step's global token count, clip, step, schedule; returns the grad norm."""
     scaler.unscale_(opt)
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not private:  # DDP/FSDP averaged over ranks; we want the sum over ranks / tokens
-        torch._foreach_mul_([p.grad for p in params], info.world / max(1, n_tokens))
-    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip and not private else math.inf)
-    if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
-        gnorm = gnorm.full_tensor()
-    if not torch.isfinite(gnorm) and not scaler.is_enabled():  # (fp16's scaler skips such steps itself)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    # DDP/FSDP averaged the summed-loss gradients over ranks; we want their sum over ranks / tokens
+    scale = 1.0 if private else info.world / max(1, n_tokens)
+    norm = torch.nn.utils.get_total_norm(grads)
+    gnorm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm) * scale  # FSDP2: a DTensor
+    if not math.isfinite(gnorm) and not scaler.is_enabled():  # (fp16's scaler skips such steps itself)
         opt.zero_grad(set_to_none=True)
-        return float(gnorm)
+        return gnorm
+    if not private:  # the DP optimizer owns clipping; else normalise and clip in one pass
+        clip = cfg.optim.grad_clip
+        torch._foreach_mul_(grads, scale * (min(1.0, clip / (gnorm + 1e-6)) if clip else 1.0))
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
     sched.step()
-    return float(gnorm)
+    return gnorm
 
 
 @torch.no_grad()
