@@ -290,3 +290,20 @@ def test_classifier_model_endpoint(tiny_tokenizer, tmp_path):
             assert sum(got["scores"].values()) == pytest.approx(1.0, abs=1e-5)
         r = httpx.post(base + "/v1/completions", json={"prompt": "x"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_model"
+
+
+def test_edge_values_are_accepted_or_refused_cleanly(server):
+    base, _ = server
+    ok = [{"prompt": "x", "seed": 2**70, "temperature": 1, "max_tokens": 3},
+          {"prompt": "x", "seed": -1, "temperature": 1, "max_tokens": 3},
+          {"prompt": "x", "top_k": 10**9, "temperature": 1, "max_tokens": 3},
+          {"prompt": [[]], "max_tokens": 2},
+          {"prompt": "café 中文 ☃", "max_tokens": 2, "stop": "\n"}]
+    for body in ok:
+        r = httpx.post(base + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 200, (body, r.text)
+    r = httpx.post(base + "/v1/embeddings", json={"input": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    big = b'{"prompt": "' + b"a" * (33 << 20) + b'"}'
+    r = httpx.post(base + "/v1/completions", content=big, headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]

@@ -38,6 +38,7 @@ from homeforge.serve.engine import (
 from homeforge.serve.metrics import Metrics
 
 INFERENCE = ("admin", "user")
+MAX_BODY_BYTES = 32 << 20  # a request body above this is refused (413) before it is read
 ROUTES = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/classifications",
           "/health", "/ready", "/metrics", "/admin/reload"}
 
@@ -269,6 +270,16 @@ class ObserveMiddleware:
         t0 = time.perf_counter()
         scope.setdefault("state", {})
         info = {"status": 500}
+        length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            body = json.dumps(error_body(f"the request body is larger than {MAX_BODY_BYTES >> 20} MB" if length.isdigit()
+                                         else "invalid Content-Length header", "invalid_request_error")).encode()
+            status = 413 if length.isdigit() else 400
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            self._record(scope, status, time.perf_counter() - t0)
+            return
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
@@ -465,7 +476,7 @@ def create_app(cfg: ServeConfig, state: ServerState | None = None, load: bool = 
 
     # ------------------------------------------------------------------ generation helpers
 
-    def encode_prompt(prompt) -> list[list[int]]:
+    def encode_prompt(prompt, param: str = "prompt") -> list[list[int]]:
         if isinstance(prompt, str):
             prompts: list = [prompt]
         elif prompt and isinstance(prompt[0], int):
@@ -473,7 +484,7 @@ def create_app(cfg: ServeConfig, state: ServerState | None = None, load: bool = 
         else:
             prompts = list(prompt)
         if not prompts:
-            raise ApiError(400, "prompt must not be empty", param="prompt")
+            raise ApiError(400, f"{param} must not be empty", param=param)
         out = []
         vocab = len(st.tok)
         for p in prompts:
@@ -484,7 +495,7 @@ def create_app(cfg: ServeConfig, state: ServerState | None = None, load: bool = 
                 bad = [t for t in ids if not 0 <= t < max(vocab, st.vocab_size)]
                 if bad:
                     raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
-                                   param="prompt")
+                                   param=param)
             if not ids:
                 bos = st.tok.bos_token_id if st.tok.bos_token_id is not None else st.tok.eos_token_id
                 ids = [bos]
@@ -783,7 +794,7 @@ def create_app(cfg: ServeConfig, state: ServerState | None = None, load: bool = 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request, body: EmbeddingRequest, _=Depends(role(*INFERENCE))):
         need_ready(request, body.model, st.kind)
-        prompts = encode_prompt(body.input)
+        prompts = encode_prompt(body.input, "input")
         ctx = st.max_context
         if max(len(p) for p in prompts) > ctx:
             raise ApiError(413, f"an input is longer than the context of {ctx} tokens", param="input",

@@ -202,7 +202,7 @@ class Engine:
             if len(self.waiting) + len(reqs) > self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
             for r in reqs:
-                r._gen = torch.Generator().manual_seed(r.seed) if r.seed is not None else None
+                r._gen = torch.Generator().manual_seed(r.seed % 2**63) if r.seed is not None else None
                 if r._gen is None and r.temperature > 0:
                     r._gen = torch.Generator().manual_seed(int.from_bytes(__import__("os").urandom(8), "little") >> 1)
                 self.waiting.append(r)
