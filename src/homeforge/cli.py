@@ -723,6 +723,11 @@ def keys_rotate(
         n = storage.rotate_artifact(art, old, new)
         total += n
         console.print(f"{art}: {n} files re-encrypted under {new.key_id}", highlight=False)
+    for root in artifacts_:  # checkpoints, logs and other encrypted files outside artifacts
+        n = storage.rotate_loose_files(root, old, new, skip=found)
+        total += n
+        if n:
+            console.print(f"{root}: {n} other encrypted files (checkpoints, logs) re-encrypted", highlight=False)
     if pending is not None:
         current = Path(old.source)
         if keep_old:

@@ -167,6 +167,7 @@ def test_rotation_keeps_everything_readable_under_new_key_only(env, tmp_path, mo
     root = tmp_path / "copy"
     shutil.copytree(env["data"], root / "data")
     shutil.copytree(env["model"], root / "model")
+    shutil.copytree(env["run"] / "checkpoints", root / "checkpoints")
     # the model's config points at the original dataset; point it at the copy for provenance
     mf = json.loads((root / "model" / "homeforge.json").read_text())
     mf["config"]["data"] = str(root / "data")
@@ -193,6 +194,10 @@ def test_rotation_keeps_everything_readable_under_new_key_only(env, tmp_path, mo
     after_model, _ = load_causal_lm(root / "model", with_tokenizer=False)
     for a, b in zip(before_model.parameters(), after_model.parameters(), strict=True):
         torch.testing.assert_close(a, b)
+    for ckpt in (root / "checkpoints").glob("step-*"):  # checkpoints (not artifacts) are rotated too
+        for name in ("model.safetensors", "trainer.pt", "rng-rank0.pt"):
+            assert crypto.read_header(ckpt / name)["key_id"] == new.key_id
+        assert storage.load_safetensors(ckpt / "model.safetensors")
     checks = verify_tree(root / "model")
     assert all(c.ok for c in checks), [c.detail for c in checks]
     assert any("input 'dataset' is the recorded version" in c.detail for c in checks)
@@ -304,3 +309,30 @@ def test_encrypted_classifier_round_trip(env, tmp_path):
     loaded = storage.load_encrypted_pretrained(AutoModelForSequenceClassification, tmp_path / "clf")
     x = torch.randint(1, 64, (2, 7))
     torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_rotation_with_kms_keys(tmp_path, monkeypatch):
+    """Keys from the environment (a KMS): the new key is given in HOMEFORGE_NEW_KEY; nothing is written to a key file."""
+    from homeforge import artifacts
+    from homeforge.cli import app
+
+    old, new = "11" * 32, "22" * 32
+    monkeypatch.setenv("HOMEFORGE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HOMEFORGE_KEY", old)
+    with artifacts.write_artifact(tmp_path / "arts" / "a", stage="test", config={}, encrypt=True) as art:
+        (art.dir / "records.jsonl").write_text('{"text": "secret"}\n')
+    log = crypto.EncryptedLog(tmp_path / "arts" / "feedback.jsonl")
+    log.append('{"rating": 5}')
+    r = CliRunner().invoke(app, ["keys", "rotate", str(tmp_path / "arts")])
+    assert r.exit_code != 0 and "HOMEFORGE_NEW_KEY" in str(r.exception)  # (CliRunner bypasses main())
+    monkeypatch.setenv("HOMEFORGE_NEW_KEY", new)
+    r = CliRunner().invoke(app, ["keys", "rotate", str(tmp_path / "arts")])
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "home" / "keys").exists()
+    monkeypatch.setenv("HOMEFORGE_KEY", new)
+    assert crypto.read_bytes(tmp_path / "arts" / "a" / "records.jsonl") == b'{"text": "secret"}\n'
+    assert crypto.read_bytes(tmp_path / "arts" / "feedback.jsonl") == b'{"rating": 5}\n'
+    artifacts.verify(tmp_path / "arts" / "a", deep=True)
+    monkeypatch.setenv("HOMEFORGE_KEY", old)
+    with pytest.raises(crypto.CryptoError, match="encrypted with key"):
+        crypto.read_bytes(tmp_path / "arts" / "a" / "records.jsonl")

@@ -207,3 +207,22 @@ def find_encrypted_artifacts(root: str | Path) -> list[Path]:
             except (OSError, json.JSONDecodeError):
                 continue
     return sorted(set(found))
+
+
+def rotate_loose_files(root: str | Path, old: DataKey, new: DataKey, skip: list[Path] = ()) -> int:
+    """Re-encrypt encrypted files outside artifacts (checkpoints, logs) under ``root``, each atomically."""
+    from homeforge import artifacts
+
+    root = Path(root)
+    skip = [Path(s).absolute() for s in skip]
+    changed = 0
+    for p in sorted([root] if root.is_file() else root.rglob("*")):
+        if not p.is_file() or p.name == artifacts.MANIFEST or p.name.startswith("."):
+            continue
+        a = p.absolute()
+        if any(s == a or s in a.parents for s in skip):
+            continue
+        if crypto.is_encrypted(p) or crypto.is_encrypted_log(p):
+            if crypto.reencrypt(p, old, new):
+                changed += 1
+    return changed
