@@ -62,7 +62,12 @@ class Tracker:
             self._start_mlflow(cfg, config, resume_step is not None)
 
     def _start_mlflow(self, cfg: TrackingConfig, config: dict, resume: bool) -> None:
+        import logging
+
         import mlflow
+
+        for name in ("mlflow", "alembic"):  # no database-migration chatter on the console
+            logging.getLogger(name).setLevel(logging.WARNING)
 
         uri = cfg.mlflow_uri or f"sqlite:///{(self.run_dir / 'mlflow.db').absolute()}"
         if not uri.startswith(("file:", "sqlite:", "/")):
