@@ -17,7 +17,7 @@ on them) or ``--model DIR``. llama.cpp is added as a peer only if ``llama_cpp`` 
 already importable (it is not built here).
 
     python benchmarks/serve.py --quick      # smoke run (debug model, ~1 minute)
-    python benchmarks/serve.py              # full run (~10 minutes on 2 cores)
+    python benchmarks/serve.py --plot benchmarks/serve.png   # full run (~10 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -226,6 +226,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="serve this model directory instead of building one")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of each server")
     ap.add_argument("--max-batch", type=int, default=16, help="homeforge max_batch_size")
+    ap.add_argument("--plot", type=Path, help="write a PNG: tokens/s and TTFT against concurrent clients")
     ap.add_argument("--naive-server", type=str, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -285,6 +286,33 @@ def main() -> None:
     ratio = med[(top, "homeforge")]["tok_s"] / med[(top, "naive")]["tok_s"]
     goal = "" if args.quick else f" (goal >= 4x: {'met' if ratio >= 4 else 'NOT met'})"
     print(f"throughput ratio at {top} clients: {ratio:.2f}x{goal}")
+    if args.plot:
+        plot(med, s["levels"], args.plot)
+        print(f"plot: {args.plot}")
+
+
+def plot(med: dict, levels, out: Path) -> None:
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for kind, style, colour in (("homeforge", "o-", "tab:blue"), ("naive", "s--", "tab:orange")):
+        a.plot(levels, [med[(c, kind)]["tok_s"] for c in levels], style, color=colour, label=kind)
+        b.plot(levels, [med[(c, kind)]["ttft_p50"] for c in levels], style, color=colour, label=f"{kind} p50")
+        b.plot(levels, [med[(c, kind)]["ttft_p99"] for c in levels], style, color=colour, alpha=0.4,
+               label=f"{kind} p99")
+    a.set(xlabel="concurrent clients", ylabel="completion tokens / s", title="throughput", xscale="log")
+    b.set(xlabel="concurrent clients", ylabel="seconds", title="time to first token", xscale="log", yscale="log")
+    for ax in (a, b):
+        ax.set_xticks(list(levels), [str(c) for c in levels])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
 
 
 if __name__ == "__main__":
