@@ -537,6 +537,8 @@ class CompressConfig(Section):
     method: Literal["int8-dynamic", "int8-weight-only", "int4-weight-only", "qat", "distill", "prune"] = Field(
         "int8-dynamic", description="compression method")
     group_size: int = Field(64, ge=2, description="int4: input columns sharing one scale")
+    quantize_head: bool = Field(True, description="int8-dynamic / qat: also quantize the output head (an int8 copy "
+                                "when tied; embeddings stay fp32): faster, usually harmless; the gate checks")
     split: str = Field("val", description="dataset split for the quality gate")
     train_split: str = Field("train", description="dataset split for qat / distill training")
     max_examples: int = Field(200, ge=1, description="documents / records used by the quality gate")

@@ -61,7 +61,8 @@ def test_quantized_artifact_loads_and_matches(method, trained, tiny_dataset, tmp
     r = C.run(trained, tiny_dataset, _cfg(f"method={method}", "group_size=32"), out, False, QUIET)
     manifest = json.loads((out / "homeforge.json").read_text())
     q = manifest["quantization"]
-    assert q["method"] == method and len(q["modules"]) == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    # 2 layers x (q, k, v, o, gate, up, down), and for int8-dynamic the output head (quantize_head)
+    assert q["method"] == method and len(q["modules"]) == (15 if method == "int8-dynamic" else 14)
     dt = _dtypes(out)
     want = "U8" if method.startswith("int4") else "I8"
     assert all(dt[f"{m}.qweight"] == want for m in q["modules"])
@@ -77,6 +78,9 @@ def test_quantized_artifact_loads_and_matches(method, trained, tiny_dataset, tmp
     layer = model.model.layers[0].self_attn.q_proj
     if method == "int8-dynamic":
         assert type(layer).__module__.startswith("torch.ao.nn.quantized.dynamic")
+        assert type(model.lm_head).__module__.startswith("torch.ao.nn.quantized.dynamic")
+        assert dt["lm_head.qweight"] == "I8" and dt["model.embed_tokens.weight"] == "F32"
+        assert torch.equal(model.model.embed_tokens.weight, ref.model.embed_tokens.weight)
     else:  # weight-only on a CPU: exactly the dequantized weights
         fq = quantize.fake_quantized_weights(ref, method, 32)
         assert torch.equal(layer.weight, fq["model.layers.0.self_attn.q_proj"])

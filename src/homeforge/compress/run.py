@@ -140,15 +140,17 @@ def compress_into(model, tok, method: str, tmp: Path, data: Path | None, cfg: Co
 
     facts: dict = {}
     if method in QUANT:
-        facts["quantization"] = quantize.save_quantized(model, tok, tmp, method, cfg.group_size)
+        head = cfg.quantize_head and method == "int8-dynamic"
+        facts["quantization"] = quantize.save_quantized(model, tok, tmp, method, cfg.group_size, include_head=head)
     elif method == "qat":
         q = cfg.qat
         tokens = train.token_stream(_train_texts(data, cfg.train_split), tok)
         with progress_bar(console) as bar:
             task = bar.add_task("QAT fine-tuning", total=q.steps, info="")
-            losses = train.qat(model, tokens, q.steps, q.lr, q.seq_len, q.batch_size, progress=_progress_cb(bar, task))
+            losses = train.qat(model, tokens, q.steps, q.lr, q.seq_len, q.batch_size, progress=_progress_cb(bar, task),
+                               include_head=cfg.quantize_head)
         facts["qat"] = {"first_loss": losses[0], "last_loss": losses[-1], "steps": q.steps}
-        facts["quantization"] = quantize.save_quantized(model, tok, tmp, "int8-dynamic")
+        facts["quantization"] = quantize.save_quantized(model, tok, tmp, "int8-dynamic", include_head=cfg.quantize_head)
         facts["quantization"]["trained_with"] = "qat"
     elif method == "distill":
         from homeforge.models.presets import build_model, preset_config

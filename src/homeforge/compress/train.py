@@ -88,9 +88,9 @@ def _swap(model, names, wrap: bool) -> None:
 
 
 def qat(model, tokens: np.ndarray, steps: int, lr: float, seq_len: int, batch_size: int, seed: int = 0,
-        progress: Callable[[int, float], None] | None = None) -> list[float]:
+        progress: Callable[[int, float], None] | None = None, include_head: bool = False) -> list[float]:
     """Fine-tune ``model`` in place with fake-quantized Linear layers; returns the losses."""
-    names = quantizable_linears(model)
+    names = quantizable_linears(model, include_head)
     _swap(model, names, wrap=True)
     losses = _train(model, tokens, steps, lr, seq_len, batch_size, seed, progress,
                     lambda x, y: F.cross_entropy(model(input_ids=x).logits.flatten(0, 1).float(), y.flatten()))
