@@ -148,3 +148,26 @@ def test_lora_per_sample_gradients(tmp_path):
         causal_lm_loss(plain, {k: v[i : i + 1] for k, v in batch.items()}).loss_sum.backward()
         for n, p in trainable:
             torch.testing.assert_close(p.grad_sample[i], ref[n.removeprefix("_module.")].grad, rtol=1e-4, atol=1e-7)
+
+
+def test_resumed_dp_run_counts_the_steps_before_the_checkpoint(tmp_path):
+    from opacus.accountants import RDPAccountant
+
+    from homeforge.train.checkpoint import resolve_resume
+    from homeforge.train.loop import train_task
+
+    over = ["privacy.epsilon=8", "privacy.delta=1e-4", "max_steps=6", "checkpoint.every=3", "eval_every=100"]
+    cfg = make_cfg(tmp_path / "a", *over)
+    first = make_task(cfg)
+    train_task(first, cfg, tmp_path / "a")
+    ckpt = tmp_path / "a" / "checkpoints" / "step-00000003"
+    assert ckpt.is_dir()
+    cfg_b = make_cfg(tmp_path / "a", *over)
+    task = make_task(cfg_b)
+    state = train_task(task, cfg_b, tmp_path / "a", resume=resolve_resume(tmp_path / "a", str(ckpt)))
+    rep = json.loads((tmp_path / "a" / "model" / "homeforge.json").read_text())["task"]["privacy"]
+    acc = RDPAccountant()
+    acc.history = [(rep["noise_multiplier"], rep["sample_rate"], 6)]
+    assert state.step == 6 and rep["steps"] == 6
+    assert rep["epsilon_spent"] == pytest.approx(acc.get_epsilon(1e-4), rel=1e-9)
+    assert rep["epsilon_spent"] == pytest.approx(first.info["privacy"]["epsilon_spent"], rel=1e-9)

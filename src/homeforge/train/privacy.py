@@ -120,6 +120,31 @@ def make_private(task, model, optimizer, cfg):
         return out
 
     task.metrics_fn = metrics_fn
+    load_state_dict = dp_opt.load_state_dict
+
+    def load_and_resume_accounting(state_dict) -> None:
+        """On resume the engine restores the optimizer: the steps already taken were already spent."""
+        load_state_dict(state_dict)
+        done = 0
+        for st in dp_opt.original_optimizer.state.values():
+            if isinstance(st, dict) and "step" in st:
+                done = max(done, int(float(st["step"])))
+        if done:
+            accountant.history = [(sigma, sample_rate, done)]
+
+    dp_opt.load_state_dict = load_and_resume_accounting
+    private_step = dp_opt.step
+
+    def step(closure=None):
+        # torch.distributed.checkpoint initialises optimizer state on resume with one step on all-zero
+        # gradients at lr 0 (no backward, so no per-sample gradients): that is not a training step.
+        params = dp_opt.params
+        if all(getattr(q, "grad_sample", None) is None for q in params) and all(
+                q.grad is None or not q.grad.any() for q in params):
+            return dp_opt.original_optimizer.step(closure)
+        return private_step(closure)
+
+    dp_opt.step = step
     save_final = task.save_final
     task.save_final = lambda m, out, tok: save_final(m._module if isinstance(m, GradSampleModule) else m, out, tok)
     task.dp_accountant = accountant  # for tests and callers that want the live accountant
