@@ -307,3 +307,34 @@ def test_edge_values_are_accepted_or_refused_cleanly(server):
     big = b'{"prompt": "' + b"a" * (33 << 20) + b'"}'
     r = httpx.post(base + "/v1/completions", content=big, headers={"Content-Type": "application/json"}, timeout=60)
     assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
+
+
+def test_non_streaming_client_that_gives_up_frees_its_slot(serve_cfg):
+    """A non-streaming client that times out: its request leaves the batch without finishing."""
+    cfg = serve_cfg.model_copy(update={"max_batch_size": 1})
+    with running_server(cfg) as (base, state):
+        real = state.engine.backend
+
+        class Slowed:  # the real model, 20 ms slower per forward, so the request outlives the client
+            max_context, vocab_size = real.max_context, real.vocab_size
+
+            def new_cache(self):
+                return real.new_cache()
+
+            def forward(self, *a, **kw):
+                time.sleep(0.02)
+                return real.forward(*a, **kw)
+
+        state.engine.backend = Slowed()
+        steps0 = state.engine.steps
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(base + "/v1/completions", json={"prompt": "x", "max_tokens": 250, "temperature": 0,
+                                                        "ignore_eos": True}, timeout=httpx.Timeout(30, read=0.3))
+        deadline = time.time() + 5
+        while state.engine.batch_size() and time.time() < deadline:
+            time.sleep(0.05)
+        assert state.engine.batch_size() == 0
+        assert state.engine.steps - steps0 < 200  # it left long before its 250 tokens
+        state.engine.backend = real
+        r = httpx.post(base + "/v1/completions", json={"prompt": "def", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 200
