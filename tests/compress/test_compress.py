@@ -90,6 +90,11 @@ def test_quantized_artifact_loads_and_matches(method, trained, tiny_dataset, tmp
     assert (a - b).abs().max() / b.abs().max() < (0.1 if method.startswith("int4") else 0.03)
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
     assert (out / "compress.md").read_text().count("|") > 10
+    plain = quantize.load_quantized(out, q, dequantize=True)  # for exporters: ordinary Linear layers
+    assert type(plain.model.layers[0].mlp.up_proj) is torch.nn.Linear and type(plain.lm_head) is torch.nn.Linear
+    with torch.no_grad():
+        c = plain(input_ids=x).logits
+    assert (c - b).abs().max() / b.abs().max() < (0.1 if method.startswith("int4") else 0.03)
     with pytest.raises(HomeforgeError, match="already quantized"):
         C.run(out, tiny_dataset, _cfg("method=int8-dynamic"), tmp_path / "again", False, QUIET)
 

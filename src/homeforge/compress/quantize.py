@@ -183,8 +183,12 @@ def read_quantization(path: str | Path) -> dict | None:
         return None
 
 
-def load_quantized(path: str | Path, qinfo: dict, device: str | None = None):
-    """Rebuild a quantized model directory as a runnable model for this hardware."""
+def load_quantized(path: str | Path, qinfo: dict, device: str | None = None, dequantize: bool = False):
+    """Rebuild a quantized model directory as a runnable model for this hardware.
+
+    With ``dequantize`` the result is a plain fp32 model holding the dequantized weights
+    (for exporters and other tools that need ordinary nn.Linear layers).
+    """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -195,11 +199,13 @@ def load_quantized(path: str | Path, qinfo: dict, device: str | None = None):
     config = AutoConfig.from_pretrained(str(p), local_files_only=True)
     archs = getattr(config, "architectures", None) or []
     classifier = any(a.endswith("ForSequenceClassification") for a in archs)
+    method = qinfo["method"]
+    names = qinfo["modules"]
+    if dequantize and "lm_head" in names and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False  # the head gets its own (dequantized int8) weights
     model = (AutoModelForSequenceClassification if classifier else AutoModelForCausalLM).from_config(
         config, dtype=torch.float32)
     sd = load_file(str(p / "model.safetensors"))
-    method = qinfo["method"]
-    names = qinfo["modules"]
     qtensors = {}
     for name in names:
         try:
@@ -208,12 +214,12 @@ def load_quantized(path: str | Path, qinfo: dict, device: str | None = None):
             raise HomeforgeError(f"{p}/model.safetensors lacks the quantized weights of {name}", where=str(p),
                                  fix="the directory is damaged; re-run `homeforge compress`") from None
         qtensors[name] = (q, s)
-        if name == "lm_head" and getattr(config, "tie_word_embeddings", False):
+        if name == "lm_head" and getattr(config, "tie_word_embeddings", False) and not dequantize:
             continue  # a quantized copy of a tied head: the shared fp32 tensor belongs to the embeddings
         sd[f"{name}.weight"] = dequantize_int4(q, s) if method == "int4-weight-only" else dequantize_int8(q, s)
     result = model.load_state_dict(sd, strict=False)
     model.tie_weights()
-    head = "lm_head.weight" if getattr(config, "tie_word_embeddings", False) else None
+    head = "lm_head.weight" if getattr(model.config, "tie_word_embeddings", False) else None
     missing = [k for k in result.missing_keys if k != head]
     if missing or result.unexpected_keys:
         bad = (missing or result.unexpected_keys)[0]
@@ -221,6 +227,8 @@ def load_quantized(path: str | Path, qinfo: dict, device: str | None = None):
                              f"{len(result.unexpected_keys)} unexpected tensors, e.g. {bad})", where=str(p),
                              fix="the directory is damaged; re-run `homeforge compress`")
     model.eval()
+    if dequantize:
+        return model
     use_cuda = (device or "cpu").startswith("cuda")
     if method == "int8-dynamic" and not use_cuda:
         model = to_dynamic_int8(model, {n: qtensors[n] for n in names})
