@@ -83,3 +83,36 @@ def test_nproc_launches_torchrun(data, tmp_path):
     meta = ck.read_meta(ck.latest_checkpoint(out))
     assert meta["world_size"] == 2 and meta["samples"] == 2 * 2 * 2
     assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_ctrl_c_checkpoints_the_current_step_and_resume_finishes_the_same_run(data, tmp_path):
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    args = [*ARGS, "max_steps=150", "checkpoint.every=1000", "eval_every=1000", "schedule.warmup_steps=5"]
+    out = tmp_path / "stopped"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "homeforge", "train", "--data", str(data), "--output", str(out),
+                             *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    err = " ".join(err.split())  # the console wraps long lines
+    assert "stopped on request" in err and "--resume latest" in err
+    (stopped,) = ck.step_checkpoints(out)
+    step = ck.read_meta(stopped)["step"]
+    assert 5 <= step < 150
+
+    code, text = cli("train", "--output", str(out), "--resume", "latest")
+    assert code == 0, text
+    code, text = cli("train", "--data", str(data), "--output", str(tmp_path / "straight"), *args)
+    assert code == 0, text
+    a = load_file(str(out / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)  # interrupted at an arbitrary step + resumed == uninterrupted

@@ -64,6 +64,8 @@ import copy
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -98,6 +100,41 @@ from homeforge.train.tracking import Tracker
 
 class TrainingDiverged(HomeforgeError):
     """Loss became NaN/inf."""
+
+
+class TrainingInterrupted(HomeforgeError):
+    """Stopped on SIGINT/SIGTERM after checkpointing the step just finished."""
+
+    exit_code = 130
+
+
+class StopSignal:
+    """SIGINT/SIGTERM while training: finish the current step, checkpoint it, stop. A second signal aborts."""
+
+    def __init__(self):
+        self.flag = False
+        self.old: dict = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.flag:
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+        self.old = {}
+
+    def requested(self, info: DistInfo) -> bool:
+        """True on every rank once any rank was signalled (one tiny collective when distributed)."""
+        return info.all_sum([float(self.flag)])[0] > 0 if info.enabled else self.flag
 
 
 class StepLoss(NamedTuple):
@@ -264,6 +301,7 @@ def train_task(task: TrainTask, cfg: TrainConfig, run_dir: str | Path, *, resume
     tracker = Tracker(run_dir, cfg.tracking, config, resume_step=state.step if resume else None) if info.is_main else None
     speed = Speedometer(task, unwrap(model), cfg, info, precision)
     last_ckpt = resume
+    stop = StopSignal().__enter__()
     try:
         while state.step < state.total_steps:
             loss, n_tokens, n_inputs, extra = forward_backward(model, task, cfg, state, info, precision, scaler)
@@ -295,15 +333,23 @@ def train_task(task: TrainTask, cfg: TrainConfig, run_dir: str | Path, *, resume
                 save(run_dir, "best", model, opt, sched, scaler, state, config, info)
             if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or state.step >= state.total_steps:
                 last_ckpt = save(run_dir, f"step-{state.step:08d}", model, opt, sched, scaler, state, config, info)
+            if stop.requested(info) and state.step < state.total_steps:
+                if last_ckpt is None or last_ckpt.name != f"step-{state.step:08d}":
+                    last_ckpt = save(run_dir, f"step-{state.step:08d}", model, opt, sched, scaler, state, config, info)
+                raise TrainingInterrupted(f"training stopped on request after step {state.step}; checkpoint {last_ckpt}",
+                                          fix="continue exactly where it stopped with `homeforge train --resume latest` "
+                                              "(same config and --output)")
             speed.reset_clock()  # evaluation, logging and checkpoint I/O do not count as training time
         if state.stop_reason.startswith("early stopping") and (checkpoint_dir(run_dir) / "best").is_dir():
             load_weights(checkpoint_dir(run_dir) / "best", model)  # the final model is the best one
             state.final_weights = "best"
         save_final_model(task, model, cfg, run_dir, state, info, skeleton)
-    except BaseException:
+    except BaseException as exc:
         if tracker is not None:
-            tracker.close(status="FAILED")
+            tracker.close(status="KILLED" if isinstance(exc, (TrainingInterrupted, KeyboardInterrupt)) else "FAILED")
         raise
+    finally:
+        stop.__exit__()
     if tracker is not None:
         tracker.close()
     return state
