@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import ipaddress
 import json
 import threading
@@ -204,7 +205,9 @@ class ServerState:
                 torch.set_num_threads(self.cfg.threads)
             self.kind, self.model, self.tok, backend = load_model(self.cfg)
             if backend is not None:
-                self.engine = Engine(backend, self.tok, max_batch_size=self.cfg.max_batch_size,
+                # the engine thread gets its own tokenizer: a Rust tokenizer shared between threads can
+                # fail with 'Already borrowed' when one thread changes its settings
+                self.engine = Engine(backend, copy.deepcopy(self.tok), max_batch_size=self.cfg.max_batch_size,
                                      max_queue=self.cfg.max_queue, max_context=self.cfg.max_context,
                                      on_step=self.metrics.on_step).start()
             self.ready = True
@@ -469,7 +472,7 @@ def create_app(cfg: ServeConfig, state: ServerState | None = None, load: bool = 
 
         def swap():
             st.engine.backend, st.model, st.tok = backend, model, tok
-            st.engine.tok = tok
+            st.engine.tok = copy.deepcopy(tok)
 
         await asyncio.wrap_future(st.engine.call(swap, when_idle=True))
         return {"status": "reloaded", "model": st.name}
