@@ -215,3 +215,12 @@ def test_bad_retention_env(monkeypatch):
     monkeypatch.setenv("HOMEFORGE_AUDIT_RETENTION_DAYS", "soon")
     with pytest.raises(audit.AuditError, match="whole number"):
         audit.retention_days()
+
+
+def test_command_names_in_command_lines(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOMEFORGE_AUDIT_LOG", str(tmp_path / "a.jsonl"))
+    monkeypatch.setenv("HOMEFORGE_HOME", str(tmp_path))
+    for argv in (["--encrypt", "keys", "rotate", "x"], ["audit", "show", "--user", "bob"], ["train", "-c", "t.yaml"]):
+        with audit.audited_command(argv):
+            pass
+    assert [e["command"] for e in audit.read_entries(tmp_path / "a.jsonl")] == ["keys rotate", "audit show", "train"]

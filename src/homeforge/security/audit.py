@@ -571,8 +571,9 @@ class audited_command:  # noqa: N801 - used as a context manager
         after = {p: _hash_of(p) for p in _path_candidates(self.argv)}
         inputs = {p: h for p, h in self.before.items() if h is not None}
         outputs = {p: h for p, h in after.items() if h is not None and h != self.before.get(p)}
-        command = next((a for a in self.argv if not a.startswith("-")), "")
-        sub = [a for a in self.argv[1:2] if not a.startswith("-")]
+        i = next((j for j, a in enumerate(self.argv) if not a.startswith("-")), len(self.argv))
+        command = self.argv[i] if i < len(self.argv) else ""
+        sub = [a for a in self.argv[i + 1 : i + 2] if not a.startswith("-")]
         record = {"event": "command", "command": " ".join([command, *sub]) if command in ("keys", "audit", "config") else command,
                   "args": mask_args(self.argv), "cwd": os.getcwd(), "inputs": inputs, "outputs": outputs,
                   "outcome": outcome, "exit_code": code, "duration_s": round(time.perf_counter() - self.t0, 3)}
