@@ -45,7 +45,7 @@ def test_dataset_made_with_another_tokenizer_is_refused(dirs, tmp_path):
     with pytest.raises(HomeforgeError) as err:
         build_task(md.make_cfg(tmp_path, "method=sft", f"model.path={model_dir}"), dirs / "chat")
     msg = str(err.value)
-    assert "larger than the model's embedding table" in msg and "tokenizer.path=MODEL_DIR" in msg
+    assert "larger than the model's embedding table" in msg and "tokenizer.from_dir=MODEL_DIR" in msg
     # same size, different tokens
     import random
 

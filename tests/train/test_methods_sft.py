@@ -151,3 +151,16 @@ def test_sft_run_golden_loss_and_output(chat_dir, tmp_path):
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
     ids = torch.tensor([[3, 4, 5, 6]])
     torch.testing.assert_close(reloaded(input_ids=ids).logits, task.model.eval()(input_ids=ids).logits)
+
+
+def test_fast_packed_mask_equals_transformers_mask():
+    from transformers import AutoModelForCausalLM
+    from transformers.masking_utils import create_causal_mask
+
+    from homeforge.train.methods.common import packed_attention_mask
+
+    model = AutoModelForCausalLM.from_config(md.tiny_config("llama", 64))
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 0], [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]])
+    want = create_causal_mask(config=model.config, inputs_embeds=torch.zeros(2, 10, 64), attention_mask=None,
+                              past_key_values=None, position_ids=pos)
+    assert torch.equal(packed_attention_mask(pos), want)

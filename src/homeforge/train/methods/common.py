@@ -106,7 +106,7 @@ def check_token_range(ds: Dataset, max_id: int, n_embeddings: int, where: str) -
     if max_id >= n_embeddings:
         raise HomeforgeError(
             f"the dataset holds token id {max_id} but the model's vocabulary has only {n_embeddings} entries",
-            where=where, fix="prepare the data with the model's own tokenizer (prepare tokenizer.path=MODEL_DIR)")
+            where=where, fix="prepare the data with the model's own tokenizer (prepare tokenizer.from_dir=MODEL_DIR)")
 
 
 # --------------------------------------------------------------------------- models
@@ -118,14 +118,14 @@ def check_tokenizers_match(ds: Dataset, model_tok, model_dir: Path, n_embeddings
         raise HomeforgeError(
             f"dataset vocabulary ({ds.vocab_size} tokens) is larger than the model's embedding table "
             f"({n_embeddings} rows)", where=f"{ds.root} vs {model_dir}",
-            fix="prepare the data with the model's tokenizer (prepare tokenizer.path=MODEL_DIR)")
+            fix="prepare the data with the model's tokenizer (prepare tokenizer.from_dir=MODEL_DIR)")
     if model_tok is not None and model_tok.get_vocab() != ds.tokenizer.get_vocab():
         a, b = model_tok.get_vocab(), ds.tokenizer.get_vocab()
         differ = sum(1 for t, i in b.items() if a.get(t) != i) + sum(1 for t in a if t not in b)
         raise HomeforgeError(
             f"the dataset was tokenized with a different tokenizer than the model's ({len(b)} vs {len(a)} tokens, "
             f"{differ} differ)", where=f"{ds.root}/tokenizer vs {model_dir}",
-            fix="re-run `homeforge prepare` with the model's tokenizer (prepare tokenizer.path=MODEL_DIR)")
+            fix="re-run `homeforge prepare` with the model's tokenizer (prepare tokenizer.from_dir=MODEL_DIR)")
 
 
 def build_causal_lm(cfg, ds: Dataset):
@@ -191,6 +191,23 @@ def only_positions(model, keep: torch.Tensor):
         handle.remove()
 
 
+def packed_attention_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask [B, 1, T, T] (True = attend) for rows whose positions restart at 0.
+
+    The same mask transformers derives from ``position_ids`` alone, built with three tensor
+    ops instead of its per-element mask function (measured ~0.15 s per 2x1024 batch on the
+    CPU). Only for SDPA; flash-attention takes the position ids as they are.
+    """
+    seg = (position_ids == 0).cumsum(-1)
+    t = position_ids.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
+    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+
+
+def _attn_impl(model) -> str | None:
+    return getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
+
+
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]):
     """Summed next-token loss over positions with a label (``labels`` aligned with inputs)."""
     from homeforge.train.loop import StepLoss
@@ -199,6 +216,8 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]):
     keep = labels != IGNORE
     n = int(keep.sum())
     kwargs = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")}
+    if "position_ids" in kwargs and "attention_mask" not in kwargs and _attn_impl(model) == "sdpa":
+        kwargs["attention_mask"] = packed_attention_mask(kwargs["position_ids"])
     if bool(keep.all()):
         out = model(**kwargs, use_cache=False)
         logits, targets = out.logits.reshape(-1, out.logits.size(-1)), labels.reshape(-1)
