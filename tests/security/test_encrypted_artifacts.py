@@ -73,8 +73,11 @@ def test_dataset_files_are_encrypted_and_read_back(env):
     # the same tokens as a plain re-encode of the records
     from homeforge.models.io import load_tokenizer
 
+    assert crypto.is_encrypted(data / "tokenizer" / "tokenizer.json")  # the vocabulary is learned from the data
+    assert not crypto.is_encrypted(data / "tokenizer" / "tokenizer_config.json")
     tok = load_tokenizer(data / "tokenizer")
     ids = tok(first[0]["text"])["input_ids"]
+    assert not list(Path("/dev/shm").glob("homeforge-tok-*"))  # the decrypted copy is gone
     np.testing.assert_array_equal(np.asarray(tokens[: len(ids)]), ids)
     for rec in read_jsonl(data / "train.jsonl"):
         assert "text" in rec

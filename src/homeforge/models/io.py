@@ -38,7 +38,10 @@ def load_tokenizer(path: str | Path):
     if not ((p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()):
         raise HomeforgeError(f"{p} has no tokenizer (tokenizer.json)", where=str(p),
                              fix="copy the tokenizer files into the model directory")
-    return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    from homeforge.security.storage import decrypted_tokenizer_dir
+
+    with decrypted_tokenizer_dir(p) as d:  # an encrypted vocabulary is decrypted to memory-backed storage only
+        return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
 
 
 def load_causal_lm(path: str | Path, dtype=None, with_tokenizer: bool = True):

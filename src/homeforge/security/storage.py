@@ -13,6 +13,7 @@ header, and the helpers below decrypt it transparently (plain files pass through
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import io
 import json
@@ -29,11 +30,14 @@ from homeforge.security.keys import DataKey, load_key
 FORMAT = "homeforge-aes256gcm-chunked-v1"
 # data files: tokens, records, weights, checkpoints, feedback/request logs
 ENCRYPTED_PATTERNS = ("*.bin", "*.jsonl", "*.safetensors", "*.pt", "*.npy", "*.parquet", "*.gguf", "*.onnx",
-                      "*.onnx.data", "*.csv", "*.txt")
+                      "*.onnx.data", "*.csv", "*.txt", *("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt",
+                                                          "tokenizer.model", "spiece.model"))
+# the tokenizer's vocabulary is learned from the data (it can hold frequent names): encrypted too
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model")
 NEVER_ENCRYPTED = ("homeforge.json", "index.json", "config.json", "generation_config.json", "labels.json",
-                   "*.png", "tokenizer*", "special_tokens_map.json", "chat_template*", "*.yaml", "*.md", "meta.json",
-                   "adapter_config.json", "*.index.json", "quantization.json", "Modelfile", "merges.txt", "vocab.json",
-                   "vocab.txt", "added_tokens.json")
+                   "*.png", "tokenizer_config.json", "special_tokens_map.json", "chat_template*", "*.yaml", "*.md",
+                   "meta.json", "adapter_config.json", "*.index.json", "quantization.json", "Modelfile",
+                   "added_tokens.json")
 
 
 def encryption_requested() -> bool:
@@ -43,6 +47,8 @@ def encryption_requested() -> bool:
 
 def should_encrypt(rel: str) -> bool:
     name = rel.rsplit("/", 1)[-1]
+    if name in TOKENIZER_FILES:
+        return True
     if any(fnmatch.fnmatch(name, pat) for pat in NEVER_ENCRYPTED):
         return False
     return any(fnmatch.fnmatch(name, pat) for pat in ENCRYPTED_PATTERNS)
@@ -62,6 +68,32 @@ def encrypt_tree(root: str | Path, key: DataKey | None = None) -> dict:
 
 
 # --------------------------------------------------------------------------- readers
+
+
+@contextlib.contextmanager
+def decrypted_tokenizer_dir(path: str | Path):
+    """A directory ``AutoTokenizer.from_pretrained`` can read: ``path`` itself if nothing in it is
+    encrypted, else a private (0700) copy in memory-backed /dev/shm (if present) with the
+    tokenizer files decrypted, deleted on exit. Weights are never copied."""
+    p = Path(path)
+    if not any(crypto.is_encrypted(p / n) for n in TOKENIZER_FILES if (p / n).is_file()):
+        yield p
+        return
+    import tempfile
+
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    tmp = Path(tempfile.mkdtemp(prefix="homeforge-tok-", dir=base))  # mode 0700
+    try:
+        for f in p.iterdir():
+            if f.is_file() and (f.name in TOKENIZER_FILES or f.suffix in (".json", ".jinja", ".txt", ".model")):
+                if f.name.endswith(".safetensors") or f.stat().st_size > 256 << 20:
+                    continue
+                fd = os.open(tmp / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    out.write(crypto.read_bytes(f))
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_safetensors(path: str | Path, device: str = "cpu") -> dict:
