@@ -220,7 +220,8 @@ def test_classifier_int8_accuracy_gate(tiny_tokenizer, tmp_path):
     tok.save_pretrained(tmp_path / "clf")
     rows = [{"text": f"request {i} about {['disks', 'login', 'vpn'][i % 3]} number {i * 7}", "label": i % 3}
             for i in range(24)]
-    data = write_dataset(tmp_path / "cls", "classification", {"val": rows}, tok, labels=["hw", "sw", "net"])
+    data = write_dataset(tmp_path / "cls", "classification", {"val": rows}, tok, labels=["hw", "sw", "net"],
+                         labels_in_index=True)
     r = C.run(tmp_path / "clf", data, _cfg("method=int8-dynamic", "gates.max_accuracy_drop=0.1"), tmp_path / "q",
               False, QUIET)
     assert "accuracy" in r["before"] and r["gate"]["passed"] and "ppl" not in r["after"]
@@ -230,6 +231,7 @@ def test_classifier_int8_accuracy_gate(tiny_tokenizer, tmp_path):
     res = R.evaluate_model(tmp_path / "q", data, load_config(EvalConfig, overrides=["robustness.enabled=false", "max_examples=12"]),
                            QUIET)
     assert res["classification"]["accuracy"] == pytest.approx(r["after"]["accuracy"])
+    assert list(res["classification"]["per_class"]) == ["hw", "sw", "net"]  # names from index.json
     with pytest.raises(HomeforgeError, match="for causal language models"):
         C.run(tmp_path / "clf", data, _cfg("method=distill"), tmp_path / "d", False, QUIET)
     with pytest.raises(HomeforgeError, match="needs a classification dataset"):

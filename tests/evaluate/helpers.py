@@ -33,8 +33,12 @@ def train_debug_model(dataset: Path, tok, out: Path, steps: int = 40, seed: int 
     return out
 
 
-def write_dataset(out: Path, kind: str, splits: dict[str, list[dict]], tok, labels: list[str] | None = None) -> Path:
-    """A dataset artifact in the documented layout (records, tokens, tokenizer, index)."""
+def write_dataset(out: Path, kind: str, splits: dict[str, list[dict]], tok, labels: list[str] | None = None,
+                  labels_in_index: bool = False) -> Path:
+    """A dataset artifact in the documented layout (records, tokens, tokenizer, index).
+
+    Label names go to labels.json, or with ``labels_in_index`` into index.json (as
+    `homeforge prepare` writes them)."""
     with artifacts.write_artifact(out, stage="dataset", config={"kind": kind, "n": len(splits)}, force=True) as art:
         tok.save_pretrained(str(art.dir / "tokenizer"))
         index = {"format": "test", "kind": kind, "splits": {}}
@@ -48,8 +52,10 @@ def write_dataset(out: Path, kind: str, splits: dict[str, list[dict]], tok, labe
                         ids = tok(r["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                         f.write(json.dumps({"input_ids": ids, "label": r["label"]}) + "\n")
             index["splits"][split] = {"records": len(rows)}
+        if labels and labels_in_index:
+            index["labels"] = labels
         (art.dir / "index.json").write_text(json.dumps(index))
-        if labels:
+        if labels and not labels_in_index:
             (art.dir / "labels.json").write_text(json.dumps(labels))
         art.extra["kind"] = kind
     return out

@@ -343,7 +343,13 @@ def _eval_classification(model, tok, data, split, rows, cfg: EvalConfig, console
     trows = read_jsonl(tok_path, cfg.max_examples)
     labels_file = data / "labels.json"
     n_classes = model.config.num_labels
-    labels = json.loads(labels_file.read_text()) if labels_file.is_file() else [str(i) for i in range(n_classes)]
+    index = json.loads((data / "index.json").read_text()) if (data / "index.json").is_file() else {}
+    if labels_file.is_file():
+        labels = json.loads(labels_file.read_text())
+    elif index.get("labels"):  # `homeforge prepare` keeps the label names in index.json
+        labels = list(index["labels"])
+    else:
+        labels = [str(i) for i in range(n_classes)]
     if len(labels) != n_classes:
         raise HomeforgeError(f"the dataset has {len(labels)} labels but the classifier predicts {n_classes}",
                              where=str(labels_file), fix="evaluate the classifier on the dataset it was trained for")
