@@ -339,3 +339,23 @@ def test_rotation_with_kms_keys(tmp_path, monkeypatch):
     monkeypatch.setenv("HOMEFORGE_KEY", old)
     with pytest.raises(crypto.CryptoError, match="encrypted with key"):
         crypto.read_bytes(tmp_path / "arts" / "a" / "records.jsonl")
+
+
+def test_compress_an_encrypted_model_to_an_encrypted_int8_model(env, tmp_path):
+    """compress reads the encrypted model and dataset and writes an encrypted int8 model that loads."""
+    from rich.console import Console
+
+    from homeforge.compress import run as compress
+    from homeforge.config import CompressConfig, load_config
+    from homeforge.models.io import load_causal_lm
+
+    cfg = load_config(CompressConfig, overrides=["method=int8-weight-only", "max_examples=4", "latency_repeats=1",
+                                                 "latency_seq_len=16", "context=32"])
+    out = tmp_path / "int8"
+    compress.run(env["model"], env["data"], cfg, out, False, Console(quiet=True))
+    assert crypto.is_encrypted(out / "model.safetensors")
+    header = storage.safetensors_header(out / "model.safetensors")
+    assert any(k.endswith(".qweight") for k in header) or any(v[0] == "I8" for v in header.values())
+    model, tok = load_causal_lm(out)
+    x = torch.tensor([tok("def f(x):")["input_ids"]])
+    assert torch.isfinite(model(input_ids=x).logits).all()

@@ -189,7 +189,6 @@ def load_quantized(path: str | Path, qinfo: dict, device: str | None = None, deq
     With ``dequantize`` the result is a plain fp32 model holding the dequantized weights
     (for exporters and other tools that need ordinary nn.Linear layers).
     """
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     p = Path(path)
@@ -205,7 +204,9 @@ def load_quantized(path: str | Path, qinfo: dict, device: str | None = None, deq
         config.tie_word_embeddings = False  # the head gets its own (dequantized int8) weights
     model = (AutoModelForSequenceClassification if classifier else AutoModelForCausalLM).from_config(
         config, dtype=torch.float32)
-    sd = load_file(str(p / "model.safetensors"))
+    from homeforge.security.storage import load_safetensors  # plain or encrypted
+
+    sd = load_safetensors(p / "model.safetensors")
     qtensors = {}
     for name in names:
         try:
@@ -283,22 +284,20 @@ def _torchao_quantize(model, method: str, group_size: int) -> None:
 def linear_weight_bytes(path: str | Path) -> tuple[int, int]:
     """(bytes of the decoder's Linear weights incl. scales, bytes of everything) in a model
     dir's safetensors. Embeddings and the output head are not in the first figure."""
-    from safetensors import safe_open
+    from homeforge.security.storage import safetensors_header  # plain or encrypted files
 
     lin, total = 0, 0
     for f in Path(path).glob("*.safetensors"):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                t = st.get_slice(k)
-                n = 1
-                for d in t.get_shape():
-                    n *= d
-                nbytes = n * _DTYPE_BYTES.get(t.get_dtype(), 4)
-                total += nbytes
-                if "embed" in k or k.startswith("lm_head."):  # embeddings and the output head: counted apart
-                    continue
-                if k.endswith((".qweight", ".scales")) or (k.endswith(".weight") and len(t.get_shape()) == 2):
-                    lin += nbytes
+        for k, (dtype, shape) in safetensors_header(f).items():
+            n = 1
+            for d in shape:
+                n *= d
+            nbytes = n * _DTYPE_BYTES.get(dtype, 4)
+            total += nbytes
+            if "embed" in k or k.startswith("lm_head."):  # embeddings and the output head: counted apart
+                continue
+            if k.endswith((".qweight", ".scales")) or (k.endswith(".weight") and len(shape) == 2):
+                lin += nbytes
     return lin, total
 
 

@@ -105,6 +105,22 @@ def load_safetensors(path: str | Path, device: str = "cpu") -> dict:
     return load_file(str(path), device=device)
 
 
+def safetensors_header(path: str | Path) -> dict[str, tuple[str, list[int]]]:
+    """{tensor name: (dtype, shape)} from a safetensors file's header (plain or encrypted; reads the header only)."""
+    import struct as _struct
+
+    with crypto.open_read(path) as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise HomeforgeError(f"{path} is not a safetensors file", where=str(path), fix="re-run the stage that made it")
+        (n,) = _struct.unpack("<Q", raw)
+        if n > 100 << 20:
+            raise HomeforgeError(f"{path} has a corrupted safetensors header", where=str(path),
+                                 fix="re-run the stage that made it")
+        header = json.loads(f.read(n))
+    return {k: (v["dtype"], list(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+
+
 def torch_load(path: str | Path, **kwargs):
     """``torch.load`` that also reads encrypted files."""
     import torch
