@@ -90,6 +90,7 @@ def test_quantized_artifact_loads_and_matches(method, trained, tiny_dataset, tmp
     assert (a - b).abs().max() / b.abs().max() < (0.1 if method.startswith("int4") else 0.03)
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
     assert (out / "compress.md").read_text().count("|") > 10
+    assert (out / "compress.png").read_bytes()[:4] == b"\x89PNG"
     plain = quantize.load_quantized(out, q, dequantize=True)  # for exporters: ordinary Linear layers
     assert type(plain.model.layers[0].mlp.up_proj) is torch.nn.Linear and type(plain.lm_head) is torch.nn.Linear
     with torch.no_grad():

@@ -254,6 +254,7 @@ def run(model_dir: Path, data: Path | None, cfg: CompressConfig, output: Path | 
                                     "fewer pruned channels), or pass --force to write it anyway")
         (art.dir / "compress.json").write_text(json.dumps(result, indent=2))
         (art.dir / "compress.md").write_text(markdown(result))
+        plot(result, art.dir / "compress.png")
         art.metrics = {"before": before, "after": after, "gate": result["gate"]}
         art.extra.update({k: v for k, v in facts.items()})
         art.extra["kind"] = "model"
@@ -340,10 +341,37 @@ def _print_table(r: dict, console: Console) -> None:
     console.print(f"[{colour}]gate {'PASS' if r['gate']['passed'] else 'FAIL'}[/]: {r['gate']['detail']}")
 
 
+def plot(r: dict, out: Path) -> None:
+    """compress.png: before/after bars of size, latency and quality."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b, a = r["before"], r["after"]
+    quality = "accuracy" if "accuracy" in b else ("ppl" if "ppl" in b else None)
+    panels = [("weights on disk (MB)", "weights_bytes", 1e-6), ("latency batch 1 (ms)", "latency_b1_ms", 1),
+              ("latency batch 8 (ms)", "latency_b8_ms", 1)]
+    if quality:
+        panels.append(("perplexity" if quality == "ppl" else "accuracy", quality, 1))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2), dpi=100)
+    for ax, (title, key, scale) in zip(axes, panels, strict=True):
+        vals = [b[key] * scale, a[key] * scale]
+        bars = ax.bar(["before", r["method"]], vals, color=["#999999", "#2a7ab9"])
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"{r['method']}: gate {'PASS' if r['gate']['passed'] else 'FAIL'}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
 def markdown(r: dict) -> str:
     lines = [f"# `{r['method']}` of `{r['source']}`", "", "| | before | after | change |", "| --- | --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in _rows(r)]
-    lines += ["", f"Gate: {'PASS' if r['gate']['passed'] else 'FAIL'}, {r['gate']['detail']}.",
+    lines += ["", "![before / after](compress.png)", "",
+              f"Gate: {'PASS' if r['gate']['passed'] else 'FAIL'}, {r['gate']['detail']}.",
               f"Latency: median of forward passes over batch x {r.get('latency_seq_len')} tokens on "
               f"{r.get('threads')} threads."]
     return "\n".join(lines) + "\n"
