@@ -23,7 +23,6 @@ API (stable; the server writes per-request lines through it)::
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import getpass
 import hashlib
 import hmac
@@ -42,6 +41,15 @@ GENESIS = "0" * 64
 DEFAULT_RETENTION_DAYS = 183  # at least six months
 _MAC_RE = re.compile(rb',"mac":"([0-9a-f]{64})"\}$')
 _locks: dict[str, threading.Lock] = {}
+
+
+def flock(f, exclusive: bool) -> None:
+    """Advisory whole-file lock across processes (POSIX flock; a no-op where there is none)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the in-process lock still serialises threads
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_UN)
 _locks_guard = threading.Lock()
 
 
@@ -227,7 +235,7 @@ class AuditLog:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             with self._lock, open(self.path, "a+b") as f:
                 os.chmod(self.path, 0o600) if f.tell() == 0 else None
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+                flock(f, True)
                 try:
                     last = _last_line(f)
                     if last is not None:
@@ -252,7 +260,7 @@ class AuditLog:
                         os.fsync(f.fileno())
                     self._write_head(entry["seq"], _line_hash(line))
                 finally:
-                    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                    flock(f, False)
         except OSError as exc:
             raise AuditError(f"cannot write the audit log {self.path}: {exc.strerror or exc}", where=str(self.path),
                              fix="make the directory writable, or set HOMEFORGE_AUDIT_LOG to a writable file") from None
@@ -450,7 +458,7 @@ def prune(path: str | Path | None = None, keep_days: int | None = None, key: byt
     cutoff = (now or dt.datetime.now(dt.timezone.utc)) - dt.timedelta(days=days)
     log = AuditLog(p, key=k)
     with log._lock, open(p, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        flock(f, True)
         try:
             res = verify(p, key=k)
             if not res.ok:
@@ -487,7 +495,7 @@ def prune(path: str | Path | None = None, keep_days: int | None = None, key: byt
                 log._write_head(cp["seq"], cp["prev"])
             return n_dropped
         finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            flock(f, False)
 
 
 # --------------------------------------------------------------------------- commands

@@ -481,14 +481,14 @@ class EncryptedLog:
         self._lock = threading.Lock()
 
     def append(self, record: bytes | str) -> None:
-        import fcntl
+        from homeforge.security.audit import flock
 
         data = record.encode("utf-8") if isinstance(record, str) else bytes(record)
         if not data.endswith(b"\n"):
             data += b"\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock, open(self.path, "a+b") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            flock(f, True)
             try:
                 size = os.fstat(f.fileno()).st_size
                 if size == 0:
@@ -512,7 +512,7 @@ class EncryptedLog:
                 os.fsync(f.fileno())
                 self._known = (size + _REC.size + len(blob), n + 1)
             finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                flock(f, False)
 
 
 def _log_header(path, f) -> dict:
