@@ -247,3 +247,16 @@ def test_resume_config_check_tolerates_new_default_settings(tmp_path):
     with pytest.raises(HomeforgeError, match="early_stopping_min_delta"):
         ck.check_resume_config(tmp_path, older, {**current, "early_stopping_min_delta": 0.5}, defaults=defaults)
     ck.check_resume_config(tmp_path, older, {**current, "max_minutes": 3.0, "log_every": 7}, defaults=defaults)
+
+
+def test_latest_is_the_newest_written_after_resuming_from_an_earlier_checkpoint(tmp_path):
+    run(tmp_path)  # step-4, step-8, step-12
+    early = tmp_path / "checkpoints" / "step-00000004"
+
+    def stop_at_6(state, record):
+        if state.step == 6:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run(tmp_path, "checkpoint.every=1", "checkpoint.keep=10", resume=early, progress=stop_at_6)
+    assert ck.latest_checkpoint(tmp_path).name == "step-00000005"  # not the step-12 of the first timeline

@@ -101,12 +101,16 @@ def is_complete(path: Path) -> bool:
 
 
 def step_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete step checkpoints, oldest first."""
+    """Complete step checkpoints in the order they were written, oldest first.
+
+    Written order, not step order: after resuming from an earlier checkpoint, the newest
+    checkpoint of the resumed run is the latest, not a higher step left from before.
+    """
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if STEP_RE.match(p.name) and is_complete(p)]
-    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+    return sorted(found, key=lambda p: ((p / "meta.json").stat().st_mtime_ns, int(STEP_RE.match(p.name).group(1))))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -309,10 +309,10 @@ def train_task(task: TrainTask, cfg: TrainConfig, run_dir: str | Path, *, resume
                 raise diverged(loss, state, last_ckpt)
             gnorm = optimizer_step(model, opt, sched, scaler, cfg, info, n_tokens, private)
             if not math.isfinite(gnorm) and not scaler.is_enabled():
-                raise diverged(f"{loss / n_tokens:.4f} with a gradient norm of {gnorm}", state, last_ckpt)
+                raise diverged(f"{loss / max(1, n_tokens):.4f} with a gradient norm of {gnorm}", state, last_ckpt)
             state.step += 1
             state.samples += cfg.micro_batch_size * cfg.grad_accum * info.world
-            record = {"step": state.step, "loss": loss / n_tokens, "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
+            record = {"step": state.step, "loss": loss / max(1, n_tokens), "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
                       **extra, **speed.update(n_tokens, n_inputs)}
             if task.metrics_fn is not None:
                 record.update(task.metrics_fn(unwrap(model)))
