@@ -170,3 +170,38 @@ def test_graceful_shutdown_finishes_in_flight(lm):
     eng.submit([GenRequest(tok.encode("def"), 20, c) for c in cols])
     eng.shutdown(drain=True, timeout=60)
     assert all(c.finish is not None and c.finish.reason == "length" and len(c.ids) == 20 for c in cols)
+
+
+def test_a_failing_forward_fails_only_its_requests(lm):
+    """A prefill that raises fails that request alone; a failing decode step fails the batch, the engine lives."""
+    model, tok = lm
+    real = TorchBackend(model)
+
+    class Flaky:
+        max_context, vocab_size = real.max_context, real.vocab_size
+        fail_decode = False
+
+        def new_cache(self):
+            return real.new_cache()
+
+        def forward(self, ids, *a, **kw):
+            if ids.shape[1] == 3 or (self.fail_decode and ids.shape[1] == 1 and ids.shape[0] > 1):
+                raise RuntimeError("simulated failure")
+            return real.forward(ids, *a, **kw)
+
+    flaky = Flaky()
+    eng = Engine(flaky, tok, max_batch_size=4).start()
+    try:
+        three = [i for i in range(tok.vocab_size)][100:103]
+        bad, good = Collector(), Collector()
+        eng.submit([GenRequest(three, 5, bad), GenRequest(tok.encode("def"), 5, good)])
+        assert bad.done.wait(10) and good.done.wait(10)
+        assert bad.finish.reason == "error" and "simulated" in bad.finish.error
+        assert good.finish.reason == "length" and len(good.ids) == 5
+        flaky.fail_decode = True
+        a, b = run(eng, tok, ["def", "x"], max_tokens=5)
+        assert a.finish.reason == b.finish.reason == "error"
+        flaky.fail_decode = False
+        assert run(eng, tok, ["def"], max_tokens=5)[0].ids == good.ids  # the engine still serves
+    finally:
+        eng.shutdown()

@@ -288,7 +288,10 @@ class Engine:
             if req.cancelled:
                 self._finish(req, "cancelled")
                 continue
-            self._prefill(req)
+            try:
+                self._prefill(req)
+            except Exception as exc:  # this request fails alone; the running batch is untouched
+                self._finish(req, "error", error=f"{type(exc).__name__}: {exc}")
 
     def _prefill(self, req: GenRequest) -> None:
         ids = torch.tensor([req.prompt_ids], dtype=torch.long)
