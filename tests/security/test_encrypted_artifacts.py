@@ -359,3 +359,31 @@ def test_compress_an_encrypted_model_to_an_encrypted_int8_model(env, tmp_path):
     model, tok = load_causal_lm(out)
     x = torch.tensor([tok("def f(x):")["input_ids"]])
     assert torch.isfinite(model(input_ids=x).logits).all()
+
+
+def test_resume_from_an_encrypted_checkpoint(env, tmp_path):
+    """The engine resumes from encrypted checkpoints (load_checkpoint: weights, optimizer, RNG) exactly."""
+    from engine_task import make_cfg, make_task
+
+    from homeforge.train.checkpoint import resolve_resume
+    from homeforge.train.loop import train_task
+
+    over = ["max_steps=6", "checkpoint.every=3", "eval_every=100"]
+    cfg = make_cfg(tmp_path / "run", *over)
+    full = train_task(make_task(cfg), cfg, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000003"
+    assert crypto.is_encrypted(ckpt / "trainer.pt") and crypto.is_encrypted(ckpt / "model.safetensors")
+    cfg2 = make_cfg(tmp_path / "run", *over)
+    resumed = train_task(make_task(cfg2), cfg2, tmp_path / "run", resume=resolve_resume(tmp_path / "run", str(ckpt)))
+    assert [r["loss"] for r in resumed.history if r["step"] > 3] == pytest.approx(
+        [r["loss"] for r in full.history if r["step"] > 3], rel=1e-6)
+
+
+def test_token_records_reader(env, tmp_path):
+    """read_token_records (SFT / classification datasets) reads an encrypted tokens.jsonl."""
+    from homeforge.train.methods.common import Dataset, read_token_records
+
+    recs = [{"input_ids": [1, 2, 3], "label": i % 2} for i in range(50)]
+    crypto.write_encrypted(tmp_path / "train.tokens.jsonl", "".join(json.dumps(r) + "\n" for r in recs).encode())
+    ds = Dataset(root=tmp_path, index={"splits": {"train": {}}}, kind="classification", tokenizer=None)
+    assert read_token_records(ds, "train", ("input_ids", "label")) == recs
