@@ -14,7 +14,7 @@ import copy
 import torch
 from torch import nn
 
-from homeforge.compress.quantize import quantizable_linears
+from homeforge.compress.quantize import quantizable_linears, skip_init
 from homeforge.errors import HomeforgeError
 
 STRUCTURED_ARCHS = ("llama", "qwen2", "mistral", "qwen3")
@@ -83,7 +83,8 @@ def prune_structured(model, mlp_keep: float, heads_keep: float):
     new_cfg.num_key_value_heads = keep_g
     new_cfg.num_attention_heads = keep_g * per_group
     new_cfg.head_dim = head_dim
-    new = AutoModelForCausalLM.from_config(new_cfg, dtype=torch.float32).eval()
+    with skip_init():  # every tensor is copied below (and checked)
+        new = AutoModelForCausalLM.from_config(new_cfg, dtype=torch.float32).eval()
     sd_new = {}
     sd = model.state_dict()
     for i, layer in enumerate(model.model.layers):

@@ -202,8 +202,9 @@ def load_quantized(path: str | Path, qinfo: dict, device: str | None = None, deq
     names = qinfo["modules"]
     if dequantize and "lm_head" in names and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False  # the head gets its own (dequantized int8) weights
-    model = (AutoModelForSequenceClassification if classifier else AutoModelForCausalLM).from_config(
-        config, dtype=torch.float32)
+    with skip_init():  # every tensor is loaded below (and checked), so random init would be wasted time
+        model = (AutoModelForSequenceClassification if classifier else AutoModelForCausalLM).from_config(
+            config, dtype=torch.float32)
     from homeforge.security.storage import load_safetensors  # plain or encrypted
 
     sd = load_safetensors(p / "model.safetensors")
@@ -260,6 +261,17 @@ def to_dynamic_int8(model, qtensors: dict[str, tuple[torch.Tensor, torch.Tensor]
             parent_name, _, child = name.rpartition(".")
             setattr(modules[parent_name] if parent_name else model, child, dyn)
     return model
+
+
+def skip_init():
+    """transformers' no_init_weights (skips random init; buffers are still computed), if available."""
+    import contextlib
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def _torchao_quantize(model, method: str, group_size: int) -> None:
