@@ -224,3 +224,14 @@ def test_command_names_in_command_lines(tmp_path, monkeypatch):
         with audit.audited_command(argv):
             pass
     assert [e["command"] for e in audit.read_entries(tmp_path / "a.jsonl")] == ["keys rotate", "audit show", "train"]
+
+
+def test_head_one_write_behind_is_not_tampering(tmp_path):
+    """A crash after a line was written but before its head record: the log still verifies."""
+    path = make_log(tmp_path, n=4)
+    head = (tmp_path / "audit.jsonl.head").read_bytes()
+    audit.AuditLog(path, key=None, fsync=False).append({"event": "command", "command": "late"})
+    (tmp_path / "audit.jsonl.head").write_bytes(head)  # the head write "did not happen"
+    assert audit.verify(path, key=None).ok
+    write_lines(path, lines(path)[:-3])  # but a head ahead of the log is still caught
+    assert not audit.verify(path, key=None).ok

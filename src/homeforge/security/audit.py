@@ -338,6 +338,7 @@ def verify(path: str | Path | None = None, key: bytes | None | str = "default") 
     checkpoint = None
     seen_mac = False
     last_hash = None
+    recent: dict[int, str] = {}  # the last few (seq -> line hash), for a head one write behind
     for lineno, line in _iter_lines(p):
         n += 1
         body, mac = _split_mac(line)
@@ -370,6 +371,9 @@ def verify(path: str | Path | None = None, key: bytes | None | str = "default") 
         else:
             expected_seq += 1
         last_hash = _line_hash(line) if checkpoint is None or n > 1 else entry["prev"]
+        recent[int(entry["seq"])] = last_hash
+        if len(recent) > 8:
+            recent.pop(min(recent))
     head_p = p.with_name(p.name + ".head")
     if head_p.is_file():
         head_line = head_p.read_bytes().strip()
@@ -380,7 +384,10 @@ def verify(path: str | Path | None = None, key: bytes | None | str = "default") 
             return VerifyResult(False, n, n, "the head record (.head file) is corrupted")
         if mac is not None and k is not None and not hmac.compare_digest(mac, _mac(k, body)):
             return VerifyResult(False, n, n, "the head record's HMAC does not match: it was forged")
-        if head.get("seq") != expected_seq - 1 or (last_hash is not None and head.get("hash") != last_hash):
+        lagging = isinstance(head.get("seq"), int) and head["seq"] < expected_seq - 1 and \
+            recent.get(head["seq"]) == head.get("hash")  # a crash between a line and its head write
+        if not lagging and (head.get("seq") != expected_seq - 1 or
+                            (last_hash is not None and head.get("hash") != last_hash)):
             return VerifyResult(False, n, n + 1 if head.get("seq", 0) > expected_seq - 1 else n,
                                 f"the log ends at seq {expected_seq - 1} but its head record says seq {head.get('seq')}: "
                                 "lines were deleted from (or the last line edited at) the end")
