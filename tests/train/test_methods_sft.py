@@ -94,11 +94,12 @@ def test_packed_logits_equal_each_sample_alone(arch, chat_dir):
             at += ids.shape[1]
 
 
-def test_loss_on_selected_positions_equals_full_cross_entropy(chat_dir):
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
+def test_loss_on_selected_positions_equals_full_cross_entropy(arch, chat_dir):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(md.tiny_config("llama", len(md.tokenizer())), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(md.tiny_config(arch, len(md.tokenizer())), dtype=torch.float32)
     records = [json.loads(line) for line in (chat_dir / "train.tokens.jsonl").read_text().splitlines()]
     samples, _ = chat_samples(records, seq_len=64)
     for packing in (True, False):

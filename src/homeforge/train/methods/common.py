@@ -216,7 +216,9 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]):
     keep = labels != IGNORE
     n = int(keep.sum())
     kwargs = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")}
-    if "position_ids" in kwargs and "attention_mask" not in kwargs and _attn_impl(model) == "sdpa":
+    config = getattr(unwrap(model), "config", None)
+    if ("position_ids" in kwargs and "attention_mask" not in kwargs and _attn_impl(model) == "sdpa"
+            and not getattr(config, "output_router_logits", False)):  # MoE aux losses read a 2-D mask
         kwargs["attention_mask"] = packed_attention_mask(kwargs["position_ids"])
     if bool(keep.all()):
         out = model(**kwargs, use_cache=False)
