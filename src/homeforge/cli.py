@@ -827,6 +827,7 @@ def audit_prune(
 @app.command()
 def verify(
     artifact: Annotated[Path, typer.Argument(help="artifact directory (dataset, model, ...)")],
+    decrypt: Annotated[bool, typer.Option("--decrypt", help="also authenticate every encrypted chunk with the data key")] = False,
 ) -> None:
     """Re-hash an artifact and the inputs it records (recursively); exit 1 on any mismatch.
 
@@ -837,10 +838,11 @@ def verify(
 
         homeforge verify homeforge-runs/quickstart/model
         homeforge verify runs/clinic/model && homeforge serve runs/clinic/model
+        homeforge verify data/clinic --decrypt
     """
     from homeforge.security.provenance import verify_tree
 
-    checks = verify_tree(artifact)
+    checks = verify_tree(artifact, decrypt=decrypt)
     table = Table(title=f"provenance of {artifact}")
     for col in ("", "artifact / input", "stage", "result", "made", "homeforge"):
         table.add_column(col)

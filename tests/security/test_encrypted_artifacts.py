@@ -154,8 +154,9 @@ def test_verify_and_provenance(env, tmp_path):
 
     r = CliRunner().invoke(app, ["verify", str(env["model"])])
     assert r.exit_code == 0, r.output
-    checks = verify_tree(env["model"])
+    checks = verify_tree(env["model"], decrypt=True)
     assert [c.stage for c in checks if c.stage] == ["train", "prepare"]  # model -> dataset, both re-hashed
+    assert all(c.ok for c in checks) and "encrypted files authenticated" in checks[0].detail
     assert any("input 'dataset' is the recorded version" in c.detail for c in checks)
 
 
@@ -207,6 +208,8 @@ def test_rotation_keeps_everything_readable_under_new_key_only(env, tmp_path, mo
     monkeypatch.setenv("HOMEFORGE_KEY", old.secret.hex())  # the old key no longer opens anything
     with pytest.raises(crypto.CryptoError, match="encrypted with key"):
         load_tokens(root / "data", "val")
+    bad = verify_tree(root / "data", decrypt=True)[0]
+    assert not bad.ok and "encrypted with key" in bad.detail
 
 
 def test_verify_detects_changed_artifact_and_input(env, tmp_path):

@@ -78,8 +78,31 @@ def _named_input(name: str, candidates: dict[str, list[Path]], artifact: Path) -
     return others.pop() if len(others) == 1 else None
 
 
-def verify_tree(path: str | Path, max_depth: int = 8) -> list[Check]:
-    """Checks for the artifact and, recursively, its recorded inputs (first = the artifact)."""
+def _decrypt_check(p: Path, manifest: dict) -> str | None:
+    """Authenticate every chunk of every encrypted file with the current key; the first problem or None."""
+    from homeforge.security import crypto
+
+    for rel in (manifest.get("encryption") or {}).get("files", []):
+        f = p / rel
+        try:
+            if crypto.is_encrypted_log(f):
+                crypto.read_bytes(f)
+            else:
+                c = crypto._Chunks(f)
+                try:
+                    c.verify_all()
+                finally:
+                    c.close()
+        except HomeforgeError as exc:
+            return exc.what
+    return None
+
+
+def verify_tree(path: str | Path, max_depth: int = 8, decrypt: bool = False) -> list[Check]:
+    """Checks for the artifact and, recursively, its recorded inputs (first = the artifact).
+
+    ``decrypt`` also authenticates every encrypted chunk with the current data key.
+    """
     checks: list[Check] = []
     seen: set[Path] = set()
 
@@ -96,7 +119,12 @@ def verify_tree(path: str | Path, max_depth: int = 8) -> list[Check]:
         facts = {"created": m.get("created"), "homeforge": (m.get("versions") or {}).get("homeforge"),
                  "fingerprint": m.get("fingerprint", "")[:16], "content_hash": m["content_hash"][:16],
                  "encrypted": bool(m.get("encryption")), "user": (m.get("host") or {}).get("user")}
-        checks.append(Check(str(p), m.get("stage"), True, f"{len(m['files'])} files match their recorded hashes",
+        problem = _decrypt_check(p, m) if decrypt else None
+        if problem:
+            checks.append(Check(str(p), m.get("stage"), False, problem, depth, facts))
+            return
+        enc = f"; {len(m['encryption']['files'])} encrypted files authenticated" if decrypt and m.get("encryption") else ""
+        checks.append(Check(str(p), m.get("stage"), True, f"{len(m['files'])} files match their recorded hashes{enc}",
                             depth, facts))
         candidates = _config_paths(m.get("config", {}), p.parent)
         for name, recorded in (m.get("inputs") or {}).items():
