@@ -91,3 +91,16 @@ def test_cli_reports_bad_lora_target_and_exits_2(dirs, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "['attn_out']" in proc.stderr and "down_proj" in proc.stderr and "Traceback" not in proc.stderr
     assert not (out / "model").exists() and not list(out.glob("checkpoints/step-*"))
+
+
+@pytest.mark.parametrize("name", ["lora-smollm2.yaml", "pretrain-moe.yaml", "sft.yaml", "classify.yaml"])
+def test_example_configs_validate(name):
+    from homeforge.config import TrainConfig, load_config
+
+    cfg = load_config(TrainConfig, Path(__file__).resolve().parents[2] / "examples" / name)
+    assert cfg.method in ("lora", "pretrain", "sft", "classify")
+    if name == "pretrain-moe.yaml":
+        from homeforge.models.presets import preset_config
+
+        mc = preset_config(cfg.model.preset, 512, overrides=cfg.model.overrides)
+        assert mc.num_experts == 16 and mc.num_experts_per_tok == 2
