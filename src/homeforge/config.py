@@ -409,6 +409,10 @@ class OnnxExportConfig(Section):
     optimize: Literal["none", "basic", "extended"] = Field(
         "extended", description="ONNX Runtime graph optimisation level saved into the file")
     int8: bool = Field(False, description="also write model.int8.onnx (ONNX Runtime dynamic int8 MatMul weights)")
+    int8_exclude: list[str] = Field(
+        default_factory=lambda: ["down_proj"],
+        description="modules kept in fp32 in the int8 model (name substrings); MLP down-projection inputs carry "
+        "activation outliers that per-tensor dynamic int8 cannot represent")
 
 
 class GgufExportConfig(Section):
