@@ -92,3 +92,23 @@ def test_classify_rejects_bad_labels(cls_dir, tmp_path):
     (bad / "labels.json").unlink()
     with pytest.raises(HomeforgeError, match="no labels.json"):
         build_task(md.make_cfg(tmp_path, "method=classify", "model.preset=debug"), bad)
+
+
+def test_classify_on_a_bert_like_encoder(cls_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForMaskedLM
+
+    tok = md.tokenizer()
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=128, pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    cfg = md.make_cfg(tmp_path / "run", "method=classify", f"model.path={tmp_path / 'bert'}", "max_steps=3",
+                      "checkpoint.every=0")
+    task = build_task(cfg, cls_dir)
+    assert type(task.model).__name__ == "BertForSequenceClassification"
+    train_task(task, cfg, tmp_path / "run")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "model").eval()
+    b = next(task.val.eval_batches(4))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                   task.model.eval()(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits)
