@@ -116,3 +116,8 @@ def test_ctrl_c_checkpoints_the_current_step_and_resume_finishes_the_same_run(da
     a = load_file(str(out / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
     assert all((a[k] == b[k]).all() for k in a)  # interrupted at an arbitrary step + resumed == uninterrupted
+
+
+def test_help_has_examples():
+    code, text = cli("train", "--help")
+    assert code == 0 and "Examples" in text and "--resume latest" in text and "--nproc" in text
