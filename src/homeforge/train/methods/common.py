@@ -194,9 +194,10 @@ def only_positions(model, keep: torch.Tensor):
 def packed_attention_mask(position_ids: torch.Tensor) -> torch.Tensor:
     """Block-diagonal causal mask [B, 1, T, T] (True = attend) for rows whose positions restart at 0.
 
-    The same mask transformers derives from ``position_ids`` alone, built with three tensor
-    ops instead of its per-element mask function (measured ~0.15 s per 2x1024 batch on the
-    CPU). Only for SDPA; flash-attention takes the position ids as they are.
+    The same mask transformers derives from ``position_ids`` alone (tested equal), built
+    with three tensor ops instead of its mask-function machinery (~1 ms instead of ~3-4 ms
+    for 2 x 1024 tokens on this CPU, warm). Only for SDPA; flash-attention takes the
+    position ids as they are.
     """
     seg = (position_ids == 0).cumsum(-1)
     t = position_ids.shape[-1]
