@@ -165,3 +165,32 @@ def test_fast_packed_mask_equals_transformers_mask():
     want = create_causal_mask(config=model.config, inputs_embeds=torch.zeros(2, 10, 64), attention_mask=None,
                               past_key_values=None, position_ids=pos)
     assert torch.equal(packed_attention_mask(pos), want)
+
+
+def test_labels_from_a_real_prepare_dataset_are_the_assistant_contents(tmp_path):
+    """`homeforge prepare --kind chat` output feeds SFT: the loss falls exactly on the assistant replies."""
+    from rich.console import Console
+
+    from homeforge.config import PrepareConfig, load_config
+    from homeforge.data.prepare import run as prepare
+    from homeforge.train.methods.common import open_dataset, read_token_records
+
+    tok = md.tokenizer()
+    tok.save_pretrained(str(tmp_path / "tok"))
+    convs = md.conversations(30, seed=4)
+    src = tmp_path / "chats.jsonl"
+    src.write_text("".join(json.dumps({"messages": m}) + "\n" for m in convs))
+    cfg = load_config(PrepareConfig, None, [f"inputs={json.dumps([str(src)])}", f"output_dir={tmp_path / 'data'}",
+                                            "kind=chat", f"tokenizer.from_dir={tmp_path / 'tok'}", "workers=1",
+                                            "pii.enabled=false", "dedup.near=false", "clean.min_words=0",
+                                            "clean.min_chars=0"])
+    prepare(cfg, console=Console(quiet=True))
+    ds = open_dataset(tmp_path / "data", "sft")
+    records = read_token_records(ds, "train", ("input_ids", "loss_mask"))
+    samples, dropped = chat_samples(records, seq_len=10_000)
+    assert samples and not dropped
+    replies = {m["content"] for c in convs for m in c if m["role"] == "assistant"}
+    for _, labels in samples:
+        text = tok.decode(labels[labels != IGNORE].tolist(), skip_special_tokens=False)
+        parts = [p.strip() for p in text.split("<|im_end|>")]
+        assert parts[-1] == "" and all(p in replies for p in parts[:-1]), text
