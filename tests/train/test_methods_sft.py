@@ -194,3 +194,31 @@ def test_labels_from_a_real_prepare_dataset_are_the_assistant_contents(tmp_path)
         text = tok.decode(labels[labels != IGNORE].tolist(), skip_special_tokens=False)
         parts = [p.strip() for p in text.split("<|im_end|>")]
         assert parts[-1] == "" and all(p in replies for p in parts[:-1]), text
+
+
+def test_sft_resume_across_an_epoch_boundary_equals_uninterrupted(chat_dir, tmp_path):
+    from homeforge.train import checkpoint as ck
+    from homeforge.train.loop import train_task
+
+    base = md.tiny_model_dir(tmp_path / "base", "qwen2")
+    overrides = ("method=sft", f"model.path={base}", "max_steps=6", "checkpoint.every=2")
+    cfg = md.make_cfg(tmp_path / "full", *overrides)
+    full = build_task(cfg, chat_dir)
+    assert len(full.train) < 6 * cfg.micro_batch_size  # the run wraps into a second, reshuffled epoch
+    train_task(full, cfg, tmp_path / "full")
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(state, record):
+        if state.step == 5:
+            raise Interrupt
+
+    cfg = md.make_cfg(tmp_path / "cut", *overrides)
+    with pytest.raises(Interrupt):
+        train_task(build_task(cfg, chat_dir), cfg, tmp_path / "cut", progress=stop)
+    task = build_task(cfg, chat_dir)
+    train_task(task, cfg, tmp_path / "cut", resume=ck.resolve_resume(tmp_path / "cut", "latest"))
+    want = dict(full.model.named_parameters())
+    for name, p in task.model.named_parameters():
+        assert torch.equal(p, want[name]), name
