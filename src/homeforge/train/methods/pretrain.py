@@ -44,9 +44,14 @@ def text_sources(cfg, ds):
 def save_causal_lm(model, out_dir: Path, tokenizer) -> None:
     from homeforge.models.io import save_model_dir
 
-    if getattr(model.config, "output_router_logits", False):
+    router = getattr(model.config, "output_router_logits", None)
+    if router:
         model.config.output_router_logits = False  # inference does not need router logits
-    save_model_dir(model, tokenizer, out_dir)
+    try:
+        save_model_dir(model, tokenizer, out_dir)
+    finally:
+        if router:
+            model.config.output_router_logits = router
 
 
 def build_task(cfg, data_dir):
