@@ -91,7 +91,7 @@ class LoraConfig(Section):
         None, ge=0, lt=1, description="dropout on the adapter input (None = 0.05; 0 when MoE experts are targeted)"
     )
     target_modules: list[str] | None = Field(
-        None, description="linear layers to adapt, by leaf name (None = architecture default, see docs/methods.md)"
+        None, description="linear layers to adapt, by leaf name, or [all-linear] (None = architecture default, see docs/methods.md)"
     )
     target_parameters: list[str] | None = Field(
         None, description="fused 3-D MoE expert parameters to adapt, e.g. mlp.experts.gate_up_proj (None = all routed experts)"

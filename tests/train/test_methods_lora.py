@@ -131,3 +131,9 @@ def test_lora_needs_a_local_model(data, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(HomeforgeError, match="not a model directory"):
         build_task(md.make_cfg(tmp_path, "method=lora", f"model.path={tmp_path / 'empty'}"), data / "chat")
+
+
+def test_lora_all_linear(data, tmp_path):
+    cfg = md.make_cfg(tmp_path, "method=lora", f"model.path={data / 'qwen2'}", "lora.target_modules=[all-linear]")
+    task = build_task(cfg, data / "chat")
+    assert task.info["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]

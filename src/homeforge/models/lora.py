@@ -105,6 +105,8 @@ def apply_lora(model, r: int = 16, alpha: float = 32, dropout: float = 0.05, tar
 
     d_mod, d_par = default_targets(model)
     modules = d_mod if target_modules is None else list(target_modules)
+    if modules == ["all-linear"]:  # every linear layer of the body (not the LM head / routers)
+        modules = linear_modules(model)
     params = d_par if target_parameters is None else list(target_parameters)
     check_targets(model, modules, params)
     if not modules and not params:
