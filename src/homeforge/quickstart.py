@@ -7,8 +7,6 @@ baseline -> HF model directory (model artifact) -> sample generations.
 
 from __future__ import annotations
 
-import json
-import platform
 import time
 from pathlib import Path
 
@@ -34,44 +32,27 @@ def progress_bar(console: Console) -> Progress:
 
 
 def build_dataset(cfg: QuickstartConfig, out: Path, force: bool, console: Console) -> Path:
-    """Dataset artifact: records (JSONL), tokenizer/, packed token shards."""
-    from homeforge.data.corpus import split_by_hash, stdlib_dir, stdlib_docstrings, stdlib_files
-    from homeforge.data.shards import write_shards
-    from homeforge.data.tokenizer import train_bpe
+    """Dataset artifact via `homeforge prepare` on the built-in stdlib-docstring corpus."""
+    from homeforge.config import PrepareConfig, PrepTokenizerConfig
+    from homeforge.data.prepare import run as prepare
 
-    config = {"corpus": cfg.corpus.model_dump(), "tokenizer": cfg.tokenizer.model_dump(),
-              "python": platform.python_version(), "stdlib": str(stdlib_dir())}
-    out_p, fp, _ = artifacts.begin(out, stage="dataset", config=config)
-    if not force and artifacts.is_up_to_date(out_p, fp):
-        console.print(f"[green]dataset up to date[/] {out_p} (same corpus and tokenizer config; --force rebuilds)")
-        return out_p
-    with artifacts.write_artifact(out_p, stage="dataset", config=config, force=True) as art:
-        with art.timed("corpus"), progress_bar(console) as bar:
-            task = bar.add_task("reading stdlib docstrings", total=len(stdlib_files()), info="")
-            docs = stdlib_docstrings(cfg.corpus.max_chars, cfg.corpus.min_chars, progress=lambda: bar.advance(task))
-            bar.update(task, completed=bar.tasks[task].total, info=f"{len(docs)} docs")
-        if len(docs) < 20:
-            raise HomeforgeError(f"found only {len(docs)} docstrings in {stdlib_dir()}",
-                                 fix="this Python has no standard library sources; install the python3 'lib' package")
-        train_docs, val_docs = split_by_hash(docs, cfg.corpus.val_fraction)
-        for split, rows in (("train", train_docs), ("val", val_docs)):
-            with open(art.dir / f"{split}.jsonl", "w", encoding="utf-8") as f:
-                for d in rows:
-                    f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
-        with art.timed("tokenizer"), console.status(f"training a {cfg.tokenizer.vocab_size}-token byte-level BPE"):
-            tok = train_bpe(train_docs, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
-            tok.save_pretrained(str(art.dir / "tokenizer"))
-        with art.timed("tokenize"), console.status("tokenizing"):
-            enc = {s: tok(rows, add_special_tokens=False)["input_ids"] for s, rows in (("train", train_docs), ("val", val_docs))}
-            index = write_shards(art.dir, enc, vocab_size=len(tok), eos_id=tok.eos_token_id)
-        art.metrics = {"docs": {"train": len(train_docs), "val": len(val_docs)},
-                       "chars": sum(map(len, docs)),
-                       "tokens": {s: v["tokens"] for s, v in index["splits"].items()}, "vocab_size": len(tok)}
-        art.extra["kind"] = "text"
-    m = art.metrics
-    console.print(f"[green]dataset[/] {out_p}: {m['docs']['train']}+{m['docs']['val']} docs, "
-                  f"{m['tokens']['train']:,} train / {m['tokens']['val']:,} val tokens, vocab {m['vocab_size']}")
-    return out_p
+    pcfg = PrepareConfig(
+        inputs=["builtin:stdlib-docstrings"],
+        output_dir=str(out),
+        kind="text",
+        max_builtin_chars=cfg.corpus.max_chars,
+        split={"val": cfg.corpus.val_fraction, "test": 0.0},
+        tokenizer=PrepTokenizerConfig(vocab_size=cfg.tokenizer.vocab_size, min_frequency=cfg.tokenizer.min_frequency),
+        workers=1,
+    )
+    pcfg.clean.min_chars = cfg.corpus.min_chars
+    res = prepare(pcfg, force=force, console=console)
+    if not res["skipped"]:
+        splits = res["report"]["records"]["splits"]
+        if splits["train"] < 20 or splits["val"] < 1:
+            raise HomeforgeError(f"the built-in corpus gave only {splits['train']} train / {splits['val']} val documents",
+                                 where=str(res["out"]), fix="raise corpus.max_chars or corpus.val_fraction")
+    return res["out"]
 
 
 def train_model(cfg: QuickstartConfig, data_dir: Path, out: Path, force: bool, console: Console) -> dict:
