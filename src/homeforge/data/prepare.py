@@ -419,6 +419,7 @@ def _tokenize(cfg, tok, dest: Path, counts: dict, label_names: list[str], bar) -
              "pad_id": pad, "splits": {}}
     if cfg.kind == "classification":
         index["labels"] = label_names
+        (dest / "labels.json").write_text(json.dumps(label_names, ensure_ascii=False))
     label_id = {name: i for i, name in enumerate(label_names)}
     tokens = {}
     for split in SPLITS:
