@@ -112,3 +112,16 @@ def test_ort_greedy_generation_equals_transformers_generate(onnx_dir, llama_dir)
         ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, len(ids):]
     got = ort_greedy(session(onnx_dir / "model.onnx"), model.config, ids, 12)
     assert got == ref.tolist()
+
+
+def test_onnx_kv_cache_graph_for_qwen2(qwen2_dir, tmp_path):
+    from homeforge.export.onnx import ort_greedy
+
+    out = run_export(qwen2_dir, tmp_path / "o", load_config(ExportConfig, overrides=["format=onnx"]))
+    parity = json.loads((out / "homeforge.json").read_text())["metrics"]["parity"]
+    assert parity["passed"] and parity["kv_decode"]["passed"] and parity["max_rel_error"] < 1e-4
+    model, tok = load_causal_lm(qwen2_dir)
+    ids = tok(TEXT)["input_ids"]
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, len(ids):]
+    assert ort_greedy(session(out / "model.onnx"), model.config, ids, 8) == ref.tolist()
