@@ -28,17 +28,18 @@ def run_export(model_dir: str | Path, out: str | Path | None, cfg, *, force: boo
     console = console or Console(quiet=True)
     out_p = Path(out) if out is not None else default_output(model_dir, cfg.format)
     config = cfg.model_dump(mode="json")
+    path, base, _ = common.resolve(model_dir, cfg.base_model)
+    inputs = common.source_inputs(path, base)
+    out_abs, fp, _ = artifacts.begin(out_p, stage=f"export-{cfg.format}", config=config, inputs=inputs)
+    if not force and artifacts.is_up_to_date(out_abs, fp):
+        console.print(f"[green]up to date[/]: {out_abs} (use --force to export again)")
+        return out_abs
     with console.status(f"loading {model_dir}"):
         src = common.load_source(model_dir, cfg.base_model)
     if cfg.format == "gguf":  # refuse unsupported architectures before any writing
         from homeforge.export.gguf import check_supported
 
         check_supported(src.model.config, src.tokenizer)
-    inputs = dict(src.inputs)
-    out_abs, fp, _ = artifacts.begin(out_p, stage=f"export-{cfg.format}", config=config, inputs=inputs)
-    if not force and artifacts.is_up_to_date(out_abs, fp):
-        console.print(f"[green]up to date[/]: {out_abs} (use --force to export again)")
-        return out_abs
     with artifacts.write_artifact(out_p, stage=f"export-{cfg.format}", config=config, inputs=inputs,
                                   force=force) as w:
         with w.timed("export"), console.status(f"exporting to {cfg.format} and checking parity"):

@@ -46,40 +46,28 @@ def tokenizer_dir(path: Path) -> bool:
     return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
 
 
-def load_source(model_dir: str | Path, base_model: str | Path | None = None) -> Source:
-    """Load a model directory for export; a PEFT LoRA adapter directory is merged into its base.
+def resolve(model_dir: str | Path, base_model: str | Path | None = None) -> tuple[Path, Path | None, dict | None]:
+    """Check a model (or LoRA adapter) directory without loading it: (path, base dir, adapter config).
 
-    Raises HomeforgeError before any heavy work when the directory or its tokenizer is missing.
+    Raises HomeforgeError when the directory, its weights, its tokenizer or an adapter's
+    base is missing, before any heavy work.
     """
-    import torch
-
-    from homeforge.models.io import check_model_dir, load_causal_lm, load_tokenizer
+    from homeforge.models.io import check_model_dir
 
     p = Path(model_dir).expanduser()
     if not p.exists():
         raise HomeforgeError(f"model directory {p} does not exist", fix="pass a local model directory")
-    torch.set_grad_enabled(False)
     if not (p / "config.json").is_file() and (p / "adapter" / "adapter_config.json").is_file():
         p = p / "adapter"  # a `homeforge train` LoRA run without a merged copy
-    if (p / "adapter_config.json").is_file():
-        return _load_lora(p, base_model)
-    check_model_dir(p)
-    if not tokenizer_dir(p):
-        raise HomeforgeError(
-            f"{p} has no tokenizer (tokenizer.json / tokenizer_config.json)",
-            where=str(p),
-            fix="copy the tokenizer files of the model into the directory; an export without its tokenizer cannot be used",
-        )
-    model, _ = load_causal_lm(p, dtype=torch.float32, with_tokenizer=False)
-    tok = load_tokenizer(p)
-    return Source(model=model, reference=model, tokenizer=tok, path=p, inputs={"model": p})
-
-
-def _load_lora(p: Path, base_model: str | Path | None) -> Source:
-    import torch
-
-    from homeforge.models.io import load_causal_lm, load_tokenizer
-
+    if not (p / "adapter_config.json").is_file():
+        check_model_dir(p)
+        if not tokenizer_dir(p):
+            raise HomeforgeError(
+                f"{p} has no tokenizer (tokenizer.json / tokenizer_config.json)",
+                where=str(p),
+                fix="copy the tokenizer files of the model into the directory; an export without its tokenizer cannot be used",
+            )
+        return p, None, None
     try:
         adapter_cfg = json.loads((p / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
@@ -95,10 +83,38 @@ def _load_lora(p: Path, base_model: str | Path | None) -> Source:
                 where=str(p / "adapter_config.json"),
                 fix="pass the base model directory with base_model=PATH (or --base PATH)",
             )
-    tok_dir = p if tokenizer_dir(p) else base
-    if not tokenizer_dir(tok_dir):
+    check_model_dir(base)
+    if not (tokenizer_dir(p) or tokenizer_dir(base)):
         raise HomeforgeError(f"neither the adapter {p} nor its base {base} has a tokenizer", where=str(p),
                              fix="copy the tokenizer files into the adapter or base directory")
+    return p, base, adapter_cfg
+
+
+def source_inputs(p: Path, base: Path | None) -> dict[str, Path]:
+    return {"model": p, **({"base_model": base} if base is not None else {})}
+
+
+def load_source(model_dir: str | Path, base_model: str | Path | None = None) -> Source:
+    """Load a model directory for export; a PEFT LoRA adapter directory is merged into its base."""
+    import torch
+
+    from homeforge.models.io import load_causal_lm, load_tokenizer
+
+    p, base, adapter_cfg = resolve(model_dir, base_model)
+    torch.set_grad_enabled(False)
+    if adapter_cfg is not None:
+        return _load_lora(p, base, adapter_cfg)
+    model, _ = load_causal_lm(p, dtype=torch.float32, with_tokenizer=False)
+    tok = load_tokenizer(p)
+    return Source(model=model, reference=model, tokenizer=tok, path=p, inputs=source_inputs(p, None))
+
+
+def _load_lora(p: Path, base: Path, adapter_cfg: dict) -> Source:
+    import torch
+
+    from homeforge.models.io import load_causal_lm, load_tokenizer
+
+    tok_dir = p if tokenizer_dir(p) else base
     try:
         from peft import PeftModel
     except ImportError:
@@ -119,7 +135,7 @@ def _load_lora(p: Path, base_model: str | Path | None) -> Source:
     lora = {"adapter": str(p), "base": str(base), "r": adapter_cfg.get("r"), "alpha": adapter_cfg.get("lora_alpha"),
             "target_modules": adapter_cfg.get("target_modules")}
     return Source(model=merged, reference=reference, tokenizer=tok, path=p, lora=lora,
-                  inputs={"model": p, "base_model": base})
+                  inputs=source_inputs(p, base))
 
 
 # --------------------------------------------------------------------------- parity
