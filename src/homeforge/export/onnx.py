@@ -252,8 +252,15 @@ def export_onnx(src: common.Source, out: Path, cfg, console=None) -> dict:
 
             q_raw = Path(scratch) / "raw.int8.onnx"
             excluded = nodes_of_modules(raw, oc.int8_exclude)
-            quantize_dynamic(raw, q_raw, weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=excluded,
-                             use_external_data_format=raw.stat().st_size > LARGE)
+            import logging
+
+            root, level = logging.getLogger(), logging.getLogger().level
+            root.setLevel(logging.ERROR)  # ORT logs a generic "consider pre-processing" hint on the root logger
+            try:
+                quantize_dynamic(raw, q_raw, weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=excluded,
+                                 use_external_data_format=raw.stat().st_size > LARGE)
+            finally:
+                root.setLevel(level)
             _ort_optimize(q_raw, out / "model.int8.onnx", oc.optimize)
             q_tol = cfg.parity.max_rel_error if cfg.parity.max_rel_error is not None else common.TOLERANCES["int8"]
             res8 = _parity(session(out / "model.int8.onnx"), src, ids, ref, oc.kv_cache, q_tol,
