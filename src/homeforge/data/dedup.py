@@ -125,11 +125,12 @@ def _group_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first[dup], order[dup]
 
 
-def find_duplicates(n: int, exact: np.ndarray | None, bands: np.ndarray | None, sigs: np.ndarray | None,
+def find_duplicates(n: int, exact: np.ndarray | None, bands: list | None, sigs: np.ndarray | None,
                     threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Cluster documents; returns (root per doc, exact-duplicate mask); a doc is kept iff root == itself.
 
-    ``exact``: (n,) uint64; ``bands``: (n, b) uint64; ``sigs``: (n, num_perm) uint32 (may be memmaps).
+    ``exact``: (n,) uint64; ``bands``: a list of callables, each returning one band column as an (n, 1)
+    uint64 array (a memmap, opened and released one at a time); ``sigs``: (n, num_perm) uint32.
     """
     uf = _UnionFind(n)
     exact_dup = np.zeros(n, dtype=bool)
@@ -140,8 +141,10 @@ def find_duplicates(n: int, exact: np.ndarray | None, bands: np.ndarray | None, 
             uf.union(a, b)
     if bands is not None and n:
         pairs = []
-        for j in range(bands.shape[1]):
-            first, other = _group_pairs(np.ascontiguousarray(bands[:, j]))
+        for open_band in bands:
+            col = open_band()
+            first, other = _group_pairs(np.array(col[:, 0]))
+            del col
             keep = ~exact_dup[other]
             if keep.any():
                 pairs.append(np.stack([first[keep], other[keep]], 1))
@@ -153,7 +156,7 @@ def find_duplicates(n: int, exact: np.ndarray | None, bands: np.ndarray | None, 
                 for (a, b), s in zip(chunk.tolist(), sim.tolist(), strict=False):
                     if s >= threshold:
                         uf.union(a, b)
-    roots = np.array([uf.find(i) for i in range(n)], dtype=np.int64) if n else np.zeros(0, dtype=np.int64)
+    roots = np.fromiter((uf.find(i) for i in range(n)), dtype=np.int64, count=n)
     return roots, exact_dup
 
 

@@ -22,6 +22,7 @@ import os
 import platform
 import shutil
 import tempfile
+from array import array
 from collections import Counter, deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -252,7 +253,8 @@ def _read_pass(cfg, files, builtins, work: Path, issues, bar, secret) -> dict:
 
     b = lsh_params(cfg.dedup.threshold, cfg.dedup.num_perm)[0] if near else 1
     exact_f = SpillArray(work / "exact.bin", np.uint64, 1)
-    bands_f = SpillArray(work / "bands.bin", np.uint64, b) if near else None
+    # one file per band, so dedup maps one band column at a time (memory stays flat)
+    bands_f = [SpillArray(work / f"band{j}.bin", np.uint64, 1) for j in range(b)] if near else None
     sigs_f = SpillArray(work / "sigs.bin", np.uint32, cfg.dedup.num_perm) if near else None
     workers = cfg.workers or os.cpu_count() or 1
     cfg_json = cfg.model_dump(mode="json")
@@ -262,14 +264,15 @@ def _read_pass(cfg, files, builtins, work: Path, issues, bar, secret) -> dict:
                 out.write("\n".join(res["lines"]) + "\n")
             exact_f.append(res["exact"])
             if near:
-                bands_f.append(res["bands"])
+                for j, f in enumerate(bands_f):
+                    f.append(res["bands"][:, j])
                 sigs_f.append(res["sigs"])
             stats["drops"].update(res["drops"])
             stats["pii"].update(res["pii"])
             bar.advance(task, 0, info=f"{exact_f.n:,} records kept of {stats['read']:,}")
     stats["n"] = exact_f.n
     stats["exact"] = exact_f.open()[:, 0]
-    stats["bands"] = bands_f.open() if near else None
+    stats["bands"] = [f.open for f in bands_f] if near else None
     stats["sigs"] = sigs_f.open() if near else None
     stats["tables"] = {name: t.correlated(cfg.report.corr_threshold) for name, t in reader.tables.items()}
     stats["formats"] = dict(reader.formats)
@@ -298,7 +301,7 @@ def _write_pass(cfg, work: Path, dest: Path | None, roots, exact_dup, sigs, bar)
     has_members[roots[roots != idx]] = True
     root_src: dict[int, str] = {}
     counts = {s: 0 for s in SPLITS}
-    chars = {s: [] for s in SPLITS}
+    chars = {s: array("q") for s in SPLITS}
     labels = {s: Counter() for s in SPLITS}
     dups = Counter()
     reservoir = Reservoir(seed=cfg.augment.seed) if cfg.augment.enabled else None
@@ -429,7 +432,7 @@ def _tokenize(cfg, tok, dest: Path, counts: dict, label_names: list[str], bar) -
             continue
         n_rec = sum(1 for _ in open(path, encoding="utf-8"))
         task = bar.task(f"tokenize {split}", total=n_rec)
-        lengths: list[int] = []
+        lengths = array("q")
         if cfg.kind == "text":
             w = ShardWriter(dest, split, vocab, tok.eos_token_id)
             for batch in _batches(_iter_jsonl(path), 1000):

@@ -8,6 +8,7 @@ so training can pack sequences and still know document boundaries.
 from __future__ import annotations
 
 import json
+from array import array
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -32,7 +33,7 @@ class ShardWriter:
         self.eos_id = eos_id
         self.file = open(self.root / f"{split}.bin", "wb")
         self.n_tokens = 0
-        self.starts: list[int] = []
+        self.starts = array("q")  # compact: 8 bytes per document
 
     def add(self, ids: list[int]) -> None:
         self.starts.append(self.n_tokens)
