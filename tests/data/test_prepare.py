@@ -55,7 +55,7 @@ def test_counts_dups_pii_and_problems(corpus):
     dedup = [json.loads(x) for x in (out / "dedup.jsonl").read_text().splitlines()]
     assert sorted(d["kind"] for d in dedup) == ["exact"] * 3 + ["near"] * 2
     assert all(d["kept"].endswith((":2", ":3", ":4", ":6", ":7")) for d in dedup)  # first copies kept
-    assert any(p["a"] == "dose_mg" and p["b"] == "dose_g" for p in rep["tabular"][str(root / "in" / "table.csv")])
+    assert any(p["a"] == "dose_mg" and p["b"] == "dose_g" for p in rep["tabular"]["in/table.csv"])
     # the cleaned records: no valid PII value anywhere, invalid-checksum numbers intact
     text = "".join((out / f"{s}.jsonl").read_text() for s in ("train", "val") if (out / f"{s}.jsonl").exists())
     for value in (cn_id(1), card(2), "zhang.wei@hospital.example.cn", "13912345678", "62345678", "7946 0958",
@@ -217,3 +217,47 @@ def test_cli_prepare_bad_input(tmp_path):
     r = hf("prepare", tmp_path / "x.jsonl", "--check-only", "split.val=0")
     assert r.returncode == 0 and "malformed_json" in r.stdout and "Dataset report" in r.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_from_model_dir_uses_its_chat_template(tmp_path, tiny_dataset):
+    """A model dir with another template (Zephyr-like, EOS closes a turn): mask follows that template."""
+    from homeforge.models.io import load_tokenizer
+
+    tok = load_tokenizer(tiny_dataset / "tokenizer")  # a private copy: the session fixture stays untouched
+    tok.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}"
+                         "{% endfor %}")
+    tok.save_pretrained(str(tmp_path / "model"))
+    rows = [{"messages": [{"role": "user", "content": f"question number {i} about the ward"},
+                          {"role": "assistant", "content": f"answer number {i} about the clinic"}]} for i in range(6)]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    res = prep([tmp_path / "c.jsonl"], tmp_path / "out", "kind=chat", "split.val=0", "dedup.near=false",
+               f"tokenizer.from_dir={tmp_path / 'model'}")
+    t2 = load_tokenizer(res["out"] / "tokenizer")
+    assert t2.get_vocab() == load_tokenizer(tmp_path / "model").get_vocab() and "eos_token" in t2.chat_template
+    recs = [json.loads(x) for x in (res["out"] / "train.jsonl").read_text().splitlines()]
+    toks = [json.loads(x) for x in (res["out"] / "train.tokens.jsonl").read_text().splitlines()]
+    for rec, t in zip(recs, toks, strict=True):
+        learned = [i for i, m in zip(t["input_ids"], t["loss_mask"], strict=True) if m]
+        assert learned[-1] == t2.eos_token_id and t2.decode(learned[:-1]) == rec["messages"][1]["content"]
+
+
+def test_pseudonym_needs_secret_and_is_stable(tmp_path, monkeypatch):
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"text": f"write to ops{i % 2}@bank.example.com about the loan "
+                                                                    f"ledger batch {i} and the audit report"}) for i in range(6)))
+    monkeypatch.delenv("HOMEFORGE_PII_SECRET", raising=False)
+    with pytest.raises(HomeforgeError, match="HOMEFORGE_PII_SECRET"):
+        prep([tmp_path / "p.jsonl"], tmp_path / "o", "pii.mode=pseudonym", "dedup.near=false")
+    monkeypatch.setenv("HOMEFORGE_PII_SECRET", "x" * 32)
+    rep = prep([tmp_path / "p.jsonl"], tmp_path / "o", "pii.mode=pseudonym", "dedup.near=false", "split.val=0")
+    text = (rep["out"] / "train.jsonl").read_text()
+    assert rep["report"]["pii"]["counts"] == {"EMAIL": 6} and "bank.example" not in text
+    assert len(set(__import__("re").findall(r"<EMAIL_[0-9a-f]{10}>", text))) == 2
+    assert "x" * 32 not in (rep["out"] / "homeforge.json").read_text()
+
+
+def test_dataset_hash_does_not_depend_on_cwd(tmp_path, monkeypatch):
+    make_corpus(tmp_path / "data" / "in")
+    a = prep([tmp_path / "data" / "in"], tmp_path / "a", "dedup.near=false", check_only=False)
+    monkeypatch.chdir(tmp_path / "data")
+    b = prep(["in"], tmp_path / "b", "dedup.near=false")
+    assert artifacts.read_manifest(a["out"])["content_hash"] == artifacts.read_manifest(b["out"])["content_hash"]

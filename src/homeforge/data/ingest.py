@@ -60,12 +60,17 @@ class Issues:
 # --------------------------------------------------------------------------- discovery
 
 
-def discover(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """(files, builtins): input paths expanded (folders recursively, globs), sorted, hidden skipped."""
+def discover(inputs: list[str]) -> tuple[list[Path], list[str], dict[Path, str]]:
+    """(files, builtins, names): inputs expanded (folders recursively, globs), sorted, hidden skipped.
+
+    ``names`` are the names used in records and reports: relative to the folder given
+    (``docs/a/b.txt`` for input ``/x/docs``), so the dataset does not depend on the cwd.
+    """
     if not inputs:
         raise HomeforgeError("no inputs given", fix="pass files, folders or globs, e.g. `homeforge prepare docs/ -o data`")
     files: list[Path] = []
     builtins: list[str] = []
+    names: dict[Path, str] = {}
     for item in inputs:
         if item.startswith(BUILTIN_PREFIX):
             name = item[len(BUILTIN_PREFIX):]
@@ -81,10 +86,16 @@ def discover(inputs: list[str]) -> tuple[list[Path], list[str]]:
             found = sorted(q for q in p.rglob("*") if q.is_file()
                            and not any(part.startswith(".") for part in q.relative_to(p).parts))
             files += found
+            for q in found:
+                names.setdefault(q, (Path(p.resolve().name) / q.relative_to(p)).as_posix())
         elif p.is_file():
             files.append(p)
+            names.setdefault(p, p.name)
         elif any(c in item for c in "*?["):
-            files += sorted(Path(q) for q in glob.glob(os.path.expanduser(item), recursive=True) if Path(q).is_file())
+            found = sorted(Path(q) for q in glob.glob(os.path.expanduser(item), recursive=True) if Path(q).is_file())
+            files += found
+            for q in found:
+                names.setdefault(q, q.as_posix())
         else:
             raise HomeforgeError(f"input {item} does not exist", fix="check the path (folders, files and globs are accepted)")
     seen: set[Path] = set()
@@ -97,7 +108,7 @@ def discover(inputs: list[str]) -> tuple[list[Path], list[str]]:
     if not unique and not builtins:
         raise HomeforgeError(f"no input files found in {', '.join(inputs)}", where=", ".join(inputs),
                              fix=f"the folder is empty; supported formats: {', '.join(sorted(FORMATS))}")
-    return unique, builtins
+    return unique, builtins, names
 
 
 # --------------------------------------------------------------------------- decoding

@@ -185,8 +185,8 @@ def _fingerprint_config(cfg, secret: bytes | None, builtins: list[str]) -> dict:
     return conf
 
 
-def _input_paths(cfg, files: list[Path]) -> dict[str, Path]:
-    inputs = {f"file:{p}": p for p in files}
+def _input_paths(cfg, files: list[Path], names: dict[Path, str]) -> dict[str, Path]:
+    inputs = {f"file:{names[p]}": p for p in files}
     for key, val in (("pii.terms_file", cfg.pii.terms_file), ("augment.synonyms_file", cfg.augment.synonyms_file),
                      ("tokenizer.from_dir", cfg.tokenizer.from_dir)):
         if val:
@@ -226,7 +226,7 @@ class _Progress:
             self.p.update(task, advance=n, info=info)
 
 
-def _read_pass(cfg, files, builtins, work: Path, issues, bar, secret) -> dict:
+def _read_pass(cfg, files, names, builtins, work: Path, issues, bar, secret) -> dict:
     """Pass 1: read, clean, filter, scrub, hash; spill survivors to ``work``."""
     from homeforge.data.dedup import SpillArray
     from homeforge.data.ingest import Reader
@@ -238,7 +238,7 @@ def _read_pass(cfg, files, builtins, work: Path, issues, bar, secret) -> dict:
 
     def records() -> Iterator[dict]:
         for p in files:
-            for rec in reader.read(p, str(p)):
+            for rec in reader.read(p, names[p]):
                 stats["read"] += 1
                 yield rec
             bar.advance(task, _size(p))
@@ -477,7 +477,7 @@ def run(cfg, *, force: bool = False, check_only: bool = False, console=None, out
     from homeforge.data.ingest import Issues, discover
 
     console = console or Console()
-    files, builtins = discover(cfg.inputs)
+    files, builtins, names = discover(cfg.inputs)
     secret = _secret(cfg)
     if cfg.pii.enabled and cfg.pii.patterns:
         import re
@@ -489,7 +489,7 @@ def run(cfg, *, force: bool = False, check_only: bool = False, console=None, out
                 raise HomeforgeError(f"pii.patterns.{name} is not a valid regular expression ({exc})",
                                      fix="correct the pattern (Python `re` syntax)") from None
     conf = _fingerprint_config(cfg, secret, builtins)
-    inputs = _input_paths(cfg, files)
+    inputs = _input_paths(cfg, files, names)
     out = Path(output or cfg.output_dir).expanduser()
     if not check_only:
         artifacts.check_writable(out)
@@ -501,7 +501,7 @@ def run(cfg, *, force: bool = False, check_only: bool = False, console=None, out
 
     def build(dest: Path | None, work: Path) -> dict:
         with _Progress(console) as bar:
-            s1 = _read_pass(cfg, files, builtins, work, issues, bar, secret)
+            s1 = _read_pass(cfg, files, names, builtins, work, issues, bar, secret)
             with console.status("finding duplicates"):
                 roots, exact_dup = find_duplicates(s1["n"], s1["exact"] if cfg.dedup.exact else None,
                                                    s1["bands"], s1["sigs"], cfg.dedup.threshold)
