@@ -90,6 +90,13 @@ _DETECTORS: list[tuple[str, str, Callable[[str], bool] | None]] = [
 ]
 
 
+# cheap guards: a detector runs only when its text could match (most documents have no PII)
+_GUARDS = {"URL_CREDENTIALS": lambda t, d: "://" in t, "EMAIL": lambda t, d: "@" in t,
+           "IPV6": lambda t, d: "::" in t or (d and t.count(":") >= 2), "IPV4": lambda t, d: d and "." in t}
+_DIGIT_TYPES = {"CN_ID", "BANK_CARD", "CN_MOBILE", "CN_LANDLINE", "PHONE"}
+_HAS_DIGIT = re.compile(r"\d")
+
+
 def _phone_len_ok(s: str) -> bool:
     n = sum(c.isdigit() for c in s)
     return 8 <= n <= 15
@@ -132,7 +139,11 @@ class Scrubber:
         """Non-overlapping (start, end, type) spans; earlier detectors win."""
         spans: list[tuple[int, int, str]] = []
         taken: list[tuple[int, int]] = []
+        digits = _HAS_DIGIT.search(text) is not None
         for kind, rx, check in self.detectors:
+            guard = _GUARDS.get(kind)
+            if (guard is not None and not guard(text, digits)) or (kind in _DIGIT_TYPES and not digits):
+                continue
             for m in rx.finditer(text):
                 s, e = m.span()
                 if s == e or (check is not None and not check(m.group())):
