@@ -261,3 +261,18 @@ def test_dataset_hash_does_not_depend_on_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "data")
     b = prep(["in"], tmp_path / "b", "dedup.near=false")
     assert artifacts.read_manifest(a["out"])["content_hash"] == artifacts.read_manifest(b["out"])["content_hash"]
+
+
+def test_parquet_missing_field_and_unsupported_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["a b c d e f g"] * 3}), tmp_path / "t.parquet")
+    with pytest.raises(HomeforgeError, match="no column 'text'") as e:
+        prep([tmp_path / "t.parquet"], tmp_path / "o")
+    assert "body" in str(e.value) and "t.parquet" in str(e.value)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text(doc(__import__("random").Random(4), 40))
+    (tmp_path / "d" / "b.xyz").write_text("what is this")
+    rep = prep([tmp_path / "d"], tmp_path / "o2", "split.val=0", check_only=True)["report"]
+    assert rep["inputs"]["files_skipped"] == {"unsupported_format": 1} and rep["records"]["out"] == 1
