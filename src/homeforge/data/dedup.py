@@ -16,6 +16,7 @@ N integers, never a Python object per shingle or per document.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import zlib
 from functools import lru_cache
@@ -177,8 +178,41 @@ class SpillArray:
         self.f.write(rows.tobytes())
         self.n += len(rows)
 
+    def rows(self) -> RowReader:
+        """Random row access by ``pread`` (the page cache, not this process, holds the file)."""
+        self.f.close()
+        return RowReader(self.path, self.dtype, self.width, self.n)
+
     def open(self) -> np.ndarray:
         self.f.close()
         if self.n == 0:
             return np.zeros((0, self.width), dtype=self.dtype)
         return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n, self.width))
+
+
+class RowReader:
+    """``reader[i]`` / ``reader[array_of_i]`` rows of a flat file, read with ``os.pread``.
+
+    Unlike a memmap, pages read here do not stay mapped in the process, so looking up
+    rows scattered over a large file does not grow the resident set.
+    """
+
+    def __init__(self, path: Path, dtype, width: int, n: int):
+        self.path, self.dtype, self.width, self.n = path, np.dtype(dtype), width, n
+        self.row_bytes = self.dtype.itemsize * width
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, idx):
+        if np.isscalar(idx):
+            return np.frombuffer(os.pread(self.fd, self.row_bytes, int(idx) * self.row_bytes), dtype=self.dtype)
+        idx = np.asarray(idx).ravel()
+        out = np.empty((len(idx), self.width), dtype=self.dtype)
+        for k, i in enumerate(idx.tolist()):
+            out[k] = np.frombuffer(os.pread(self.fd, self.row_bytes, i * self.row_bytes), dtype=self.dtype)
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)

@@ -273,7 +273,7 @@ def _read_pass(cfg, files, names, builtins, work: Path, issues, bar, secret) -> 
     stats["n"] = exact_f.n
     stats["exact"] = exact_f.open()[:, 0]
     stats["bands"] = [f.open for f in bands_f] if near else None
-    stats["sigs"] = sigs_f.open() if near else None
+    stats["sigs"] = sigs_f.rows() if near else None
     stats["tables"] = {name: t.correlated(cfg.report.corr_threshold) for name, t in reader.tables.items()}
     stats["formats"] = dict(reader.formats)
     return stats
@@ -505,7 +505,11 @@ def run(cfg, *, force: bool = False, check_only: bool = False, console=None, out
             with console.status("finding duplicates"):
                 roots, exact_dup = find_duplicates(s1["n"], s1["exact"] if cfg.dedup.exact else None,
                                                    s1["bands"], s1["sigs"], cfg.dedup.threshold)
-            s2 = _write_pass(cfg, work, dest, roots, exact_dup, s1["sigs"], bar)
+            try:
+                s2 = _write_pass(cfg, work, dest, roots, exact_dup, s1["sigs"], bar)
+            finally:
+                if s1["sigs"] is not None:
+                    s1["sigs"].close()
         report = rep.build_report(cfg, files, builtins, issues, s1, s2)
         if cfg.kind == "classification":
             rep.check_labels(cfg, report)
