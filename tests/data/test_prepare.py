@@ -276,3 +276,21 @@ def test_parquet_missing_field_and_unsupported_file(tmp_path):
     (tmp_path / "d" / "b.xyz").write_text("what is this")
     rep = prep([tmp_path / "d"], tmp_path / "o2", "split.val=0", check_only=True)["report"]
     assert rep["inputs"]["files_skipped"] == {"unsupported_format": 1} and rep["records"]["out"] == 1
+
+
+def test_encodings_bom_and_bad_bytes_mid_file(tmp_path):
+    import random
+
+    rng = random.Random(5)
+    rows = [json.dumps({"text": "患者 " + doc(rng, 25)}, ensure_ascii=False) for _ in range(3)]
+    (tmp_path / "gb.jsonl").write_bytes("\n".join(rows).encode("gb18030"))
+    (tmp_path / "u16.jsonl").write_bytes("\n".join(rows[:1]).encode("utf-16"))  # with BOM
+    big = [json.dumps({"text": doc(rng, 40)}) for _ in range(300)]  # > 64 KiB before the bad line
+    (tmp_path / "late.jsonl").write_bytes(("\n".join(big) + "\n").encode() + b'{"text": "\xff\xfe bad"}\n' + big[0].encode())
+    rep = prep([tmp_path], tmp_path / "o", "encodings=[utf-8,gb18030]", "dedup.near=false", "dedup.exact=false",
+               "split.val=0", check_only=True)["report"]
+    r = rep["records"]
+    assert r["in"] == 3 + 1 + 300 + 1 + 1 and r["dropped"]["unknown_encoding"] == 1 and not rep["inputs"]["files_skipped"]
+    assert r["in"] == r["out"] + sum(r["dropped"].values())
+    bad = [p for p in rep["problems"] if p["reason"] == "unknown_encoding"]
+    assert len(bad) == 1 and bad[0]["file"].endswith("late.jsonl") and bad[0]["line"] == 301

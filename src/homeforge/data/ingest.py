@@ -15,7 +15,6 @@ from __future__ import annotations
 import codecs
 import csv
 import glob
-import io
 import json
 import os
 from collections import Counter
@@ -252,6 +251,23 @@ def _check_fields(columns: list[str], wanted: list[str], name: str) -> None:
         )
 
 
+class _BinaryLines:
+    """Lines of a file as bytes (decoded one by one by ``Reader._lines``)."""
+
+    def __init__(self, path: Path, encoding: str):
+        self.f = open(path, "rb")
+        self.encoding = encoding
+
+    def __iter__(self):
+        return iter(self.f)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.f.close()
+
+
 class Reader:
     """Streams raw records ``{"text"|"messages"|..., "label"?, "_src": "file:line"}`` from inputs."""
 
@@ -311,6 +327,16 @@ class Reader:
         elif ext == ".docx":
             yield from self._document(path, name, self._docx_text)
         else:
+            if ext in (".jsonl", ".ndjson", ".csv", ".tsv"):  # streamed line by line
+                stream = self._open_text(path, name)
+                if stream is None:
+                    return
+                with stream:
+                    if ext in (".csv", ".tsv"):
+                        yield from self._csv(stream, name, "\t" if ext == ".tsv" else ",")
+                    else:
+                        yield from self._jsonl(stream, name)
+                return
             data = _read_bytes(path, name, self.issues)
             if data is None:
                 return
@@ -320,12 +346,8 @@ class Reader:
                 reason = "binary_file" if "binary" in str(exc) else "unknown_encoding"
                 self.issues.add(reason, name, None, str(exc))
                 return
-            if ext in (".jsonl", ".ndjson"):
-                yield from self._jsonl(text, name)
-            elif ext == ".json":
+            if ext == ".json":
                 yield from self._json(text, name)
-            elif ext in (".csv", ".tsv"):
-                yield from self._csv(text, name, "\t" if ext == ".tsv" else ",")
             else:
                 if ext in HTML_EXT:
                     text = html_to_text(text)
@@ -376,8 +398,75 @@ class Reader:
 
     # structured -------------------------------------------------------------
 
-    def _jsonl(self, text: str, name: str) -> Iterator[dict]:
-        for i, line in enumerate(io.StringIO(text), 1):
+    def _open_text(self, path: Path, name: str):
+        """A text stream in the encoding sniffed from the file's head (BOM, then ``encodings``)."""
+        try:
+            f = open(path, "rb")
+        except OSError as exc:
+            detail = "permission denied; fix its permissions or remove it" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
+            self.issues.add("unreadable_file", name, None, detail)
+            return None
+        with f:
+            head = f.read(1 << 16)
+            more = bool(f.read(1))
+        if more and b"\n" in head:
+            head = head[: head.rfind(b"\n") + 1]  # do not cut a multi-byte character
+        try:
+            decode(head, [])
+            enc = None
+        except _Undecodable as exc:
+            enc = None
+            if "byte-order" in str(exc) or "binary" in str(exc):
+                self.issues.add("binary_file" if "binary" in str(exc) else "unknown_encoding", name, None, str(exc))
+                return None
+        except Exception:
+            enc = None
+        for bom, e in ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                       (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+            if head.startswith(bom):
+                enc = e
+                break
+        if enc is None:
+            for e in self.cfg.encodings:
+                try:
+                    head.decode(e)
+                except (UnicodeDecodeError, LookupError):
+                    continue
+                enc = e
+                break
+        if enc is None:
+            self.issues.add("unknown_encoding", name, None, f"not valid {' / '.join(self.cfg.encodings)}; add its encoding "
+                            "to `encodings` (e.g. encodings=[utf-8,gb18030])")
+            return None
+        if enc in ("utf-16", "utf-32"):  # newline bytes are not separable: decode as a text stream
+            return open(path, encoding=enc, newline="")
+        return _BinaryLines(path, "utf-8" if enc == "utf-8-sig" else enc)
+
+    def _lines(self, stream, name: str) -> Iterator[tuple[int, str]]:
+        """(line number, text); a line that does not decode is counted and skipped, the file goes on."""
+        i = 0
+        it = iter(stream)
+        while True:
+            try:
+                line = next(it)
+            except StopIteration:
+                return
+            except UnicodeDecodeError as exc:
+                self.issues.add("unknown_encoding", name, i + 1, f"{exc.reason}; the rest of the file was skipped")
+                return
+            i += 1
+            if isinstance(line, bytes):
+                try:
+                    line = line.decode(stream.encoding)
+                except UnicodeDecodeError as exc:
+                    self.issues.add("unknown_encoding", name, i, f"{exc.reason} (line skipped)")
+                    continue
+                if i == 1 and line.startswith("\ufeff"):
+                    line = line[1:]
+            yield i, line
+
+    def _jsonl(self, stream, name: str) -> Iterator[dict]:
+        for i, line in self._lines(stream, name):
             if not line.strip():
                 continue
             try:
@@ -406,9 +495,9 @@ class Reader:
             if rec is not None:
                 yield rec
 
-    def _csv(self, text: str, name: str, delimiter: str) -> Iterator[dict]:
+    def _csv(self, stream, name: str, delimiter: str) -> Iterator[dict]:
         csv.field_size_limit(1 << 30)
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+        reader = csv.DictReader((line for _, line in self._lines(stream, name)), delimiter=delimiter)
         columns = reader.fieldnames or []
         _check_fields(columns, self._wanted_columns(), name)
         stats = self.tables[name] = ColumnStats(columns)
