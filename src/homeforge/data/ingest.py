@@ -411,21 +411,15 @@ class Reader:
             more = bool(f.read(1))
         if more and b"\n" in head:
             head = head[: head.rfind(b"\n") + 1]  # do not cut a multi-byte character
-        try:
-            decode(head, [])
-            enc = None
-        except _Undecodable as exc:
-            enc = None
-            if "byte-order" in str(exc) or "binary" in str(exc):
-                self.issues.add("binary_file" if "binary" in str(exc) else "unknown_encoding", name, None, str(exc))
-                return None
-        except Exception:
-            enc = None
+        enc = None
         for bom, e in ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
                        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
             if head.startswith(bom):
                 enc = e
                 break
+        if enc is None and b"\x00" in head[:8192]:
+            self.issues.add("binary_file", name, None, "binary data (NUL bytes), not text")
+            return None
         if enc is None:
             for e in self.cfg.encodings:
                 try:
