@@ -206,6 +206,8 @@ def test_cli_prepare_bad_input(tmp_path):
         return subprocess.run([sys.executable, "-m", "homeforge", *map(str, args)], capture_output=True, text=True,
                               env={**os.environ, "COLUMNS": "200"})
 
+    r = hf("prepare", "--help")
+    assert r.returncode == 0 and "Examples" in r.stdout and "--check-only" in r.stdout
     (tmp_path / "empty").mkdir()
     r = hf("prepare", tmp_path / "empty", "-o", tmp_path / "out")
     assert r.returncode == 2 and "no input files" in r.stderr and "Traceback" not in r.stderr
