@@ -34,3 +34,15 @@ def tiny_tokenizer(tiny_dataset):
     from homeforge.models.io import load_tokenizer
 
     return load_tokenizer(tiny_dataset / "tokenizer")
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_is_left_alone():
+    """Fail the test that leaves autograd switched off globally (it silently broke every later training test)."""
+    import sys
+
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("this test (or the code it ran) left torch's global grad mode off; use `with torch.no_grad():`")

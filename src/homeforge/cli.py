@@ -29,7 +29,7 @@ keys_app = typer.Typer(help="API keys for `homeforge serve` (and data-encryption
 app.add_typer(keys_app, name="keys")
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # a message is never split mid-phrase
 
 Overrides = Annotated[
     list[str] | None,

@@ -61,12 +61,11 @@ def test_sliding_window_equals_full_context_when_it_fits(models, tiny_tokenizer)
     ids = docs[1]
     nll_w, _ = lm.document_nll(model, [ids], context=16, stride=8, batch_size=1)
     manual = 0.0
-    torch.set_grad_enabled(False)
-    for begin, end, k in lm.windows_for(ids, 16, 8):
-        x = torch.tensor([ids[begin:end]])
-        logp = F.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1)
-        manual += float(-logp.gather(-1, x[0, 1:, None])[-k:].sum())
-    torch.set_grad_enabled(True)
+    with torch.no_grad():
+        for begin, end, k in lm.windows_for(ids, 16, 8):
+            x = torch.tensor([ids[begin:end]])
+            logp = F.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1)
+            manual += float(-logp.gather(-1, x[0, 1:, None])[-k:].sum())
     assert nll_w[0] == pytest.approx(manual, rel=1e-4)
     assert nll_w[0] != pytest.approx(nll[1], rel=1e-6)  # shorter context really changes the scores
 

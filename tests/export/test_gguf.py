@@ -122,7 +122,7 @@ def test_q_and_k_are_permuted_the_way_llama_cpp_expects(exports, llama_dir):
                 np.testing.assert_array_equal(g[h * 2 * half + 2 * i], w[h * 2 * half + i])
                 np.testing.assert_array_equal(g[h * 2 * half + 2 * i + 1], w[h * 2 * half + half + i])
         assert not np.array_equal(g, w)
-    np.testing.assert_array_equal(data["blk.0.attn_v.weight"], model.model.layers[0].self_attn.v_proj.weight.numpy())
+    np.testing.assert_array_equal(data["blk.0.attn_v.weight"], model.model.layers[0].self_attn.v_proj.weight.detach().numpy())
 
 
 def test_modelfile_beside_the_gguf(exports):

@@ -20,6 +20,13 @@ def default_output(model_dir: str | Path, fmt: str) -> Path:
 
 def run_export(model_dir: str | Path, out: str | Path | None, cfg, *, force: bool = False, console=None) -> Path:
     """Export ``model_dir`` in ``cfg.format`` into the artifact directory ``out``."""
+    import torch
+
+    with torch.no_grad():  # scoped, so the caller's grad mode is untouched
+        return _run_export(model_dir, out, cfg, force=force, console=console)
+
+
+def _run_export(model_dir, out, cfg, *, force: bool, console) -> Path:
     from rich.console import Console
 
     from homeforge import artifacts

@@ -101,10 +101,10 @@ def load_source(model_dir: str | Path, base_model: str | Path | None = None) -> 
     from homeforge.models.io import load_causal_lm, load_tokenizer
 
     p, base, adapter_cfg = resolve(model_dir, base_model)
-    torch.set_grad_enabled(False)
     if adapter_cfg is not None:
         return _load_lora(p, base, adapter_cfg)
     model, _ = load_causal_lm(p, dtype=torch.float32, with_tokenizer=False)
+    model.requires_grad_(False)
     tok = load_tokenizer(p)
     return Source(model=model, reference=model, tokenizer=tok, path=p, inputs=source_inputs(p, None))
 
@@ -131,6 +131,7 @@ def _load_lora(p: Path, base: Path, adapter_cfg: dict) -> Source:
     import copy
 
     reference = peft_model
+    peft_model.requires_grad_(False)
     merged = copy.deepcopy(peft_model).merge_and_unload().eval()
     lora = {"adapter": str(p), "base": str(base), "r": adapter_cfg.get("r"), "alpha": adapter_cfg.get("lora_alpha"),
             "target_modules": adapter_cfg.get("target_modules")}

@@ -95,8 +95,8 @@ def import_gguf(gguf_file: str | Path, out: str | Path | None, cfg, *, force: bo
     if not force and artifacts.is_up_to_date(out_abs, fp):
         console.print(f"[green]up to date[/]: {out_abs} (use --force to import again)")
         return out_abs
-    torch.set_grad_enabled(False)
-    with artifacts.write_artifact(out_p, stage="import-gguf", config=config, inputs={"gguf": path}, force=force) as w:
+    with torch.no_grad(), artifacts.write_artifact(out_p, stage="import-gguf", config=config, inputs={"gguf": path},
+                                                   force=force) as w:
         with w.timed("load"), console.status(f"loading and dequantizing {path.name}"):
             model, tok = load_gguf(path)
         with w.timed("save"), console.status("saving the model directory and checking parity"):
