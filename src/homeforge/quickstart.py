@@ -55,65 +55,65 @@ def build_dataset(cfg: QuickstartConfig, out: Path, force: bool, console: Consol
     return res["out"]
 
 
-def train_model(cfg: QuickstartConfig, data_dir: Path, out: Path, force: bool, console: Console) -> dict:
-    """Model artifact: pretrain the preset on the dataset, evaluate, save an HF directory."""
+def train_model(cfg: QuickstartConfig, data_dir: Path, run_dir: Path, force: bool, console: Console) -> dict:
+    """Model artifact ``run_dir/model``: pretrain the preset with the training engine (the same
+    ``train_task`` as `homeforge train`), then full validation perplexity vs a unigram baseline."""
+    import shutil
+
     import torch
 
     from homeforge.data.shards import load_tokens
-    from homeforge.evaluate.perplexity import mean_loss, perplexity, unigram_loss
-    from homeforge.models.io import load_tokenizer, save_model_dir
-    from homeforge.models.presets import build_model, count_params, preset_config
-    from homeforge.train.data import PackedWindows
-    from homeforge.train.loop import train_lm
-    from homeforge.train.plots import plot_history
+    from homeforge.evaluate.perplexity import perplexity, unigram_loss
+    from homeforge.train.checkpoint import checkpoint_dir
+    from homeforge.train.loop import TrainingInterrupted, train_task
+    from homeforge.train.methods import build_task
 
-    tcfg = cfg.train
-    config = tcfg.model_dump(mode="json")
-    out_p, fp, _ = artifacts.begin(out, stage="train", config=config, inputs={"dataset": data_dir})
+    tcfg = cfg.train.model_copy(update={"method": "pretrain", "data": str(data_dir), "output_dir": str(run_dir)})
+    model_dir = run_dir / "model"
+    out_p, fp, _ = artifacts.begin(model_dir, stage="train", config=tcfg.model_dump(mode="json"),
+                                   inputs={"dataset": tcfg.data})
     if not force and artifacts.is_up_to_date(out_p, fp):
         console.print(f"[green]model up to date[/] {out_p} (same dataset and config; --force retrains)")
         return artifacts.read_manifest(out_p)["metrics"]
-    tok = load_tokenizer(data_dir / "tokenizer")
+    shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)  # a new run: no stale checkpoints to mix in
+    task = build_task(tcfg, data_dir)
+    if task.val is None:
+        raise HomeforgeError(f"the dataset has no validation windows of seq_len={tcfg.seq_len}", where=str(data_dir),
+                             fix="lower train.seq_len or raise corpus.max_chars / corpus.val_fraction")
     train_tokens, val_tokens = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
-    train_data = PackedWindows(train_tokens, tcfg.seq_len, seed=tcfg.seed)
-    val_data = PackedWindows(val_tokens, tcfg.seq_len, shuffle=False)
-    if len(train_data) == 0 or len(val_data) == 0:
-        raise HomeforgeError(f"the dataset is too small for seq_len={tcfg.seq_len}", where=str(data_dir),
-                             fix="lower train.seq_len or raise corpus.max_chars")
-    mcfg = preset_config(tcfg.model.preset or "tiny", len(tok), bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, overrides=tcfg.model.overrides)
-    model = build_model(mcfg, seed=tcfg.seed)
-    n_params = count_params(model)
+    n_params = task.info["params"]
     console.print(f"model: Llama-architecture preset [bold]{tcfg.model.preset}[/], {n_params / 1e6:.2f}M parameters, "
-                  f"{torch.get_num_threads()} CPU threads" if not torch.cuda.is_available() else "on CUDA")
-    with artifacts.write_artifact(out_p, stage="train", config=config, inputs={"dataset": data_dir}, force=True) as art:
-        with progress_bar(console) as bar:
-            task = bar.add_task("training", total=tcfg.max_steps, info="")
+                  + (f"{torch.get_num_threads()} CPU threads" if not torch.cuda.is_available() else "on CUDA"))
 
-            def on_log(state, rec):
-                info = f"loss {rec.get('loss', float('nan')):.3f}"
-                if "val_loss" in rec:
-                    info += f" val {rec['val_loss']:.3f}"
-                if "tokens_per_s" in rec:
-                    info += f" {rec['tokens_per_s']:.0f} tok/s"
-                bar.update(task, completed=state.step, total=state.total_steps, info=info)
+    def final_eval(model) -> dict:  # every validation window, not the engine's sampled eval_batches
+        console.print("evaluating validation perplexity")
+        total, count = 0.0, 0
+        for batch in task.val.eval_batches(tcfg.micro_batch_size):
+            out = task.loss_fn(model, batch)
+            total, count = total + out.loss_sum.item(), count + out.n_tokens
+        val_loss, uni_loss = total / count, unigram_loss(train_tokens, val_tokens, len(task.tokenizer))
+        return {"val_loss": val_loss, "val_ppl": perplexity(val_loss), "val_tokens": count,
+                "unigram_loss": uni_loss, "unigram_ppl": perplexity(uni_loss), "params": n_params}
 
-            with art.timed("train"):
-                state = train_lm(model, tcfg, train_data, val_data, art.dir, progress=on_log)
-            bar.update(task, completed=state.step, total=state.step)
-        with art.timed("eval"), console.status("evaluating validation perplexity"):
-            val_loss, n_val = mean_loss(model, val_data, tcfg.micro_batch_size)
-            uni_loss = unigram_loss(train_tokens, val_tokens, len(tok))
-        model.to("cpu")
-        save_model_dir(model, tok, art.dir)
-        plot_history(state.history, art.dir / "loss.png")
-        speeds = [r["tokens_per_s"] for r in state.history if "tokens_per_s" in r]
-        art.metrics = {"val_loss": val_loss, "val_ppl": perplexity(val_loss), "val_tokens": n_val,
-                       "unigram_loss": uni_loss, "unigram_ppl": perplexity(uni_loss), "steps": state.step,
-                       "tokens_seen": state.samples * tcfg.seq_len, "params": n_params,
-                       "tokens_per_s": sorted(speeds)[len(speeds) // 2] if speeds else None}
-        art.extra.update(kind="causal-lm", architecture="LlamaForCausalLM", dataset=str(data_dir))
-    return art.metrics
+    task.final_eval = final_eval
+    with progress_bar(console) as bar:
+        bar_task = bar.add_task("training", total=tcfg.max_steps, info="")
+
+        def on_log(state, rec):
+            info = f"loss {rec.get('loss', float('nan')):.3f}"
+            if "val_loss" in rec:
+                info += f" val {rec['val_loss']:.3f}"
+            if "tokens_per_s" in rec:
+                info += f" {rec['tokens_per_s']:.0f} tok/s"
+            bar.update(bar_task, completed=state.step, total=state.total_steps, info=info)
+
+        try:
+            state = train_task(task, tcfg, run_dir, progress=on_log)
+        except TrainingInterrupted as exc:
+            raise HomeforgeError(f"the quickstart stopped on request: {exc.what}",
+                                 fix="run `homeforge quickstart` again: the dataset is kept, training starts over") from None
+        bar.update(bar_task, completed=state.step, total=state.step)
+    return artifacts.read_manifest(model_dir)["metrics"]
 
 
 def run(cfg: QuickstartConfig, force: bool = False, console: Console | None = None) -> dict:
@@ -126,12 +126,12 @@ def run(cfg: QuickstartConfig, force: bool = False, console: Console | None = No
     artifacts.check_writable(out / "data")
     data_dir = build_dataset(cfg, out / "data", force, console)
     model_dir = out / "model"
-    metrics = train_model(cfg, data_dir, model_dir, force, console)
+    metrics = train_model(cfg, data_dir, out, force, console)
     model, tok = load_causal_lm(model_dir)
     console.rule("results")
     console.print(f"validation perplexity [bold green]{metrics['val_ppl']:.1f}[/] vs unigram baseline "
                   f"[bold]{metrics['unigram_ppl']:.1f}[/] ({metrics['unigram_ppl'] / metrics['val_ppl']:.1f}x lower) "
-                  f"after {metrics['steps']} steps, {metrics['tokens_seen']:,} tokens")
+                  f"after {metrics['steps']} steps, {metrics['samples'] * cfg.train.seq_len:,} tokens")
     console.rule("samples (temperature 0.7, top-k 40, seed 0)")
     samples = []
     for prompt in cfg.prompts:
