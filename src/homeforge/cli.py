@@ -281,7 +281,7 @@ def serve(
     config: ConfigFile = None,
     host: Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1; others need API keys)")] = None,
     port: Annotated[int | None, typer.Option(help="TCP port (default 8000)")] = None,
-    backend: Annotated[str | None, typer.Option(help="torch (default), onnx or vllm")] = None,
+    backend: Annotated[str | None, typer.Option(help="auto (default: onnx for an ONNX export, else torch), torch, onnx or vllm")] = None,
     model_name: Annotated[str | None, typer.Option(help="model id clients use (default: directory name)")] = None,
     max_batch_size: Annotated[int | None, typer.Option(min=1, help="sequences decoded together")] = None,
     keys_file: Annotated[Path | None, typer.Option(help="API key store (default ~/.homeforge/api_keys.json)")] = None,
@@ -498,9 +498,10 @@ def eval_cmd(
     config: ConfigFile = None,
     force: Force = False,
 ) -> None:
-    """Evaluate a model on a dataset: perplexity, generation metrics and speed, or classifier
-    metrics; robustness under seeded typos; paired significance tests against a baseline;
-    quality gates (exit code 3 when one fails); report eval.json, eval.md and PNG plots.
+    """Evaluate a model on a dataset: perplexity, generation metrics and speed, or classifier metrics.
+
+    Also robustness under seeded typos, paired significance tests against a baseline, and
+    quality gates (exit code 3 when one fails); writes eval.json, eval.md and PNG plots.
 
     Examples:
 
@@ -536,9 +537,10 @@ def compress(
     force: Annotated[bool, typer.Option("--force", help="write even if the quality gate fails; replace an "
                                         "existing output")] = False,
 ) -> None:
-    """Compress a model into a new model directory: int8/int4 quantization, QAT, distillation
-    or pruning. Prints a before/after table (size on disk, latency at batch 1 and 8,
-    perplexity) and refuses to write a model that fails the quality gate unless --force.
+    """Compress a model into a new model directory: int8/int4 quantization, QAT, distillation or pruning.
+
+    Prints a before/after table (size on disk, latency at batch 1 and 8, perplexity) and
+    refuses to write a model that fails the quality gate unless --force.
 
     Examples:
 

@@ -358,7 +358,8 @@ class ServeConfig(Section):
     model_name: str | None = Field(None, description="model id clients pass as `model` (default: the directory name)")
     host: str = Field("127.0.0.1", description="bind address; a non-loopback address requires API keys")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
-    backend: Literal["torch", "onnx", "vllm"] = Field("torch", description="inference backend")
+    backend: Literal["auto", "torch", "onnx", "vllm"] = Field(
+        "auto", description="inference backend (auto = onnx for an ONNX export directory, else torch)")
     onnx_file: str = Field("model.onnx", description="ONNX backend: graph file in the exported directory "
                                                      "(model.int8.onnx for the int8 export)")
     max_batch_size: int = Field(16, ge=1, description="sequences decoded together in one step")

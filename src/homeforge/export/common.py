@@ -103,7 +103,7 @@ def load_source(model_dir: str | Path, base_model: str | Path | None = None) -> 
     p, base, adapter_cfg = resolve(model_dir, base_model)
     if adapter_cfg is not None:
         return _load_lora(p, base, adapter_cfg)
-    model, _ = load_causal_lm(p, dtype=torch.float32, with_tokenizer=False)
+    model, _ = load_causal_lm(p, dtype=torch.float32, with_tokenizer=False, dequantize=True)
     model.requires_grad_(False)
     tok = load_tokenizer(p)
     return Source(model=model, reference=model, tokenizer=tok, path=p, inputs=source_inputs(p, None))
@@ -121,7 +121,7 @@ def _load_lora(p: Path, base: Path, adapter_cfg: dict) -> Source:
         raise HomeforgeError("merging a LoRA adapter needs peft", fix="pip install 'homeforge[train]'") from None
     from homeforge.security import storage
 
-    base_model_obj, _ = load_causal_lm(base, dtype=torch.float32, with_tokenizer=False)
+    base_model_obj, _ = load_causal_lm(base, dtype=torch.float32, with_tokenizer=False, dequantize=True)
     if storage.has_encrypted_weights(p):  # an encrypted adapter: decrypted in memory (security/storage.py)
         peft_model = storage.load_encrypted_adapter(base_model_obj, p).eval()
     else:

@@ -44,8 +44,12 @@ def load_tokenizer(path: str | Path):
         return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
 
 
-def load_causal_lm(path: str | Path, dtype=None, with_tokenizer: bool = True):
-    """Load a local causal LM (and its tokenizer). Never reaches a hub."""
+def load_causal_lm(path: str | Path, dtype=None, with_tokenizer: bool = True, dequantize: bool = False):
+    """Load a local causal LM (and its tokenizer). Never reaches a hub.
+
+    A `homeforge compress` int8/int4 directory is rebuilt with this hardware's kernels, or
+    with ``dequantize`` as a plain fp32 model of the dequantized weights (for exporters).
+    """
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -59,7 +63,7 @@ def load_causal_lm(path: str | Path, dtype=None, with_tokenizer: bool = True):
         from homeforge.security import storage
 
         if qinfo:
-            model = load_quantized(p, qinfo)
+            model = load_quantized(p, qinfo, dequantize=dequantize)
         elif storage.has_encrypted_weights(p):  # decrypted in memory only (security/storage.py)
             model = storage.load_encrypted_pretrained(AutoModelForCausalLM, p, dtype)
         else:

@@ -132,10 +132,20 @@ def detect_kind(model_dir: Path) -> str:
     return "classifier" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal"
 
 
+def resolve_backend(cfg: ServeConfig) -> ServeConfig:
+    """``backend=auto``: ONNX Runtime for a directory that holds an ONNX graph and no weights, else PyTorch."""
+    if cfg.backend != "auto":
+        return cfg
+    p = Path(cfg.model_dir or "")
+    onnx_only = (p / cfg.onnx_file).is_file() and not any(p.glob("*.safetensors")) and not any(p.glob("*.bin"))
+    return cfg.model_copy(update={"backend": "onnx" if onnx_only else "torch"})
+
+
 def load_model(cfg: ServeConfig):
     """(kind, model, tokenizer, backend) for ``cfg.model_dir`` and ``cfg.backend``."""
     from homeforge.models.io import check_model_dir, load_causal_lm, load_tokenizer
 
+    cfg = resolve_backend(cfg)
     if cfg.backend == "vllm":
         try:
             import vllm  # noqa: F401
@@ -167,7 +177,11 @@ def load_model(cfg: ServeConfig):
 
         from homeforge.security import storage
 
-        if storage.has_encrypted_weights(p):  # decrypted in memory only (security/storage.py)
+        from homeforge.compress.quantize import load_quantized, read_quantization
+
+        if qinfo := read_quantization(p):  # a `homeforge compress` int8/int4 classifier
+            model = load_quantized(p, qinfo)
+        elif storage.has_encrypted_weights(p):  # decrypted in memory only (security/storage.py)
             model = storage.load_encrypted_pretrained(AutoModelForSequenceClassification, p, torch.float32)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(str(p), local_files_only=True,
@@ -203,6 +217,7 @@ class ServerState:
         try:
             if self.cfg.threads:
                 torch.set_num_threads(self.cfg.threads)
+            self.cfg = resolve_backend(self.cfg)
             self.kind, self.model, self.tok, backend = load_model(self.cfg)
             if backend is not None:
                 # the engine thread gets its own tokenizer: a Rust tokenizer shared between threads can
@@ -915,6 +930,7 @@ def serve(cfg: ServeConfig, console=None) -> None:
     from homeforge.models.io import check_model_dir
     from homeforge.serve.audit import RequestAudit
 
+    cfg = resolve_backend(cfg)
     if cfg.backend == "torch":
         check_model_dir(cfg.model_dir or "")
     keys = KeyStore.open(cfg.keys_file)
