@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "COLUMNS": "200"}
 
@@ -104,7 +103,7 @@ def test_language_model_journey(tmp_path):
        "optim.lr=3e-3")
     model = run / "model"
     assert manifest(model)["inputs"]["dataset"] == manifest(data)["content_hash"]
-    r = hf("eval", model, "--data", data, "robustness.enabled=false", "gates.max_ppl=1e9")
+    hf("eval", model, "--data", data, "robustness.enabled=false", "gates.max_ppl=1e9")
     ppl = json.loads((run / "model-eval" / "eval.json").read_text())["model"]["perplexity"]["ppl"]
     assert 1 < ppl < 600  # trained: below a uniform guess over the 600-token vocabulary
     hf("compress", model, "-m", "int8-dynamic", "-d", data)

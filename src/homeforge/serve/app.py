@@ -175,9 +175,8 @@ def load_model(cfg: ServeConfig):
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        from homeforge.security import storage
-
         from homeforge.compress.quantize import load_quantized, read_quantization
+        from homeforge.security import storage
 
         if qinfo := read_quantization(p):  # a `homeforge compress` int8/int4 classifier
             model = load_quantized(p, qinfo)
