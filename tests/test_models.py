@@ -61,3 +61,35 @@ def test_load_missing_model_dir_is_clear(tmp_path):
         load_causal_lm(tmp_path / "empty")
 
 
+
+
+def test_wrong_kind_of_directory_says_what_it_is_and_what_to_run(tmp_path):
+    """A LoRA adapter, a GGUF, an ONNX export or a classifier passed where a causal LM is needed."""
+    import json
+
+    from transformers import LlamaForSequenceClassification
+
+    from homeforge.errors import HomeforgeError
+    from homeforge.models.io import check_model_dir, load_causal_lm
+
+    (tmp_path / "lora" / "adapter").mkdir(parents=True)
+    (tmp_path / "lora" / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(HomeforgeError, match="LoRA adapter") as e:
+        check_model_dir(tmp_path / "lora")
+    assert "--format hf --base" in e.value.fix
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / "m-q8_0.gguf").write_bytes(b"GGUF")
+    with pytest.raises(HomeforgeError, match="GGUF") as e:
+        check_model_dir(tmp_path / "gguf")
+    assert "homeforge import" in e.value.fix
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "onnx" / "model.onnx").write_bytes(b"onnx")
+    with pytest.raises(HomeforgeError, match="ONNX export") as e:
+        check_model_dir(tmp_path / "onnx")
+    assert "homeforge serve" in e.value.fix
+    cfg = preset_config("debug", 64)
+    cfg.num_labels = 2
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "cls")
+    with pytest.raises(HomeforgeError, match="sequence classifier"):
+        load_causal_lm(tmp_path / "cls", with_tokenizer=False)

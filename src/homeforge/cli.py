@@ -525,7 +525,7 @@ def eval_cmd(
 
 @app.command()
 def compress(
-    model_dir: Annotated[Path, typer.Argument(help="local model directory (causal LM)")],
+    model_dir: Annotated[Path, typer.Argument(help="local model directory (causal LM or classifier)")],
     method: Annotated[str | None, typer.Option("--method", "-m", help="int8-dynamic, int8-weight-only, "
                                                "int4-weight-only, qat, distill, prune")] = None,
     data: Annotated[Path | None, typer.Option("--data", "-d", help="text dataset artifact for the quality gate "
@@ -598,7 +598,7 @@ def train(
     Examples:
 
         homeforge train --data runs/data --output runs/pre model.preset=tiny max_steps=2000
-        homeforge train --config examples/lora.yaml --output runs/lora
+        homeforge train --config examples/lora-smollm2.yaml --output runs/lora
         homeforge train --output runs/pre --resume latest
         homeforge train --config pre.yaml --nproc 2 distributed.strategy=fsdp
     """
@@ -736,9 +736,16 @@ def keys_rotate(
             retired = current.with_name(f"{current.name}.retired-{old.key_id}")
             os.replace(current, retired)
             console.print(f"old key kept in {retired}", highlight=False)
-        os.replace(pending, current)
+        old_copy = current.with_name(f"{current.name}.destroy-{old.key_id}")
         if not keep_old:
-            console.print(f"old key {old.key_id} destroyed", highlight=False)
+            old_copy.unlink(missing_ok=True)
+            os.link(current, old_copy)  # a second name for the old key's bytes, to overwrite them below
+        os.replace(pending, current)  # atomic: data.key is the old key or the new one, never missing
+        if not keep_old:
+            from homeforge.security.keys import destroy_key_file
+
+            destroy_key_file(old_copy)
+            console.print(f"old key {old.key_id} overwritten and deleted", highlight=False)
     console.print(f"rotated {len(found)} artifacts ({total} files) from key {old.key_id} to {new.key_id}",
                   highlight=False)
 

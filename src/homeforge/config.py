@@ -215,6 +215,9 @@ class QuickstartConfig(Section):
             optim=OptimConfig(lr=2e-3),
             schedule=ScheduleConfig(warmup_steps=30),
             eval_every=100,
+            # a short run: one checkpoint at the end (and on Ctrl-C), metrics.jsonl + loss.png only
+            checkpoint=CheckpointConfig(every=0, best=False),
+            tracking=TrackingConfig(tensorboard=False),
         )
     )
     prompts: list[str] = Field(

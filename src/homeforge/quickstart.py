@@ -110,8 +110,10 @@ def train_model(cfg: QuickstartConfig, data_dir: Path, run_dir: Path, force: boo
         try:
             state = train_task(task, tcfg, run_dir, progress=on_log)
         except TrainingInterrupted as exc:
-            raise HomeforgeError(f"the quickstart stopped on request: {exc.what}",
-                                 fix="run `homeforge quickstart` again: the dataset is kept, training starts over") from None
+            stopped = HomeforgeError(f"the quickstart stopped on request: {exc.what}",
+                                     fix="run `homeforge quickstart` again: the dataset is kept, training starts over")
+            stopped.exit_code = exc.exit_code  # 130, like any interrupted command
+            raise stopped from None
         bar.update(bar_task, completed=state.step, total=state.step)
     return artifacts.read_manifest(model_dir)["metrics"]
 
@@ -139,8 +141,12 @@ def run(cfg: QuickstartConfig, force: bool = False, console: Console | None = No
         samples.append({"prompt": prompt, "completion": text})
         console.print(f"[bold]{prompt}[/]{text}")
     console.rule("next")
+    from homeforge.security.storage import has_encrypted_weights
+
+    how = ("encrypted at rest: homeforge commands read it; `homeforge export --format hf` writes a plain copy"
+           if has_encrypted_weights(model_dir) else "loads with transformers' AutoModelForCausalLM, no homeforge needed")
     console.print(
-        f"model directory: {model_dir.absolute()}  (loads with transformers' AutoModelForCausalLM, no homeforge needed)\n"
+        f"model directory: {model_dir.absolute()}  ({how})\n"
         f"  homeforge generate {model_dir} --prompt 'Return the' --temperature 0.8\n"
         f"  homeforge quickstart --minutes 20          # train longer for a better model\n"
         f"  homeforge config show quickstart           # every setting and its default\n"

@@ -189,6 +189,8 @@ def test_rotation_keeps_everything_readable_under_new_key_only(env, tmp_path, mo
     new = keys.load_key()
     assert new.key_id != old.key_id
     assert not (home / "keys" / "data.key.new").exists()
+    assert sorted(f.name for f in (home / "keys").iterdir()) == ["data.key"]  # the old key's copy is destroyed
+    assert "overwritten and deleted" in r.output
     for art in ("data", "model"):
         m = json.loads((root / art / "homeforge.json").read_text())
         assert m["encryption"]["key_id"] == new.key_id and m["rotations"][-1]["from_key_id"] == old.key_id

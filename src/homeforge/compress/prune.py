@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
 
 from homeforge.compress.quantize import quantizable_linears, skip_init
 from homeforge.errors import HomeforgeError
@@ -128,5 +127,3 @@ def prune_structured(model, mlp_keep: float, heads_keep: float):
     return new, stats
 
 
-def count_linear_params(model) -> int:
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))

@@ -63,10 +63,3 @@ def stdlib_docstrings(max_chars: int, min_chars: int = 80, progress=None) -> lis
     return docs
 
 
-def split_by_hash(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """Deterministic split: a document goes to validation when its hash falls below the fraction."""
-    train, val = [], []
-    for d in docs:
-        h = int.from_bytes(hashlib.sha256(d.encode()).digest()[:8], "big") / 2**64
-        (val if h < val_fraction else train).append(d)
-    return train, val

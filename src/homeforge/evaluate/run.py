@@ -86,7 +86,7 @@ def model_kind(model_dir: Path) -> str:
 
 
 def load_model(model_dir: Path, kind: str):
-    from homeforge.models.io import check_model_dir, load_causal_lm, load_tokenizer
+    from homeforge.models.io import check_model_dir, load_causal_lm, load_classifier
 
     p = check_model_dir(model_dir)
     mk = model_kind(p)
@@ -98,20 +98,7 @@ def load_model(model_dir: Path, kind: str):
         raise HomeforgeError(f"{p} is a sequence classifier but the dataset kind is {kind!r}", where=str(p),
                              fix="give a classification dataset (made by `homeforge prepare` with kind classification)")
     if mk == "classifier":
-        from transformers import AutoModelForSequenceClassification
-
-        from homeforge.security import storage
-
-        tok = load_tokenizer(p)
-        if storage.has_encrypted_weights(p):  # decrypted in memory only (security/storage.py)
-            return storage.load_encrypted_pretrained(AutoModelForSequenceClassification, p), tok
-        from homeforge.compress.quantize import load_quantized, read_quantization
-
-        qinfo = read_quantization(p)  # a `homeforge compress` int8/int4 classifier
-        if qinfo:
-            return load_quantized(p, qinfo).eval(), tok
-        model = AutoModelForSequenceClassification.from_pretrained(str(p), local_files_only=True).eval()
-        return model, tok
+        return load_classifier(p)
     return load_causal_lm(p)
 
 

@@ -196,11 +196,6 @@ def tolerance_for(precision: str, configured: float | None) -> float:
     return configured if configured is not None else TOLERANCES[precision]
 
 
-def copy_tokenizer(tokenizer, out: Path) -> None:
-    """Save the tokenizer (with its chat template) into ``out``."""
-    tokenizer.save_pretrained(str(out))
-
-
 def chat_template(tokenizer) -> str | None:
     tmpl = getattr(tokenizer, "chat_template", None)
     if isinstance(tmpl, dict):  # several named templates: the default one

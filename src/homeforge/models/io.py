@@ -18,6 +18,14 @@ def check_model_dir(path: str | Path) -> Path:
             f"model directory {p} does not exist",
             fix="pass a local model directory (homeforge never downloads models); e.g. the output of `homeforge quickstart`",
         )
+    no_config = not (p / "config.json").is_file()
+    if no_config and ((p / "adapter_config.json").is_file() or (p / "adapter" / "adapter_config.json").is_file()):
+        raise HomeforgeError(f"{p} holds a LoRA adapter, not a full model", where=str(p),
+                             fix=f"merge it into its base first: homeforge export {p} --format hf --base BASE_MODEL_DIR "
+                                 "(or train with lora.merge=true)")
+    if no_config and p.is_dir() and (ggufs := sorted(p.glob("*.gguf"))):
+        raise HomeforgeError(f"{p} holds a GGUF file, not a Hugging Face model directory", where=str(p),
+                             fix=f"import it first: homeforge import {ggufs[0]} -o MODEL_DIR")
     if not p.is_dir() or not (p / "config.json").is_file():
         raise HomeforgeError(
             f"{p} is not a model directory: it has no config.json",
@@ -25,6 +33,10 @@ def check_model_dir(path: str | Path) -> Path:
             fix="pass a Hugging Face model directory (config.json + weights + tokenizer)",
         )
     weights = list(p.glob("*.safetensors")) + list(p.glob("*.bin")) + list(p.glob("*.safetensors.index.json"))
+    if not weights and any(p.glob("*.onnx")):
+        raise HomeforgeError(f"{p} is an ONNX export: it has a graph but no PyTorch weights", where=str(p),
+                             fix=f"serve it with `homeforge serve {p}` (ONNX Runtime); other commands need the "
+                                 "model directory it was exported from")
     if not weights:
         raise HomeforgeError(f"{p} has a config.json but no weights (*.safetensors)", where=str(p),
                              fix="copy the weight files into the directory, or re-run the stage that made it")
@@ -56,6 +68,10 @@ def load_causal_lm(path: str | Path, dtype=None, with_tokenizer: bool = True, de
 
     hf_logging.disable_progress_bar()
     p = check_model_dir(path)
+    if (arch := classifier_architecture(p)) is not None:
+        raise HomeforgeError(f"{p} holds a sequence classifier ({arch}), not a causal language model", where=str(p),
+                             fix="this command needs a causal LM; classifiers are evaluated with `homeforge eval`, "
+                                 "compressed with `homeforge compress` and served with `homeforge serve`")
     from homeforge.compress.quantize import load_quantized, read_quantization
 
     try:
@@ -74,6 +90,35 @@ def load_causal_lm(path: str | Path, dtype=None, with_tokenizer: bool = True, de
     model.eval()
     tok = load_tokenizer(p) if with_tokenizer else None
     return model, tok
+
+
+def classifier_architecture(p: Path) -> str | None:
+    """The ``*ForSequenceClassification`` architecture named in ``p/config.json``, or None."""
+    import json
+
+    try:
+        archs = json.loads((p / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError):
+        return None
+    return next((a for a in archs if a.endswith("ForSequenceClassification")), None)
+
+
+def load_classifier(path: str | Path, with_tokenizer: bool = True):
+    """Load a local sequence classifier: plain, encrypted or a `homeforge compress` int8/int4 directory."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from homeforge.compress.quantize import load_quantized, read_quantization
+    from homeforge.security import storage
+
+    p = check_model_dir(path)
+    if qinfo := read_quantization(p):  # checked first: a quantized directory may also be encrypted
+        model = load_quantized(p, qinfo)
+    elif storage.has_encrypted_weights(p):  # decrypted in memory only (security/storage.py)
+        model = storage.load_encrypted_pretrained(AutoModelForSequenceClassification, p, torch.float32)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(str(p), local_files_only=True, dtype=torch.float32)
+    return model.eval(), (load_tokenizer(p) if with_tokenizer else None)
 
 
 def save_model_dir(model, tokenizer, out: str | Path, generation: dict | None = None) -> None:

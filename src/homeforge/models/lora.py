@@ -33,10 +33,6 @@ EXPERT_PARAMS = ("gate_up_proj", "down_proj", "up_proj", "gate_proj")
 NEVER_TARGET = {"lm_head", "score", "classifier", "gate", "router", "shared_expert_gate"}
 
 
-def is_moe(model) -> bool:
-    return bool(expert_parameters(model))
-
-
 def expert_parameters(model) -> list[str]:
     """Suffixes (``mlp.experts.gate_up_proj``) of the fused 3-D routed-expert parameters."""
     out = set()
@@ -124,10 +120,6 @@ def apply_lora(model, r: int = 16, alpha: float = 32, dropout: float = 0.05, tar
         warnings.filterwarnings("ignore", message=".*target_parameters.*")
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         return get_peft_model(model, cfg)
-
-
-def trainable_parameters(model) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def merged_copy(peft_model):

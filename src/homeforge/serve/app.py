@@ -143,7 +143,7 @@ def resolve_backend(cfg: ServeConfig) -> ServeConfig:
 
 def load_model(cfg: ServeConfig):
     """(kind, model, tokenizer, backend) for ``cfg.model_dir`` and ``cfg.backend``."""
-    from homeforge.models.io import check_model_dir, load_causal_lm, load_tokenizer
+    from homeforge.models.io import check_model_dir, load_causal_lm, load_classifier, load_tokenizer
 
     cfg = resolve_backend(cfg)
     if cfg.backend == "vllm":
@@ -172,20 +172,8 @@ def load_model(cfg: ServeConfig):
     p = check_model_dir(cfg.model_dir or "")
     kind = detect_kind(p)
     if kind == "classifier":
-        import torch
-        from transformers import AutoModelForSequenceClassification
-
-        from homeforge.compress.quantize import load_quantized, read_quantization
-        from homeforge.security import storage
-
-        if qinfo := read_quantization(p):  # a `homeforge compress` int8/int4 classifier
-            model = load_quantized(p, qinfo)
-        elif storage.has_encrypted_weights(p):  # decrypted in memory only (security/storage.py)
-            model = storage.load_encrypted_pretrained(AutoModelForSequenceClassification, p, torch.float32)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(str(p), local_files_only=True,
-                                                                       dtype=torch.float32).eval()
-        return kind, model, load_tokenizer(p), None
+        model, tok = load_classifier(p)
+        return kind, model, tok, None
     model, tok = load_causal_lm(p)
     return kind, model, tok, TorchBackend(model)
 

@@ -7,10 +7,6 @@ import contextlib
 import torch
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def resolve_precision(requested: str, device: torch.device) -> str:
     """``auto``: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU.
 

@@ -104,16 +104,7 @@ def build_classifier(cfg, ds, labels: list[str]):
     torch.manual_seed(cfg.seed)  # the new head's initialisation
     if cfg.model.path:
         model_dir = check_model_dir(cfg.model.path)
-        hf_logging.set_verbosity_error()  # "newly initialized: score.weight" is expected here
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(model_dir), local_files_only=True, dtype=torch.float32, num_labels=len(labels),
-                id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True)
-        except (OSError, ValueError, KeyError) as exc:
-            raise HomeforgeError(f"could not load {model_dir} as a sequence classifier: {exc}", where=str(model_dir),
-                                 fix="pass a Hugging Face model directory (a causal LM or an encoder)") from None
-        finally:
-            hf_logging.set_verbosity_warning()
+        model = _load_base_classifier(model_dir, id2label, label2id)
         model_tok = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() or \
             (model_dir / "tokenizer_config.json").is_file() else None
         check_tokenizers_match(ds, model_tok, model_dir, model.get_input_embeddings().num_embeddings)
@@ -176,3 +167,44 @@ def build_task(cfg, data_dir):
               "base": str(model_dir) if model_dir else None, "labels": labels,
               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)},
     )
+
+
+def _load_base_classifier(model_dir: Path, id2label: dict, label2id: dict):
+    """A classifier on a local checkpoint: its body's weights, a new head (plain or encrypted weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from homeforge.compress.quantize import read_quantization
+    from homeforge.security import storage
+
+    if qinfo := read_quantization(model_dir):
+        raise HomeforgeError(f"{model_dir} is a quantized model ({qinfo.get('method')}); it cannot be trained further",
+                             where=str(model_dir),
+                             fix="train from the full-precision model it was compressed from, or write dequantized "
+                                 f"fp32 weights first: homeforge export {model_dir} --format hf")
+    labels = {"num_labels": len(id2label), "id2label": id2label, "label2id": label2id}
+    if storage.has_encrypted_weights(model_dir):  # decrypted in memory only
+        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, **labels)
+        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+        state: dict = {}
+        for f in storage.weight_files(model_dir):
+            state.update(storage.load_safetensors(f))
+        result = model.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if k.split(".")[0] not in ("score", "classifier")
+                   and ".pooler." not in k]
+        if missing:
+            raise HomeforgeError(f"the weights in {model_dir} do not fit a sequence classifier of its architecture "
+                                 f"(missing {missing[:3]})", where=str(model_dir),
+                                 fix="pass a complete causal LM or encoder directory")
+        return model
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized: score.weight" is expected here
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            str(model_dir), local_files_only=True, dtype=torch.float32, ignore_mismatched_sizes=True, **labels)
+    except (OSError, ValueError, KeyError) as exc:
+        raise HomeforgeError(f"could not load {model_dir} as a sequence classifier: {exc}", where=str(model_dir),
+                             fix="pass a Hugging Face model directory (a causal LM or an encoder)") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)

@@ -135,7 +135,7 @@ def build_causal_lm(cfg, ds: Dataset):
 
     if cfg.model.path:
         model_dir = check_model_dir(cfg.model.path)
-        model, tok = load_causal_lm(model_dir, with_tokenizer=_has_tokenizer(model_dir))
+        model, tok = load_causal_lm(model_dir, with_tokenizer=_has_tokenizer(model_dir), dequantize=True)
         if cfg.model.overrides:
             raise HomeforgeError("model.overrides only apply to presets built from scratch",
                                  fix="remove model.overrides, or use model.preset instead of model.path")
