@@ -112,6 +112,14 @@ def test_ort_greedy_generation_equals_transformers_generate(onnx_dir, llama_dir)
         ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, len(ids):]
     got = ort_greedy(session(onnx_dir / "model.onnx"), model.config, ids, 12)
     assert got == ref.tolist()
+    # an eos id stops generation, and min_new_tokens keeps it from being chosen, as in generate()
+    eos = ref[3].item()
+    sess = session(onnx_dir / "model.onnx")
+    assert ort_greedy(sess, model.config, ids, 12, eos_id=eos) == ref[: ref.tolist().index(eos) + 1].tolist()
+    with torch.no_grad():
+        forced = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                                eos_token_id=eos)[0, len(ids):]
+    assert ort_greedy(sess, model.config, ids, 12, eos_id=[eos], min_new_tokens=12) == forced.tolist()
 
 
 def test_onnx_kv_cache_graph_for_qwen2(qwen2_dir, tmp_path):

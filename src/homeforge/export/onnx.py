@@ -282,8 +282,14 @@ def export_onnx(src: common.Source, out: Path, cfg, console=None) -> dict:
     return metrics
 
 
-def ort_greedy(sess, config, ids: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
-    """Greedy generation with an exported KV-cache graph (batch 1): the new token ids."""
+def ort_greedy(sess, config, ids: list[int], max_new_tokens: int, eos_id: int | list[int] | None = None,
+               min_new_tokens: int = 0) -> list[int]:
+    """Greedy generation with an exported KV-cache graph (batch 1): the new token ids.
+
+    Stops after an ``eos_id`` token; before ``min_new_tokens`` tokens the eos ids are never
+    chosen (as ``min_new_tokens`` in transformers' ``generate``).
+    """
+    eos = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
     ins, outs = io_names(config, True)
     past = _empty_past(config, 1, True)
     chunk, pos, new = list(ids), 0, []
@@ -292,9 +298,13 @@ def ort_greedy(sess, config, ids: list[int], max_new_tokens: int, eos_id: int | 
         feed = {"input_ids": x, "attention_mask": np.ones((1, pos + len(chunk)), np.int64),
                 "position_ids": np.arange(pos, pos + len(chunk), dtype=np.int64)[None], **past}
         res = sess.run(outs, feed)
-        nxt = int(res[0][0, -1].argmax())
+        logits = res[0][0, -1]
+        if eos and len(new) < min_new_tokens:
+            logits = logits.copy()
+            logits[eos] = -np.inf
+        nxt = int(logits.argmax())
         new.append(nxt)
-        if eos_id is not None and nxt == eos_id:
+        if nxt in eos:
             break
         past = {name.replace("present", "past_key_values"): v for name, v in zip(outs[1:], res[1:], strict=True)}
         pos += len(chunk)
