@@ -316,6 +316,7 @@ def export_gguf(src: common.Source, out: Path, cfg, console=None) -> dict:
     from transformers.utils import logging as hf_logging
 
     from homeforge.export.modelfile import write_modelfile
+    from homeforge.models.io import quiet_transformers
 
     check_supported(src.model.config, src.tokenizer)
     outtype = cfg.gguf.outtype
@@ -329,13 +330,10 @@ def export_gguf(src: common.Source, out: Path, cfg, console=None) -> dict:
         raise common.ParityError("the GGUF file does not read back as written: " + "; ".join(readback["problems"][:5]),
                                  where=str(path), fix="report this model and settings")
     hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
+    with quiet_transformers():
         loaded = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=filename, dtype=torch.float32,
                                                       local_files_only=True).eval()
         tok = AutoTokenizer.from_pretrained(str(out), gguf_file=filename, local_files_only=True)
-    finally:
-        hf_logging.set_verbosity_warning()
     ids = common.parity_ids(src.tokenizer, cfg.parity.texts)
     result = common.compare(common.torch_logits(src.reference, ids), common.torch_logits(loaded, ids),
                             common.tolerance_for(outtype, cfg.parity.max_rel_error), cfg.parity.min_top1_agreement)

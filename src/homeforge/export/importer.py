@@ -48,20 +48,20 @@ def load_gguf(path: Path, dtype=None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from homeforge.models.io import quiet_transformers
+
     folder, name = str(path.parent), path.name
     hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
     try:
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
-                                                      local_files_only=True)
-        config = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                          local_files_only=True)
+            config = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
     except (ValueError, KeyError, NotImplementedError, OSError) as exc:
         raise HomeforgeError(f"transformers cannot load {path}: {exc}", where=str(path),
                              fix="import supports the architectures transformers' GGUF loader knows (llama, qwen2, "
                              "mistral, gemma, phi3, ...) in f32/f16/bf16 and the q4/q5/q6/q8 quantizations") from None
-    finally:
-        hf_logging.set_verbosity_warning()
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = dtype or torch.float32

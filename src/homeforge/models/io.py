@@ -6,6 +6,7 @@ tokenizer.json, tokenizer_config.json, generation_config.json) plus ``homeforge.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from homeforge.errors import HomeforgeError
@@ -90,6 +91,19 @@ def load_causal_lm(path: str | Path, dtype=None, with_tokenizer: bool = True, de
     model.eval()
     tok = load_tokenizer(p) if with_tokenizer else None
     return model, tok
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers' log level at "error" inside the block (expected warnings), then back to what it was."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def classifier_architecture(p: Path) -> str | None:

@@ -173,9 +173,9 @@ def _load_base_classifier(model_dir: Path, id2label: dict, label2id: dict):
     """A classifier on a local checkpoint: its body's weights, a new head (plain or encrypted weights)."""
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
     from homeforge.compress.quantize import read_quantization
+    from homeforge.models.io import quiet_transformers
     from homeforge.security import storage
 
     if qinfo := read_quantization(model_dir):
@@ -198,13 +198,10 @@ def _load_base_classifier(model_dir: Path, id2label: dict, label2id: dict):
                                  f"(missing {missing[:3]})", where=str(model_dir),
                                  fix="pass a complete causal LM or encoder directory")
         return model
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "newly initialized: score.weight" is expected here
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            str(model_dir), local_files_only=True, dtype=torch.float32, ignore_mismatched_sizes=True, **labels)
+        with quiet_transformers():  # "newly initialized: score.weight" is expected here
+            return AutoModelForSequenceClassification.from_pretrained(
+                str(model_dir), local_files_only=True, dtype=torch.float32, ignore_mismatched_sizes=True, **labels)
     except (OSError, ValueError, KeyError) as exc:
         raise HomeforgeError(f"could not load {model_dir} as a sequence classifier: {exc}", where=str(model_dir),
                              fix="pass a Hugging Face model directory (a causal LM or an encoder)") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
