@@ -80,9 +80,9 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
 
 
 def model_kind(model_dir: Path) -> str:
-    cfg = json.loads((model_dir / "config.json").read_text())
-    archs = cfg.get("architectures") or []
-    return "classifier" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal-lm"
+    from homeforge.models.io import classifier_architecture
+
+    return "classifier" if classifier_architecture(model_dir) else "causal-lm"
 
 
 def load_model(model_dir: Path, kind: str):

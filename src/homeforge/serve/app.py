@@ -124,12 +124,9 @@ def is_loopback(host: str) -> bool:
 
 
 def detect_kind(model_dir: Path) -> str:
-    try:
-        cfg = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return "causal"
-    archs = cfg.get("architectures") or []
-    return "classifier" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal"
+    from homeforge.models.io import classifier_architecture
+
+    return "classifier" if classifier_architecture(model_dir) else "causal"
 
 
 def resolve_backend(cfg: ServeConfig) -> ServeConfig:
