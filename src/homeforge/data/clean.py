@@ -38,7 +38,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9-]*(?:\s+[^<>]*)?/?>|<!--.*?-->", re.S)
 _ENTITY = re.compile(r"&(?:#\d+|#x[0-9a-fA-F]+|[A-Za-z]{2,8});")
 _URL = re.compile(r"\b(?:https?|ftp)://\S+|\bwww\.\S+\.\S+")
-_SPACES = re.compile(r"[ \t\u00a0]+")
+_SPACES = re.compile(r" [ \t\u00a0]+|[\t\u00a0][ \t\u00a0]*")  # not single spaces: re.sub keeps a piece per match
 _IDEOGRAPHIC_SPACES = re.compile(r"\u3000+")
 _BLANK_LINES = re.compile(r"\n{3,}")
 
@@ -108,9 +108,22 @@ def normalize(text: str, cfg) -> str:
     return text.strip()
 
 
+LONG = 1 << 16  # texts longer than this are measured in slices of this size
+
+
+def last_match(rx: re.Pattern, text: str, lo: int, hi: int) -> re.Match | None:
+    """The last match of ``rx`` in ``text[lo:hi]`` (positions absolute), or None."""
+    found = None
+    for found in rx.finditer(text, lo, hi):  # noqa: B007 - only the last one is wanted
+        pass
+    return found
+
+
 def _count(rx: re.Pattern, text: str) -> int:
-    """Matches of a one-character pattern, without a Python object per match."""
-    return len(text) - len(rx.sub("", text))
+    """Matches of a one-character pattern, without a Python object per match (slice by slice)."""
+    if len(text) <= LONG:
+        return len(text) - len(rx.sub("", text))
+    return sum(_count(rx, text[i:i + LONG]) for i in range(0, len(text), LONG))
 
 
 def cjk_count(text: str) -> int:

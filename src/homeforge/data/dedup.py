@@ -36,12 +36,43 @@ import numpy as np
 _NORM = re.compile(r"[\W_]+", re.U)
 
 
+_LONG = 1 << 16
+_WORD_GAP = re.compile(r"(?<=[^\W_]) (?=[^\W_])")
+
+
 def exact_key(text: str) -> int:
-    norm = _NORM.sub(" ", text.lower()).strip()
-    return int.from_bytes(hashlib.blake2b(norm.encode("utf-8"), digest_size=8).digest(), "little")
+    """64-bit hash of the text lower-cased, with every run of punctuation/spacing made one space, stripped.
+
+    A long text is hashed slice by slice, cut before a space between two word characters
+    (where normalising the slices gives the same string as normalising the whole), so
+    re.sub never holds a piece per word of a huge text.
+    """
+    from homeforge.data.clean import last_match
+
+    h = hashlib.blake2b(digest_size=8)
+    low = text.lower()
+    if len(low) <= _LONG:
+        h.update(_NORM.sub(" ", low).strip().encode("utf-8"))
+    else:
+        start, parts = 0, []
+        while start < len(low):
+            end = min(len(low), start + _LONG)
+            if end < len(low):
+                m = last_match(_WORD_GAP, low, start + _LONG // 2, end)
+                end = m.start() if m is not None else end
+            parts.append((start, end))
+            start = end
+        for k, (a, b) in enumerate(parts):
+            norm = _NORM.sub(" ", low[a:b])
+            if k == 0:
+                norm = norm.lstrip(" ")
+            if k == len(parts) - 1:
+                norm = norm.rstrip(" ")
+            h.update(norm.encode("utf-8"))
+    return int.from_bytes(h.digest(), "little")
 
 
-SHINGLE_BATCH = 65_536
+SHINGLE_BATCH = 4096  # MinHash.update_batch builds a (num_perm x batch) uint64 matrix: 4 MB at 128 perms
 _TOKEN = re.compile(r"[^\W_]+", re.U)
 _WS = re.compile(r"\s+")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from homeforge.data.clean import PROSE_PUNCT
+from homeforge.data.clean import PROSE_PUNCT, last_match
 from homeforge.errors import HomeforgeError
 
 EOS = "<|endoftext|>"
@@ -74,13 +74,17 @@ def wrap(tok):
     return fast
 
 
-def _batched(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
+def _batched(texts: Iterable[str], size: int = 1000, budget: int | None = None) -> Iterator[list[str]]:
+    """Lists of at most ``size`` texts and (about) ``budget`` characters."""
+    budget = budget or BATCH_CHARS
     batch: list[str] = []
+    chars = 0
     for t in texts:
         batch.append(t)
-        if len(batch) >= size:
+        chars += len(t)
+        if len(batch) >= size or chars >= budget:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
 
@@ -89,7 +93,7 @@ def _batched(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
 
 _AFTER_PUNCT = re.compile(f"[{PROSE_PUNCT}](?=[^\\W_])")
 PIECE_CHARS = 1 << 16  # a text longer than this is encoded piece by piece
-BATCH_CHARS = 1 << 20  # characters handed to the tokenizer at once
+BATCH_CHARS = 1 << 18  # characters handed to the tokenizer at once
 
 
 def _cut(text: str, lo: int, hi: int) -> int:
@@ -103,12 +107,8 @@ def _cut(text: str, lo: int, hi: int) -> int:
         if not text[p - 1].isspace() and not text[p + 1].isspace():
             return p
         p = text.rfind(" ", lo + 1, p)
-    last = None
-    for m in _AFTER_PUNCT.finditer(text, lo, hi):
-        last = m
-    if last is not None:
-        return lo + last.end()
-    return hi
+    last = last_match(_AFTER_PUNCT, text, lo, hi)
+    return last.end() if last is not None else hi
 
 
 def text_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
