@@ -105,3 +105,12 @@ def test_words_and_repetition_on_characters_for_cjk():
     assert cov == 1.0 and top == 6
     # overlaps counted once: "a b a b a b" with the 2-gram (a b) at 0, 2, 4 covers all six words
     assert top_ngram_coverage("a b a b a b".split(), 2) == (1.0, 3)
+
+
+def test_html_tags_go_but_technical_angle_brackets_stay():
+    cfg = CleanConfig()
+    html = '<div class="note">患者<b>已出院</b>。<br/><img src="a.png" alt="x y"></div>'
+    assert normalize(html, cfg) == "患者 已出院 。"
+    for tech in ["cat >aptftp.conf <<EOF\nAPT::FTPArchive::Release {\nOrigin \"Foo\";\n};\nEOF",
+                 "std::vector<int> v; #include <stdio.h>", "if (a < b && c > d) { return <T>(x); }"]:
+        assert normalize(tech, cfg) == tech

@@ -35,7 +35,18 @@ from typing import NamedTuple
 
 _CTRL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff]")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9-]*(?:\s+[^<>]*)?/?>|<!--.*?-->", re.S)
+# HTML elements (WHATWG list, plus a few obsolete ones still met in old pages)
+_HTML_ELEMENTS = (
+    "a abbr address area article aside audio b base bdi bdo blockquote body br button canvas caption center cite code "
+    "col colgroup data datalist dd del details dfn dialog div dl dt em embed fieldset figcaption figure font footer form "
+    "frame frameset h1 h2 h3 h4 h5 h6 head header hgroup hr html i iframe img input ins kbd label legend li link main map "
+    "mark menu meta meter nav noscript object ol optgroup option output p param picture pre progress q rp rt ruby s samp "
+    "script search section select slot small source span strike strong style sub summary sup table tbody td template "
+    "textarea tfoot th thead time title tr track tt u ul var video wbr").split()
+# a tag is a known element name with well-formed attributes (name, name=value, name="v"), not any "<word ... >"
+# span: shell here-documents (cat >f <<EOF ... EOF), C++ templates (vector<int>), #include <stdio.h> survive
+_TAG = re.compile(r"</?(?i:" + "|".join(sorted(_HTML_ELEMENTS, key=len, reverse=True)) + r")"
+                  r"(?:\s+[A-Za-z_:][-\w:.]*(?:\s*=\s*(?:\"[^\"]*\"|'[^']*'|[^\s\"'=<>`]+))?)*\s*/?>|<!--.*?-->", re.S)
 _ENTITY = re.compile(r"&(?:#\d+|#x[0-9a-fA-F]+|[A-Za-z]{2,8});")
 _URL = re.compile(r"\b(?:https?|ftp)://\S+|\bwww\.\S+\.\S+")
 _SPACES = re.compile(r" [ \t\u00a0]+|[\t\u00a0][ \t\u00a0]*")  # not single spaces: re.sub keeps a piece per match
