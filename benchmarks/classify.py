@@ -201,8 +201,8 @@ def main() -> None:
     print(f"{'':38s} {'accuracy':>9s} {'macro-F1':>9s} {'time':>8s}")
     print(f"{'MiniLM-L6 + homeforge classify':38s} {enc['accuracy']:9.3f} {enc['macro_f1']:9.3f} {t_train:7.0f}s "
           f"({steps} steps max)")
-    print(f"{'TF-IDF + logistic regression (C=%g)' % base['C']:38s} {base['accuracy']:9.3f} {base['macro_f1']:9.3f} "
-          f"{base['seconds']:7.1f}s")
+    name = f"TF-IDF + logistic regression (C={base['C']:g})"
+    print(f"{name:38s} {base['accuracy']:9.3f} {base['macro_f1']:9.3f} {base['seconds']:7.1f}s")
     d_acc, d_f1 = 100 * (enc["accuracy"] - base["accuracy"]), 100 * (enc["macro_f1"] - base["macro_f1"])
     goal = d_acc >= 5 and d_f1 >= 5 and t_train <= 20 * 60 + 60
     print(f"difference: {d_acc:+.1f} accuracy points, {d_f1:+.1f} macro-F1 points; goal (+5 points within 20 "

@@ -12,7 +12,7 @@ duplicates, each in input order), so the same inputs give the same file:
 
 Excerpts are cut from the text *after* PII scrubbing, so no detected personal value is
 written here. The file is a data file like ``train.jsonl``: with encryption on it is
-encrypted with the rest (``security/storage.py``). The report shows a few examples per
+encrypted with the rest (``security/atrest.py``). The report shows a few examples per
 reason, and their excerpts only when the dataset is not encrypted.
 """
 

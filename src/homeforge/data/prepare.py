@@ -441,7 +441,6 @@ def run(cfg, *, force: bool = False, check_only: bool = False, console=None, out
     from homeforge.data.dedup import find_duplicates, jaccard
     from homeforge.data.drops import DropLog
     from homeforge.data.ingest import Issues, discover
-    from homeforge.security.storage import encryption_requested
 
     console = console or Console()
     _check_bounds(cfg)
@@ -465,7 +464,7 @@ def run(cfg, *, force: bool = False, check_only: bool = False, console=None, out
         if plan.up_to_date:
             console.print(f"[green]dataset up to date[/] {out_p} (same inputs and config; --force rebuilds)")
             return {"out": out_p, "report": json.loads((out_p / "report.json").read_text()), "skipped": True}
-    encrypted = bool(cfg.encrypt) or encryption_requested()
+    encrypted = bool(cfg.encrypt)  # --encrypt / HOMEFORGE_ENCRYPT set it (config.py, paths.py)
 
     def build(dest: Path | None, work: Path) -> dict:
         droplog = DropLog(work)
