@@ -195,13 +195,16 @@ class QuickstartConfig(Section):
     output_dir: str = Field("homeforge-runs/quickstart", description="where the run and its model directory go")
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    train_tokens: int = Field(1_200_000, ge=1000, description="training tokens: the run's length, enough for a "
+                              "useful model (steps = tokens / (micro_batch_size x seq_len), at most train.max_steps; "
+                              "train.max_minutes caps the wall-clock time)")
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(
             model=ModelSpec(preset="tiny"),
             seq_len=256,
             micro_batch_size=16,
             max_steps=2000,
-            max_minutes=6.0,
+            max_minutes=20.0,
             optim=OptimConfig(lr=2e-3),
             schedule=ScheduleConfig(warmup_steps=30),
             eval_every=100,
