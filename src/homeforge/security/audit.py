@@ -583,6 +583,8 @@ class audited_command:  # noqa: N801 - used as a context manager
 
         if exc_type is None or (exc_type is SystemExit and exc.code in (0, None)):
             outcome, code, error = "ok", 0, None
+        elif exc_type is SystemExit and exc.code == 130:  # Ctrl-C, as the CLI framework reports it
+            outcome, code, error = "interrupted", 130, None
         elif exc_type is SystemExit:
             outcome, code, error = "error", exc.code if isinstance(exc.code, int) else 1, None
         elif exc_type is KeyboardInterrupt:

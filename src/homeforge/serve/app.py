@@ -32,7 +32,7 @@ from homeforge.serve.openapi import document
 from homeforge.serve.routes import ROUTERS
 from homeforge.serve.state import ServerState, detect_kind, load_model, resolve_backend
 
-__all__ = ["ApiError", "ServerState", "check_bind", "create_app", "detect_kind", "error_body", "is_loopback",
+__all__ = ["ApiError", "Runner", "ServerState", "check_bind", "create_app", "detect_kind", "error_body", "is_loopback",
            "load_model", "resolve_backend", "serve"]
 
 
@@ -118,6 +118,50 @@ def _uvicorn_server(config):
     return server
 
 
+class Runner:
+    """One server process: checks, the bound socket, the app and uvicorn; ``run`` blocks until stopped."""
+
+    def __init__(self, cfg: ServeConfig, console=None):
+        import uvicorn
+
+        from homeforge.models.io import check_model_dir
+        from homeforge.serve.audit import RequestAudit
+
+        cfg = resolve_backend(cfg)
+        if cfg.backend == "torch":
+            check_model_dir(cfg.model_dir or "")
+        keys = KeyStore.open(cfg.keys_file)
+        check_bind(cfg, keys)
+        self.sock = bind(cfg.host, cfg.port)
+        self.url = url(cfg.host, self.sock.getsockname()[1])
+        self.audit = RequestAudit(cfg.audit_file, log_text=cfg.audit_text)
+        self.state = ServerState(cfg, keys=keys, audit=self.audit)
+        app = create_app(cfg, self.state)
+        if console is not None:
+            auth = f"API keys required ({len(keys.active())} active)" if self.state.keys_required() \
+                else "no API keys (loopback only)"
+            console.print(f"serving [bold]{self.state.name}[/] at {self.url}/v1 — {auth}; audit: {self.audit.path}",
+                          highlight=False)
+        self.server = _uvicorn_server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                                     timeout_graceful_shutdown=int(cfg.graceful_timeout) or None))
+
+    def run(self) -> None:
+        from homeforge.security.audit import note_command
+
+        try:
+            self.server.run(sockets=[self.sock])
+        finally:
+            self.audit.close()
+            self.sock.close()
+        if self.server.stopped_by:
+            note_command(stopped_by=signal.Signals(self.server.stopped_by[0]).name)
+            if signal.SIGINT in self.server.stopped_by:
+                raise KeyboardInterrupt
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+
+
 def serve(cfg: ServeConfig, console=None) -> None:
     """Run the server in this process until SIGINT/SIGTERM (then finish in-flight requests).
 
@@ -125,35 +169,4 @@ def serve(cfg: ServeConfig, console=None) -> None:
     KeyboardInterrupt once the server has drained, as Ctrl-C does for every command. Either
     way the command's audit line is written (it names the signal).
     """
-    import uvicorn
-
-    from homeforge.models.io import check_model_dir
-    from homeforge.security.audit import note_command
-    from homeforge.serve.audit import RequestAudit
-
-    cfg = resolve_backend(cfg)
-    if cfg.backend == "torch":
-        check_model_dir(cfg.model_dir or "")
-    keys = KeyStore.open(cfg.keys_file)
-    check_bind(cfg, keys)
-    sock = bind(cfg.host, cfg.port)
-    audit = RequestAudit(cfg.audit_file, log_text=cfg.audit_text)
-    state = ServerState(cfg, keys=keys, audit=audit)
-    app = create_app(cfg, state)
-    port = sock.getsockname()[1]
-    if console is not None:
-        auth = f"API keys required ({len(keys.active())} active)" if state.keys_required() else "no API keys (loopback only)"
-        console.print(f"serving [bold]{state.name}[/] at {url(cfg.host, port)}/v1 — {auth}; audit: {audit.path}",
-                      highlight=False)
-    server = _uvicorn_server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                            timeout_graceful_shutdown=int(cfg.graceful_timeout) or None))
-    try:
-        server.run(sockets=[sock])
-    finally:
-        audit.close()
-        sock.close()
-    if server.stopped_by:
-        names = [signal.Signals(s).name for s in server.stopped_by]
-        note_command(stopped_by=names[0])
-        if signal.SIGINT in server.stopped_by:
-            raise KeyboardInterrupt
+    Runner(cfg, console).run()

@@ -76,7 +76,7 @@ def _given(value) -> str:
 
 def validation_error(errors: list[dict]) -> tuple[str, str | None]:
     """(message, param) for pydantic errors of a request body: one clause per field, at most five."""
-    groups: dict[tuple, list[tuple[tuple, dict]]] = {}
+    found = []  # (location, error)
     for e in errors:
         loc = list(e.get("loc", ()))
         loc = loc[1:] if loc[:1] == ["body"] else loc
@@ -87,25 +87,35 @@ def validation_error(errors: list[dict]) -> tuple[str, str | None]:
         if not loc and e.get("type") == "missing":
             return "the request body is empty: send a JSON object with the request's fields " \
                    "(GET /openapi.json lists them)", None
-        cut = next((i for i, x in enumerate(loc) if _is_tag(x)), None)
-        anchor = tuple(loc[:cut]) if cut is not None else tuple(loc)
-        groups.setdefault(anchor, []).append((tuple(x for x in loc if not _is_tag(x)), e))
+        found.append((tuple(loc), e))
+    # a value that matches no member of a union is one clause (at the union); errors inside the one
+    # member that applies (e.g. the message type its role selects) are clauses of their own
+    members: dict[tuple, set] = {}
+    for loc, _ in found:
+        for i, x in enumerate(loc):
+            if _is_tag(x):
+                members.setdefault(loc[:i], set()).add(x)
+    groups: dict[tuple, list[tuple[tuple, dict]]] = {}
+    for loc, e in found:
+        union = next((loc[:i] for i, x in enumerate(loc) if _is_tag(x) and len(members[loc[:i]]) > 1), loc)
+        clean = tuple(x for x in loc if not _is_tag(x))
+        groups.setdefault(tuple(x for x in union if not _is_tag(x)), []).append((clean, e))
     parts, param = [], None
-    for anchor, errs in list(groups.items())[:5]:
-        name = _path(anchor) or "body"
+    for key, errs in list(groups.items())[:5]:
+        name = _path(key) or "body"
         param = param or name
         loc, e = errs[0]
-        field = next((x for x in reversed(anchor) if isinstance(x, str)), "")
+        field = next((x for x in reversed(key) if isinstance(x, str)), "")
         if len(errs) > 1:
-            given = next((x.get("input") for lc, x in errs if lc == anchor), e.get("input"))
+            given = next((x.get("input") for lc, x in errs if lc == key), e.get("input"))
             what = FIELD_HINTS.get(field)
             parts.append(f"{name} must be {what} (given {_given(given)})" if what
                          else f"{name}: {_given(given)} is not an accepted value")
         elif e.get("type") == "missing":
-            parts.append(f"{_path(loc)} is required")
+            parts.append(f"{name} is required")
         else:
             msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
-            parts.append(f"{_path(loc) or name}: {msg} (given {_given(e.get('input'))})")
+            parts.append(f"{name}: {msg} (given {_given(e.get('input'))})")
     return "; ".join(parts) or "invalid request", param
 
 

@@ -1,8 +1,9 @@
 """Host forms for `homeforge serve`: IPv4, IPv6 (``::``, ``::1``, ``[::1]``), hostnames.
 
 ``is_loopback`` decides whether keys are needed (a name is loopback only if every address
-it resolves to is); ``bind`` opens the listening socket for any of these forms, so the
-server does not depend on how uvicorn guesses the address family.
+it resolves to is; names other than localhost are resolved only when the egress guard
+allows them, HOMEFORGE_ALLOW_HOSTS); ``bind`` opens the listening socket for any of these
+forms, so the server does not depend on how uvicorn guesses the address family.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-from homeforge.errors import HomeforgeError
+from homeforge.errors import EgressError, HomeforgeError
 
 
 def normalize_host(host: str | None) -> str:
@@ -39,7 +40,7 @@ def is_loopback(host: str | None) -> bool:
         return literal
     try:
         infos = socket.getaddrinfo(h, None, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
+    except (OSError, UnicodeError, HomeforgeError):  # unknown, or a lookup the egress guard refuses
         return False
     return bool(infos) and all(_ip_is_loopback(str(info[4][0])) for info in infos)
 
@@ -49,7 +50,10 @@ def bind(host: str | None, port: int) -> socket.socket:
     h = normalize_host(host)
     try:
         infos = socket.getaddrinfo(h or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (socket.gaierror, UnicodeError) as exc:
+    except EgressError:  # resolving a name may send DNS packets: only with the name allowed
+        raise HomeforgeError(f"cannot resolve the host {host!r} offline", fix=f"pass an IP address (127.0.0.1, ::1, "
+                             f"0.0.0.0, ::), or allow the name: HOMEFORGE_ALLOW_HOSTS={h}") from None
+    except (OSError, UnicodeError) as exc:
         raise HomeforgeError(f"cannot resolve the host {host!r}: {getattr(exc, 'strerror', None) or exc}",
                              fix="pass an IP address (127.0.0.1, ::1, 0.0.0.0, ::) or a name the system resolves "
                                  "(/etc/hosts)") from None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 NonNegInt = Annotated[int, Field(ge=0)]
 TokenIds = Annotated[list[NonNegInt], Field(min_length=1)]
@@ -94,30 +94,11 @@ class ToolCall(_Req):
     function: FunctionCall
 
 
-class ChatMessage(_Req):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+class _Message(_Req):
     name: str | None = None
-    tool_call_id: str | None = Field(None, description="required for role 'tool'")
-    tool_calls: list[ToolCall] | None = Field(None, description="role 'assistant' only")
-
-    @model_validator(mode="after")
-    def _by_role(self):
-        if self.role == "tool":
-            missing = [f for f in ("content", "tool_call_id") if getattr(self, f) is None]
-            if missing:
-                raise ValueError(f"a 'tool' message needs {' and '.join(missing)}")
-        elif self.role == "assistant":
-            if self.content is None and not self.tool_calls:
-                raise ValueError("an 'assistant' message needs content or tool_calls")
-        elif self.content is None:
-            raise ValueError(f"a {self.role!r} message needs content")
-        if self.tool_calls is not None and self.role != "assistant":
-            raise ValueError("only 'assistant' messages carry tool_calls")
-        return self
 
     def text(self) -> str:
-        c = self.content
+        c = getattr(self, "content", None)
         if isinstance(c, list):
             return "".join(p.text for p in c)
         return c or ""
@@ -127,11 +108,65 @@ class ChatMessage(_Req):
         m: dict[str, Any] = {"role": self.role, "content": self.text()}
         if self.name is not None:
             m["name"] = self.name
-        if self.tool_call_id is not None:
-            m["tool_call_id"] = self.tool_call_id
-        if self.tool_calls:
-            m["tool_calls"] = [t.model_dump() for t in self.tool_calls]
+        for k in ("tool_call_id", "tool_calls"):
+            v = getattr(self, k, None)
+            if v:
+                m[k] = v if isinstance(v, str) else [t.model_dump() for t in v]
         return m
+
+
+Content = str | list[TextPart]
+
+
+class SystemMessage(_Message):
+    role: Literal["system"]
+    content: Content
+
+
+class DeveloperMessage(_Message):
+    role: Literal["developer"]
+    content: Content
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: Content
+
+
+class AssistantMessage(_Message):
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["content"]}, {"required": ["tool_calls"]}]})
+    role: Literal["assistant"]
+    content: Content | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_validator(mode="after")
+    def _content_or_calls(self):
+        if "content" not in self.model_fields_set and "tool_calls" not in self.model_fields_set:
+            raise ValueError("an 'assistant' message needs content or tool_calls")
+        return self
+
+
+class ToolMessage(_Message):
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: str
+
+
+_MESSAGES = {"system": "SystemMessage", "developer": "DeveloperMessage", "user": "UserMessage",
+             "assistant": "AssistantMessage", "tool": "ToolMessage"}
+
+
+def _role_tag(v) -> str | None:
+    role = v.get("role") if isinstance(v, dict) else getattr(v, "role", None)
+    return _MESSAGES.get(role) if isinstance(role, str) else None
+
+
+ChatMessage = Annotated[
+    Annotated[SystemMessage, Tag("SystemMessage")] | Annotated[DeveloperMessage, Tag("DeveloperMessage")]
+    | Annotated[UserMessage, Tag("UserMessage")] | Annotated[AssistantMessage, Tag("AssistantMessage")]
+    | Annotated[ToolMessage, Tag("ToolMessage")],
+    Discriminator(_role_tag, custom_error_type="invalid_role",
+                  custom_error_message=f"role must be one of: {', '.join(_MESSAGES)}")]
 
 
 class ResponseFormat(_Req):
