@@ -200,3 +200,25 @@ def test_a_request_larger_than_the_whole_budget_is_a_400(serve_cfg, limit):
         r = httpx.post(base + "/v1/completions", json={"prompt": "def", "max_tokens": 5},
                        headers={"Authorization": f"Bearer {token}"}, timeout=30)
         assert r.status_code == 200
+
+
+def test_ledger_completes_once_at_any_exit():
+    from homeforge.serve.driver import Ledger
+
+    done = []
+    led = Ledger(choices=2, prompt_tokens=6, keep_text=True)
+    led.when_done(lambda x: done.append(x.total_tokens))
+    led.token(0, "a")
+    led.token(0, "b")
+    led.finish(0, "length", 2)
+    assert not led.done and done == []
+    led.token(1, "c")
+    led.close()  # the producer never reported choice 1 (a dead engine, a server stopping): what it sent counts
+    led.finish(1, "stop", 99)  # too late: ignored
+    assert done == [6 + 2 + 1] and led.reasons == ["length", "cancelled"] and led.texts == ["ab", "c"]
+    led.when_done(lambda x: done.append("late"))  # registered after completion: runs at once
+    assert done[-1] == "late" and len(led.ttft) == 2
+    stop_first = Ledger(choices=1, prompt_tokens=3)
+    stop_first.finish(0, "stop", 0)  # the first token was a stop token: it still had a first token
+    assert len(stop_first.ttft) == 1 and stop_first.audit_fields() == {
+        "prompt_tokens": 3, "completion_tokens": 0, "finish_reasons": ["stop"]}

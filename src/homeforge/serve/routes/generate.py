@@ -60,6 +60,9 @@ class _Shape:
     def opening(self) -> list[dict]:
         return []
 
+    def chunk(self, ev: Piece | Done) -> dict:
+        return self.piece(ev) if isinstance(ev, Piece) else self.done(ev)
+
     def empty(self, i: int) -> dict: ...
 
     def piece(self, ev: Piece) -> dict: ...
@@ -172,13 +175,14 @@ async def generate(request: Request, body: CompletionRequest | ChatRequest, shap
     job = d.prepare(body)
     ticket = reserve(request, job.budget)
     ledger = Ledger(job.choices, job.prompt_tokens, keep_text=st.cfg.audit_text)
+    st.open_ledgers.add(ledger)  # before the start: the producer may finish before `start` returns
+    ledger.when_done(_account(request, shape_cls.route, ticket))
     try:
         gen = d.start(job, ledger)
     except BaseException:  # nothing ran (queue full, shutting down): the reservation goes back
+        st.open_ledgers.discard(ledger)
         settle(request, ticket, 0)
         raise
-    ledger.when_done(_account(request, shape_cls.route, ticket))
-    st.open_ledgers.add(ledger)
     request.state.ledger = ledger
     if st.cfg.audit_text:
         request.state.prompt_text = job.audit_prompt
@@ -222,7 +226,7 @@ async def _stream(gen: Generation, shape: _Shape, usage_chunk: bool, gone):
         async for ev in gen.events(gone):
             if isinstance(ev, Done):
                 finished += 1
-            yield sse(shape.wrap([shape.piece(ev) if isinstance(ev, Piece) else shape.done(ev)]))
+            yield sse(shape.wrap([shape.chunk(ev)]))
         if finished < len(shape.acc):
             return  # the client went away
         if usage_chunk:
@@ -241,7 +245,7 @@ async def _collect(gen: Generation, shape: _Shape, gone):
                 finished += 1
                 if ev.reason == "error":
                     failed.append(ev.error)
-            shape.merge(shape.piece(ev) if isinstance(ev, Piece) else shape.done(ev))
+            shape.merge(shape.chunk(ev))
     finally:
         _release(gen)
     if finished < len(shape.acc):
