@@ -108,11 +108,15 @@ def test_non_finite_numbers_and_empty_bodies(keyed):
 
 
 def test_valid_tool_conversation_and_strict_types_still_accepted(keyed):
-    """What OpenAI accepts goes through: ints for floats, text parts, tool results, assistant tool calls."""
+    """What OpenAI accepts goes through: ints for floats, null for defaults, text parts, tool results and calls."""
     base, _, tokens = keyed
     ok = [("/v1/completions", {"prompt": [1, 2, 3], "temperature": 0, "top_p": 1, "max_tokens": 2}),
           ("/v1/completions", {"prompt": "x", "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
                                "max_tokens": 1, "unknown_field": {"ignored": True}}),
+          ("/v1/completions", {"prompt": "x", "max_tokens": 1, "temperature": None, "top_p": None, "n": None,
+                               "stream": None, "echo": None, "logprobs": None, "stop": None, "seed": None}),
+          ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+                                    "logprobs": None, "top_logprobs": None, "n": None}),
           ("/v1/chat/completions", {"messages": [
               {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
               {"role": "user", "content": "add 2 and 3"},

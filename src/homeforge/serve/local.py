@@ -173,6 +173,7 @@ class LocalDriver:
 
     async def reload(self) -> None:
         st = self.st
+        self.check(None, st.kind)
         if st.engine is None:
             raise ApiError(400, "reload is supported for generative models only", code="unsupported_model")
         kind, model, tok, backend = await asyncio.to_thread(load_model, st.cfg)

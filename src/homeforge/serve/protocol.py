@@ -24,6 +24,14 @@ class _Req(BaseModel):
     # strict: no bool/float -> int, no str -> bool; extra fields (sent by OpenAI clients) are ignored
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
+    @model_validator(mode="after")
+    def _null_means_default(self):
+        """OpenAI accepts ``null`` for most parameters, meaning "the default"."""
+        for name, f in type(self).model_fields.items():
+            if getattr(self, name) is None and f.default is not None:
+                setattr(self, name, f.default)
+        return self
+
 
 class _Resp(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -39,15 +47,15 @@ class StreamOptions(_Req):
 class _Sampling(_Req):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=0)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1, description="vLLM extension: sample from the k most likely tokens (0 or -1: all)")
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(0, ge=-1, description="vLLM extension: sample from the k most likely tokens (0 or -1: all)")
     stop: StopStr | Annotated[list[StopStr], Field(max_length=16)] | None = None
     seed: int | None = None
-    n: int = Field(1, ge=1, le=16)
-    stream: bool = False
+    n: int | None = Field(1, ge=1, le=16)
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = Field(False, description="vLLM extension: do not stop at the end-of-sequence token")
+    ignore_eos: bool | None = Field(False, description="vLLM extension: do not stop at the end-of-sequence token")
     user: str | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="only 0 is supported")
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="only 0 is supported")
@@ -66,7 +74,7 @@ class _Sampling(_Req):
 class CompletionRequest(_Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | \
         Annotated[list[list[NonNegInt]], Field(min_length=1)]
-    echo: bool = False
+    echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = Field(None, description="not supported (only empty)")
 
@@ -176,7 +184,7 @@ class ResponseFormat(_Req):
 class ChatRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: int | None = Field(None, ge=0)
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = Field(None, description="not supported (only empty)")
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
@@ -195,7 +203,7 @@ class EmbeddingRequest(_Req):
     model: str | None = None
     input: str | Annotated[list[str], Field(min_length=1)] | TokenIds | \
         Annotated[list[list[NonNegInt]], Field(min_length=1)]
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Literal["float", "base64"] | None = "float"
     user: str | None = None
 
 

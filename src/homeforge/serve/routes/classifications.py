@@ -15,10 +15,10 @@ router = APIRouter()
 async def classifications(request: Request, body: ClassificationRequest):
     st, d = server(request), driver(request)
     d.check(body.model, "classifier")
-    request.state.model = st.name
+    request.state.model = d.name
     texts = [body.input] if isinstance(body.input, str) else body.input
     data, n = await d.classify(texts)
     settle(request, None, n)  # charged after: the next request over the budget is refused
     request.state.prompt_tokens = n
     st.metrics.prompt_tokens.inc(n)
-    return {"object": "list", "model": st.name, "data": data, "usage": {"prompt_tokens": n, "total_tokens": n}}
+    return {"object": "list", "model": d.name, "data": data, "usage": {"prompt_tokens": n, "total_tokens": n}}

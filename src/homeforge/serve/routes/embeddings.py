@@ -15,9 +15,9 @@ router = APIRouter()
 async def embeddings(request: Request, body: EmbeddingRequest):
     st, d = server(request), driver(request)
     d.check(body.model)
-    request.state.model = st.name
+    request.state.model = d.name
     data, n = await d.embed(body)
     settle(request, None, n)  # charged after: the next request over the budget is refused
     request.state.prompt_tokens, request.state.completion_tokens = n, 0
     st.metrics.prompt_tokens.inc(n)
-    return {"object": "list", "data": data, "model": st.name, "usage": {"prompt_tokens": n, "total_tokens": n}}
+    return {"object": "list", "data": data, "model": d.name, "usage": {"prompt_tokens": n, "total_tokens": n}}
