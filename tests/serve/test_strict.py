@@ -177,3 +177,18 @@ def test_schemathesis_finds_no_server_error(keyed, tmp_path):
                         "--exclude-path", "/admin/reload"],
                        capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def test_an_unreadable_key_file_is_a_json_500_not_a_crash(serve_cfg):
+    from pathlib import Path
+
+    store = KeyStore.open(serve_cfg.keys_file)
+    token = store.add("app", "user")[1]
+    with running_server(serve_cfg, keys=store) as (base, _):
+        path = Path(serve_cfg.keys_file)
+        good = path.read_text()
+        path.write_text("{broken")
+        r = _post(base, "/v1/completions", {"prompt": "x", "max_tokens": 1}, token)
+        assert r.status_code == 500 and "API key file is not valid" in r.json()["error"]["message"]
+        path.write_text(good)
+        assert _post(base, "/v1/completions", {"prompt": "x", "max_tokens": 1}, token).status_code == 200

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 
+from homeforge.errors import HomeforgeError
 from homeforge.serve.auth import ROLES
 from homeforge.serve.errors import error_bytes
 from homeforge.serve.state import ServerState
@@ -50,7 +51,11 @@ class GuardMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        refusal = self.authorize(scope)
+        try:
+            refusal = self.authorize(scope)
+        except Exception as exc:  # e.g. a key file edited into invalid JSON: refuse, in the OpenAI shape
+            what = exc.what if isinstance(exc, HomeforgeError) else f"{type(exc).__name__}: {exc}"
+            refusal = 500, error_bytes(f"cannot check the API key: {what}", "server_error"), None
         if refusal is None:
             refusal, receive = await self.bound_body(scope, receive)
         if refusal is not None:
