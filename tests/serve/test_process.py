@@ -117,3 +117,15 @@ def test_unresolvable_host_is_a_clear_error(monkeypatch):
             bind("127.0.0.1", s.getsockname()[1])
     finally:
         s.close()
+
+
+def test_cli_host_forms_reach_the_bind_check(tmp_path, tiny_model_dir):
+    """`--host ::` and `--host [::]` arrive as strings and are refused without keys, naming the address."""
+    from typer.testing import CliRunner
+
+    from homeforge.cli import app
+
+    for host in ("::", "[::]", "0.0.0.0"):
+        r = CliRunner().invoke(app, ["serve", str(tiny_model_dir), "--host", host, "--keys-file",
+                                     str(tmp_path / "keys.json")])
+        assert f"refusing to listen on {host} without API keys" in str(r.exception), (host, r.output)
