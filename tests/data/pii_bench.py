@@ -111,26 +111,32 @@ def landline(rng: random.Random) -> tuple[str, str]:
     return rng.choice(AREAS), rng.choice("68") + "".join(rng.choice(string.digits) for _ in range(7))
 
 
+NANP_NXX = ("201", "234", "245", "262", "278", "301", "327", "345", "392", "403", "426", "478", "502", "567", "612",
+            "634", "659", "701", "727", "812", "845", "867", "901", "925", "961")  # central office codes in service
+
+
 def intl_phone(rng: random.Random) -> str:
+    """Numbers from blocks in service (the numbering plans of the US, UK, Hong Kong, Macau, Taiwan, Singapore,
+    Japan, Germany and France), written the usual ways."""
     d = lambda n: "".join(rng.choice(string.digits) for _ in range(n))  # noqa: E731
-    nxx = lambda: str(rng.randint(2, 9)) + str(rng.choice([0, 2, 3, 4, 6, 7, 8, 9])) + d(1)  # noqa: E731 - no N11/555
     kind = rng.randrange(8)
     if kind == 0:
-        a = rng.choice(("212", "415", "646", "312", "617", "206", "213", "305", "404", "512"))
-        return rng.choice((f"+1 {a} {nxx()} {d(4)}", f"+1-{a}-{nxx()}-{d(4)}", f"+1 ({a}) {nxx()}-{d(4)}"))
+        a, x = rng.choice(("212", "415", "646", "312", "617", "206", "213", "305", "404", "512")), rng.choice(NANP_NXX)
+        return rng.choice((f"+1 {a} {x} {d(4)}", f"+1-{a}-{x}-{d(4)}", f"+1 ({a}) {x}-{d(4)}"))
     if kind == 1:
-        return rng.choice((f"+44 20 7{d(3)} {d(4)}", f"+44 7{rng.choice('5789')}{d(2)} {d(6)}"))
+        return rng.choice((f"+44 20 7{d(3)} {d(4)}", f"+44 7{rng.choice('4589')}{d(2)} {d(6)}"))
     if kind == 2:
-        return rng.choice((f"+852 {rng.choice('569')}{d(3)} {d(4)}", f"+852-{rng.choice('569')}{d(7)}"))
+        p = rng.choice(("61", "63", "64", "65", "69", "92", "94", "96", "97"))
+        return rng.choice((f"+852 {p}{d(2)} {d(4)}", f"+852-{p}{d(6)}"))
     if kind == 3:
-        return f"+853 6{rng.choice('236')}{d(2)} {d(4)}"
+        return f"+853 6{rng.choice('235')}{d(2)} {d(4)}"
     if kind == 4:
-        return rng.choice((f"+886 9{d(2)} {d(3)} {d(3)}", f"+886-9{d(2)}-{d(3)}-{d(3)}"))
+        return rng.choice((f"+886 9{rng.choice('01235678')}{d(1)} {d(3)} {d(3)}", f"+886-9{rng.choice('0123')}{d(1)}-{d(3)}-{d(3)}"))
     if kind == 5:
-        return f"+65 {rng.choice('89')}{d(3)} {d(4)}"
+        return f"+65 {rng.choice(('8', '9'))}{rng.choice('1234678')}{d(2)} {d(4)}"
     if kind == 6:
-        return rng.choice((f"+81 90-{d(4)}-{d(4)}", f"+81 3-{d(4)}-{d(4)}"))
-    return rng.choice((f"+49 30 {rng.randint(2, 9)}{d(7)}", f"+33 6 {d(2)} {d(2)} {d(2)} {d(2)}"))
+        return rng.choice((f"+81 80-{d(4)}-{d(4)}", f"+81 80 {d(4)} {d(4)}"))
+    return rng.choice((f"+49 30 {rng.randint(2, 9)}{d(7)}", f"+33 6 {rng.choice('0124')}{d(1)} {d(2)} {d(2)} {d(2)}"))
 
 
 LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"  # document series letters skip I and O
@@ -317,6 +323,12 @@ def decoy(rng: random.Random, cls: str) -> str:
     if cls == "han_after_label":  # a label followed by something that is not a name or an address
         return rng.choice(("患者病情稳定", "患者于今日入院", "客户服务中心", "联系人信息不完整", "地址栏中输入网址", "IP地址配置错误",
                            "患者无发热", "收件人信息有误", "姓名不详", "住址不详"))
+    if cls == "plus_numbers":  # a + before digits that is not a phone number
+        a, b = rng.randint(10**5, 10**9), rng.randint(10**5, 10**9)
+        return rng.choice((f"余额变动+{rng.randint(10**5, 10**8)}元", f"UTC+0{rng.randint(0, 9)}:00", f"+0{rng.randint(1, 9)}00",
+                           f"{a}+{b}={a + b}", f"{rng.randint(1, 9)}.{rng.randint(1, 9)}e+{rng.randint(10, 30)}",
+                           f"+{rng.randint(100, 9999)} -{rng.randint(100, 9999)} lines", f"2.{rng.randint(0, 5)}.0+cu{rng.randint(110, 128)}",
+                           f"+{rng.randint(1, 99)} {rng.randint(100, 999)} {rng.randint(100, 999)} €", f"delta=+{rng.randint(10**6, 10**8)}"))
     if cls == "coordinates":
         return f"{rng.randint(18, 53)}.{_digits(rng, 6)}, {rng.randint(73, 135)}.{_digits(rng, 6)}"
     raise ValueError(cls)
@@ -324,7 +336,7 @@ def decoy(rng: random.Random, cls: str) -> str:
 
 DECOY_CLASSES = ("bad_checksum_id", "bad_luhn_card", "bad_checksum_uscc", "float", "version", "date_time", "rest_markup",
                  "hash", "hex_literal", "uuid", "code_identifier", "order_number", "big_integer", "nonpublic_ip",
-                 "network_prefix", "mac_and_times", "short_numbers", "han_after_label", "coordinates")
+                 "network_prefix", "mac_and_times", "short_numbers", "han_after_label", "coordinates", "plus_numbers")
 
 
 # ----------------------------------------------------------------------------- records
@@ -425,14 +437,14 @@ def _ident(rng: random.Random, typ: str, style: str) -> list[tuple]:
     if fw and typ not in ("NAME", "ADDRESS", "EMAIL", "URL_CREDENTIALS", "IPV6"):
         v = v.translate(FW_DIGITS)
     if style == "json":
-        key = {"NAME": "name", "ADDRESS": "address", "CN_ID": "id_card", "CN_MOBILE": "phone", "BANK_ACCOUNT": "account_no",
+        key = {"NAME": "name" if v[0] >= "\u3400" else "full_name", "ADDRESS": "address", "CN_ID": "id_card", "CN_MOBILE": "phone", "BANK_ACCOUNT": "account_no",
                "PASSPORT": "passport", "EMAIL": "email"}.get(typ)
         if key is None:  # keep a label the type needs, inside the value's key
             key = label.strip(" :：=")
         return [("t", f'"{key}": "'), ("p", typ, v), ("t", '"')]
     if style == "code":
         q = '"' if "'" in v else "'"  # a quote the value does not contain, as in real code
-        key = {"NAME": "name", "ADDRESS": "address"}.get(typ)
+        key = {"NAME": "name" if v[0] >= "\u3400" else "patient_name", "ADDRESS": "address"}.get(typ)
         if key:
             return [("t", f"{key}={q}"), ("p", typ, v), ("t", q)]
         return [("t", f"{label.strip() or 'x ='} {q}"), ("p", typ, v), ("t", q)]
@@ -538,7 +550,9 @@ def evaluate(scrub, recs: list[list[tuple]]) -> dict:
     misses: list[tuple[str, str, str]] = []
     for rec in recs:
         out, _ = scrub(render(rec))
-        rx = "".join(re.escape(s[1]) if s[0] == "t" else "(.*?)" for s in rec)
+        # the expected outcome first, so that a value containing separator text cannot shift the alignment
+        rx = "".join(re.escape(s[1]) if s[0] == "t" else f"(<{s[1]}>|.*?)" if s[0] == "p" else f"({re.escape(s[2])}|.*?)"
+                     for s in rec)
         m = re.fullmatch(rx, out, re.S)
         items = [s for s in rec if s[0] != "t"]
         got = list(m.groups()) if m else [None] * len(items)

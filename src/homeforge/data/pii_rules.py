@@ -26,11 +26,12 @@ LA = rf"(?<![0-9{_LETTERS}])"  # alphanumeric ids (passports, permits, USCC)
 RA = rf"(?![0-9{_LETTERS}])"
 HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _FW = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}  # full-width ASCII -> ASCII
-_FW_RX = re.compile("[\uff01-\uff5e\u3000]")
+_FW_RX = re.compile("[\uff10-\uff19\uff21-\uff3a\uff41-\uff5a\uff0b\uff20]")  # only values typed full-width trigger it
 
 
 def fold(text: str) -> str:
-    """Full-width ASCII to ASCII, one character for one (offsets are kept)."""
+    """Full-width ASCII to ASCII, one character for one (offsets are kept), when a full-width digit,
+    letter, ``＋`` or ``＠`` is present; labels and separators are matched in both widths anyway."""
     return text.translate(_FW) if _FW_RX.search(text) else text
 
 
@@ -182,8 +183,11 @@ _CC = set("""1 7 20 27 30 31 32 33 34 36 39 40 41 43 44 45 46 47 48 49 51 52 53 
 
 
 def valid_phone_rules(s: str) -> bool:
+    """A known country code and 9-15 digits (10 when written without any separator: ``+12345678``
+    in a ledger is an amount)."""
     d = _digits(s)
-    if not 8 <= len(d) <= 15:
+    grouped = any(c in " -(" for c in s)
+    if not (9 if grouped else 10) <= len(d) <= 15:
         return False
     return any(d[:k] in _CC for k in (1, 2, 3))
 
@@ -221,8 +225,15 @@ def valid_phone_pn(s: str) -> bool:
 _GLOBAL_V6 = ipaddress.ip_network("2000::/3")  # the only range global unicast addresses are allocated from
 
 
+# addresses of public services (IANA's example.com/org hosts, public DNS resolvers): never a person's
+WELL_KNOWN = {ipaddress.ip_address(a) for a in (
+    "93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "8.8.8.8", "8.8.4.4", "1.1.1.1", "1.0.0.1", "9.9.9.9",
+    "208.67.222.222", "114.114.114.114", "114.114.115.115", "223.5.5.5", "223.6.6.6", "119.29.29.29", "180.76.76.76",
+    "2001:4860:4860::8888", "2001:4860:4860::8844", "2606:4700:4700::1111", "2400:3200::1", "240c::6666")}
+
+
 def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if not ip.is_global or ip.is_multicast:
+    if not ip.is_global or ip.is_multicast or ip in WELL_KNOWN:
         return False
     return ip.version == 4 or ip in _GLOBAL_V6
 
@@ -251,8 +262,18 @@ def valid_ipv6(s: str) -> bool:
 _RESERVED_MAIL = re.compile(r"(?:^|\.)(?:example\.(?:com|net|org|edu)|example|test|invalid|localhost|local)$", re.I)
 
 
+# generic top-level domains in common use (any two-letter country code is accepted as well)
+_GTLDS = set("""com net org edu gov mil int info biz name pro mobi asia aero coop museum travel jobs tel post xxx
+app dev ai io tech online site top xyz shop store cloud club vip ltd group work email live life world today news
+wang xin ren link space website fun icu ink law kim red pub cool company center host press blog design
+email global media network solutions systems team""".split())
+
+
 def valid_email(s: str) -> bool:
     local, _, domain = s.rpartition("@")
+    tld = domain.rsplit(".", 1)[-1].lower()
+    if not (len(tld) == 2 or tld in _GTLDS):
+        return False  # user@hostname.domainname is a template, not an address
     return not (local.startswith(".") or local.endswith(".") or ".." in s or _RESERVED_MAIL.search(domain))
 
 
@@ -281,7 +302,9 @@ COMPOUND_SURNAMES = ("欧阳", "司马", "诸葛", "上官", "东方", "皇甫",
 _NEXT_FIELD = ("性别", "年龄", "电话", "手机", "身份", "证件", "住址", "地址", "民族", "出生", "职业", "科室", "床号",
                "联系", "籍贯", "工作", "单位", "邮箱", "婚姻", "学历", "账号", "帐号", "卡号", "开户", "护照", "病历",
                "诊断", "主诉", "入院", "就诊", "日期", "编号", "邮编", "男", "女", "先生", "女士")
-_ADDRESS_MARKS = re.compile(f"[{HAN}]*(?:省|市|区|县|旗|镇|乡|村|路|街|道|号|巷|弄|楼|室|栋|幢|单元|大厦|小区|院|组|屯)")
+# an address starts with an administrative division (北京市, 广东省, 海淀区...) or has a house number (88号, 501室)
+_ADDRESS_START = re.compile(f"[{HAN}]{{1,9}}?(?:省|市|自治区|特别行政区|自治州|区|县|州|盟|旗)")
+_HOUSE_NUMBER = re.compile(r"\d+\s*(?:号|室|栋|幢|楼|单元|弄|巷|户)")
 
 
 def cut_at_next_field(value: str, start: int = 1) -> str:
@@ -307,7 +330,7 @@ def chinese_name_ok(v: str, strict: bool) -> bool:
 
 
 def address_ok(v: str) -> bool:
-    return len(v) >= 5 and _ADDRESS_MARKS.search(v) is not None and not v[0].isdigit()
+    return len(v) >= 5 and not v[0].isdigit() and (_ADDRESS_START.match(v) is not None or _HOUSE_NUMBER.search(v) is not None)
 
 
 def english_address_ok(v: str) -> bool:
