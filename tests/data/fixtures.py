@@ -99,8 +99,8 @@ def make_corpus(root: Path, seed: int = 0) -> dict:
         ("Call 13912345678 after the shift. " + doc(rng, 30), "CN_MOBILE"),
         ("Office line 010-62345678 at the bank. " + doc(rng, 30), "CN_LANDLINE"),
         ("London desk +44 20 7946 0958 for the loan. " + doc(rng, 30), "PHONE"),
-        ("Server 192.168.10.24 logs the pump. " + doc(rng, 30), "IPV4"),
-        ("Host 2001:db8:85a3::8a2e:370:7334 handles audit. " + doc(rng, 30), "IPV6"),
+        ("Server 58.217.200.37 logs the pump. " + doc(rng, 30), "IPV4"),
+        ("Host 2408:8207:85a3::8a2e:370:7334 handles audit. " + doc(rng, 30), "IPV6"),
         ("Fetch https://admin:s3cret@intranet.example.com/x daily. " + doc(rng, 30), "URL_CREDENTIALS"),
         ("Dr. Lin Wei reviewed the chart. " + doc(rng, 30), "NAME"),
     ]

@@ -419,7 +419,7 @@ def _ident(rng: random.Random, typ: str, style: str) -> list[tuple]:
         label = rng.choice(("连接串：", "数据库连接", "备份到")) if zh else rng.choice(("dsn = ", "fetch ", "backup to "))
     elif typ == "IPV4":
         v = public_ipv4(rng)
-        label = rng.choice(("来源IP", "IP地址：", "登录IP", "服务器")) if zh else rng.choice(("from ", "client ", "host ", "IP "))
+        label = rng.choice(("来源IP", "IP地址：", "登录IP", "服务器")) if zh else rng.choice(("from ", "client ", "Server ", "IP ", "reverse proxy "))
     elif typ == "IPV6":
         v = public_ipv6(rng)
         label = rng.choice(("来源IP", "IPv6地址：", "登录地址")) if zh else rng.choice(("from ", "client ", "host "))

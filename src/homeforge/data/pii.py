@@ -83,7 +83,8 @@ def _value(check: Callable[[str], bool] | None = None) -> Check:
     return run
 
 
-_VERSION_CTX = re.compile(r"(?:[Vv]ersion|[Vv]er\.?|[Rr]elease|GCC|gcc|[Pp]ython|[Bb]uild|[Rr]ev|版本|[=<>~!]=|\bv|[A-Za-z]/)\s*$")
+_VERSION_CTX = re.compile(r"(?:(?<![A-Za-z])(?:[Vv]ersion|[Vv]er\.?|[Rr]elease|GCC|gcc|[Pp]ython|[Bb]uild|[Rr]ev|v)|版本|"
+                          r"[=<>~!]=|[A-Za-z]/)\s*$")
 _IP_CTX = re.compile(r"(?:\bIP|\bip|[Aa]ddr(?:ess)?|地址|[Hh]ost|服务器|[Ss]erver|inet|[Ff]rom|[Cc]lient)\W{0,3}$")
 
 
