@@ -103,8 +103,9 @@ def main() -> None:
     ap.add_argument("--baseline", help="an older pii.py to compare with (its Scrubber(), default types)")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    from homeforge.data.pii import Scrubber
     from tests.data.pii_bench import evaluate, make_records, render
+
+    from homeforge.data.pii import Scrubber
 
     size = 200_000 if args.quick else 2_000_000
     rounds = 1 if args.quick else args.rounds

@@ -66,7 +66,8 @@ def test_validators_decide_the_type():
     assert s.scrub("Call +44 20 7946 0958 now")[0] == "Call <PHONE> now"
     assert s.scrub("统一社会信用代码914403001922038216；护照E12345678；港澳通行证C12345678；台胞证12345678")[0] == \
         "统一社会信用代码<CN_USCC>；护照<PASSPORT>；港澳通行证<HKMO_PERMIT>；台胞证<TW_PERMIT>"
-    assert s.scrub("车牌粤B12345，新能源京AD12345。")[0] == "车牌<CN_PLATE>，新能源<CN_PLATE>。"
+    assert s.scrub("车牌粤B12345，新能源京AD12345，粤Z·1234港。")[0] == "车牌<CN_PLATE>，新能源<CN_PLATE>，<CN_PLATE>。"
+    assert s.scrub("京ICP备12345678号，粤B2-20090059")[1] == {}  # site and telecom licence numbers
     assert s.scrub("姓名：张三性别：男住址：北京市朝阳区建国路88号院3号楼501室，电话")[0] == \
         "姓名：<NAME>性别：男住址：<ADDRESS>，电话"
     assert s.scrub("Name: John Smith\nAddress: 12 Baker Street, London NW1 6XE\n")[0] == "Name: <NAME>\nAddress: <ADDRESS>\n"

@@ -19,6 +19,7 @@ values themselves are never logged or reported.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import hmac
 import re
@@ -172,7 +173,7 @@ def _en_address_value(v: str) -> bool:
 
 
 def _plate(m: re.Match) -> tuple[int, int] | None:
-    s = m.group("s")
+    s = m.group("s") or m.group("s4")
     if len(s) == 6:
         nev = (s[0] in "ABCDEFGHJK" and s[2:].isdigit()) or (s[:5].isdigit() and s[5] in "ABCDEFGHJK")
         return m.span("v") if nev else None
@@ -221,7 +222,8 @@ def _detectors(phone: str) -> list[tuple[str, str, Check, str | None]]:
         ("TW_PERMIT", rf"(?P<v>{_lead('L')}\d{{8}}){RA}", _value(), _NUM),
         ("TW_PERMIT", rf"(?:台胞证|台湾居民来往大陆通行证|台湾通行证|MTP)(?:号码|号)?"
                       rf"{_GAP}(?P<v>\d{{8}}(?:\d\d)?(?:[(（][A-Z][)）])?|[A-Z]\d{{7,9}}){RA}", _value(), _NUM),
-        ("CN_PLATE", rf"(?P<v>[{_PROVINCES}][{_PL}][·• -]?(?P<s>[0-9{_PL}]{{5,6}})[挂学警港澳领]?){RA}", _plate, "plate"),
+        ("CN_PLATE", rf"(?P<v>[{_PROVINCES}][{_PL}][·• -]?(?:(?P<s>[0-9{_PL}]{{5,6}})|(?P<s4>[0-9{_PL}]{{4}})[挂学警港澳领]))"
+                     rf"{RA}", _plate, "plate"),
         ("IPV4", rf"(?P<v>[0-9](?:(?<=[Ii][Pp][0-9])|(?<![0-9{_G}.][0-9]))\d{{0,2}}\.\d{{1,3}}\.\d{{1,3}}\.\d{{1,3}})"
                  rf"(?![0-9{_G}])(?!\.[0-9A-Za-z])(?!/)", _ipv4, "ipv4"),
         ("IPV6", r"(?P<v>(?:[0-9A-Fa-f](?:(?<=[Ii][Pp][0-9A-Fa-f])|(?<![0-9A-Za-z_.][0-9A-Fa-f]))(?<![0-9A-Fa-f:]:[0-9A-Fa-f])|::(?<![0-9A-Za-z_:.]::))[0-9A-Fa-f:]*:[0-9A-Fa-f]*:[0-9A-Fa-f:]*"
@@ -330,7 +332,7 @@ class Scrubber:
         """Non-overlapping (start, end, type) spans; earlier detectors win."""
         folded = r.fold(text)
         n = len(folded)
-        spans: list[tuple[int, int, str]] = []
+        spans: list[tuple[int, int, str]] = []  # sorted by start, never overlapping
         memo: dict = {}
         for kind, rx, check, guard in self.detectors:
             for ws, we in _regions(guard, folded, memo):
@@ -343,9 +345,9 @@ class Scrubber:
                     if span is None or span[0] == span[1]:
                         continue
                     s, e = span
-                    if not any(s < te and ts < e for ts, te, _ in spans):
-                        spans.append((s, e, kind))
-        spans.sort()
+                    i = bisect.bisect_left(spans, (s,))
+                    if (i == 0 or spans[i - 1][1] <= s) and (i == len(spans) or e <= spans[i][0]):
+                        spans.insert(i, (s, e, kind))
         return spans
 
     def scrub(self, text: str) -> tuple[str, Counter]:
