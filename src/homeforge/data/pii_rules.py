@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable
 from urllib.parse import urlsplit
 
 # ----------------------------------------------------------------------------- boundaries
@@ -335,5 +334,3 @@ def address_ok(v: str) -> bool:
 def english_address_ok(v: str) -> bool:
     return bool(re.match(r"\d{1,6}[A-Za-z]? [A-Z][A-Za-z.'-]+", v)) or bool(re.search(r"\b(?:Street|St\.|Road|Rd\.|Avenue|Ave\.|Lane|Drive|Boulevard|Blvd\.?|Way|Court|Place|Square)\b", v))
 
-
-Validator = Callable[[str], bool]
