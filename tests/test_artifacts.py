@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from homeforge import artifacts
+from homeforge import _fs, artifacts
 from homeforge.errors import ArtifactError, HomeforgeError
 
 
@@ -26,7 +26,7 @@ def test_manifest_contents(tmp_path):
     out = _make(tmp_path / "art", {"x": 1}, inputs={"src": src})
     m = artifacts.verify(out)
     assert m["stage"] == "demo" and m["config"] == {"x": 1} and m["metrics"] == {"m": 1.5}
-    assert m["inputs"]["src"] == artifacts.sha256_file(src)
+    assert m["inputs"]["src"] == _fs.sha256_file(src)
     assert set(m["files"]) == {"a.txt", "sub/b.bin"}
     assert m["versions"]["torch"] and m["versions"]["transformers"]
     assert m["host"]["cpu_count"] >= 1 and "total_s" in m["timings"]
@@ -37,19 +37,66 @@ def test_fingerprint_skip_if_unchanged(tmp_path):
     src = tmp_path / "input.txt"
     src.write_text("data")
     out = _make(tmp_path / "art", {"x": 1}, inputs={"src": src})
-    _, fp, _ = artifacts.begin(out, stage="demo", config={"x": 1}, inputs={"src": src})
-    assert artifacts.is_up_to_date(out, fp)
-    _, fp2, _ = artifacts.begin(out, stage="demo", config={"x": 2}, inputs={"src": src})
-    assert not artifacts.is_up_to_date(out, fp2)
+    assert artifacts.plan(out, stage="demo", config={"x": 1}, inputs={"src": src}).up_to_date
+    assert not artifacts.plan(out, stage="demo", config={"x": 1}, inputs={"src": src}, force=True).up_to_date
+    assert not artifacts.plan(out, stage="demo", config={"x": 2}, inputs={"src": src}).up_to_date
+    hashes = artifacts.read_manifest(out)["inputs"]  # a plain artifact is never up to date for an encrypted run
+    assert artifacts.fingerprint("demo", {"x": 1}, hashes) != artifacts.fingerprint("demo", {"x": 1}, hashes, True)
+    # the same stage's artifact of the same inputs is replaced by a run with another config...
+    _make(out, {"x": 2}, inputs={"src": src}, content="new config")
+    assert (out / "a.txt").read_text() == "new config"
+    # ...but not by a run from other inputs, unless forced
     src.write_text("changed")
-    _, fp3, _ = artifacts.begin(out, stage="demo", config={"x": 1}, inputs={"src": src})
-    assert fp3 != fp and not artifacts.is_up_to_date(out, fp3)
-    # a different config does not silently replace the artifact...
-    with pytest.raises(HomeforgeError, match="--force"):
-        _make(out, {"x": 2}, inputs={"src": src})
-    # ...unless forced
-    _make(out, {"x": 2}, inputs={"src": src}, force=True, content="new")
+    with pytest.raises(HomeforgeError, match="not this `demo` stage's output for these inputs"):
+        _make(out, {"x": 1}, inputs={"src": src})
+    assert (out / "a.txt").read_text() == "new config"
+    _make(out, {"x": 1}, inputs={"src": src}, force=True, content="new")
     assert (out / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "input.txt"]  # the old artifact is gone
+
+
+def _tree(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("what", ["user folder", "other stage", "file"])
+def test_never_replaces_what_it_did_not_write(tmp_path, what):
+    """A user's folder, another stage's artifact or a file at the output path: refused before any work,
+    left byte-identical; with force a foreign folder is moved aside, never deleted."""
+    out = tmp_path / "out"
+    if what == "user folder":
+        (out / "notes").mkdir(parents=True)
+        (out / "notes" / "thesis.md").write_text("years of work")
+        (out / "todo.txt").write_text("x")
+    elif what == "other stage":
+        with artifacts.write_artifact(out, stage="other", config={}) as art:
+            (art.dir / "weights.bin").write_bytes(b"\x01")
+    else:
+        out.write_text("a file")
+    before = _tree(tmp_path)
+    with pytest.raises(HomeforgeError, match="already exists") as exc:
+        artifacts.plan(out, stage="demo", config={"x": 1})
+    assert "--force" in exc.value.render()
+    with pytest.raises(HomeforgeError, match="already exists"):
+        _make(out, {"x": 1})
+    assert _tree(tmp_path) == before
+    plan = artifacts.plan(out, stage="demo", config={"x": 1}, force=True)
+    with plan.write() as art:
+        (art.dir / "a.txt").write_text("new")
+    assert (out / "a.txt").read_text() == "new"
+    if what == "other stage":  # homeforge's own artifact: replaced
+        assert plan.moved_aside is None and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    else:  # never deleted: moved aside, byte-identical
+        assert plan.moved_aside is not None and plan.moved_aside.parent == tmp_path
+        moved = {k.replace(plan.moved_aside.name, "out", 1): v for k, v in _tree(tmp_path).items()
+                 if k.startswith(plan.moved_aside.name)}
+        assert moved == before
+
+
+def test_empty_folder_is_used(tmp_path):
+    (tmp_path / "out").mkdir()
+    _make(tmp_path / "out", {"x": 1})
+    assert (tmp_path / "out" / "a.txt").is_file()
 
 
 def test_artifact_input_uses_content_hash(tmp_path):
@@ -71,7 +118,7 @@ def test_killed_writer_leaves_no_partial_artifact(tmp_path):
     out = tmp_path / "art"
     script = textwrap.dedent(f"""
         import time
-        from homeforge import artifacts
+        from homeforge import _fs, artifacts
         with artifacts.write_artifact({str(out)!r}, stage="demo", config={{}}) as art:
             (art.dir / "half").write_text("x")
             print("writing", flush=True)
@@ -124,6 +171,6 @@ def test_unwritable_output_message(tmp_path, monkeypatch):
 
 def test_atomic_write_text(tmp_path):
     p = tmp_path / "f.txt"
-    artifacts.atomic_write_text(p, "one")
-    artifacts.atomic_write_text(p, "two")
+    _fs.atomic_write_text(p, "one")
+    _fs.atomic_write_text(p, "two")
     assert p.read_text() == "two" and [x.name for x in tmp_path.iterdir()] == ["f.txt"]

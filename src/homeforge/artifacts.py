@@ -1,6 +1,6 @@
 """Artifact directories: atomic writes, manifests, content hashes, skip-if-unchanged.
 
-Every stage writes one directory. It is built in a hidden temp dir beside the target,
+Every stage writes one directory. It is built in a private temp dir beside the target,
 every file is fsynced, the manifest (``homeforge.json``) is written last, and the temp
 dir is renamed into place. A reader therefore sees either no artifact or a complete one;
 ``verify`` re-hashes the files to detect later corruption.
@@ -8,46 +8,44 @@ dir is renamed into place. A reader therefore sees either no artifact or a compl
 The manifest holds: stage, fingerprint (hash of stage + resolved config + input hashes),
 the resolved config, input hashes, per-file hashes and the artifact's content hash,
 versions, host facts, timings and metrics.
+
+A stage starts with ``plan(out, stage=..., config=..., inputs=..., force=..., encrypt=...)``:
+it hashes the inputs, says whether ``out`` is already up to date, and refuses (before any
+work) to replace anything at ``out`` that is not this stage's own artifact of the same
+inputs, unless forced. ``Plan.write()`` then builds the artifact.
 """
 
 from __future__ import annotations
 
 import contextlib
 import getpass
-import hashlib
 import json
 import os
 import platform
 import shutil
 import socket
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from homeforge._fs import (
+    fsync_tree,
+    pid_alive,
+    private_temp_dir,
+    sha256_file,
+    sha256_json,
+    swap_dir,
+)
 from homeforge.errors import ArtifactError, HomeforgeError
 
 MANIFEST = "homeforge.json"
 FORMAT_VERSION = 1
-_CHUNK = 1 << 20
 
 
 # --------------------------------------------------------------------------- hashing
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
 def hash_tree(root: str | Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
@@ -63,6 +61,8 @@ def hash_tree(root: str | Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[
 
 
 def content_hash(files: dict[str, str]) -> str:
+    import hashlib
+
     return hashlib.sha256("".join(f"{k}\0{v}\n" for k, v in sorted(files.items())).encode()).hexdigest()
 
 
@@ -78,9 +78,9 @@ def hash_input(path: str | Path) -> str:
     return sha256_file(p)
 
 
-def fingerprint(stage: str, config: dict, input_hashes: dict[str, str]) -> str:
+def fingerprint(stage: str, config: dict, input_hashes: dict[str, str], encrypt: bool = False) -> str:
     payload = {"stage": stage, "config": config, "inputs": input_hashes, "format": FORMAT_VERSION}
-    if os.environ.get("HOMEFORGE_ENCRYPT", "").lower() in ("1", "true", "yes", "on"):
+    if encrypt:
         payload["encrypted"] = True  # a plain artifact is never "up to date" for an encrypted run
     return sha256_json(payload)
 
@@ -138,6 +138,8 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads(mf.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"the manifest of {p} is unreadable ({exc})", where=str(mf), fix="re-run the stage with --force") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"the manifest of {p} is not a JSON object", where=str(mf), fix="re-run the stage with --force")
     for key in ("stage", "fingerprint", "files", "content_hash"):
         if key not in manifest:
             raise ArtifactError(f"the manifest of {p} lacks {key!r}", where=str(mf), fix="re-run the stage with --force")
@@ -178,69 +180,53 @@ def is_up_to_date(out: str | Path, fp: str) -> bool:
     return manifest.get("fingerprint") == fp
 
 
-# --------------------------------------------------------------------------- writing
+# --------------------------------------------------------------------------- what is at the output path
 
 
-def fsync_tree(root: Path) -> None:
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem supports directory fsync
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write one file atomically (temp file in the same dir, fsync, rename)."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:8]}")
+def existing(out: Path) -> tuple[str, str] | None:
+    """What is at ``out``: None (nothing, or an empty folder), else (kind, words) with kind
+    ``artifact`` (a homeforge artifact) or ``foreign`` (a file or a folder homeforge did not write)."""
+    if not out.exists() and not out.is_symlink():
+        return None
+    if out.is_symlink() or not out.is_dir():
+        return "foreign", "a file"
+    if not any(out.iterdir()):
+        return None
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-        _fsync_dir(p.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+        m = read_manifest(out)
+    except ArtifactError:
+        return "foreign", f"a folder homeforge did not write ({sum(1 for _ in out.rglob('*'))} entries)"
+    return "artifact", f"a `{m.get('stage')}` artifact made {m.get('created', '?')}"
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _clean_stale_temps(out: Path) -> None:
-    """Remove temp dirs of earlier runs that were killed (their pid no longer exists)."""
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        try:
-            pid = int(tmp.name.rsplit("-", 2)[-2])
-        except (ValueError, IndexError):
-            continue
-        if not _pid_alive(pid):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
+def _own_artifact(out: Path, stage: str, input_hashes: dict[str, str]) -> bool:
+    """``out`` is this stage's artifact of the same inputs (so re-running with another config may replace it)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        m = read_manifest(out)
+    except ArtifactError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return m.get("stage") == stage and m.get("inputs") == input_hashes
+
+
+def check_replaceable(out: Path, stage: str, input_hashes: dict[str, str], force: bool) -> tuple[str, str] | None:
+    """Refuse, before any work, to replace what this stage did not write from these inputs.
+
+    Returns ``existing(out)`` when it may be replaced. With ``force`` anything may be replaced;
+    a file or folder homeforge did not write is then moved aside, never deleted (``Plan.write``)."""
+    found = existing(out)
+    if found is None or force or _own_artifact(out, stage, input_hashes):
+        return found
+    raise HomeforgeError(
+        f"{out} already exists and is {found[1]}, not this `{stage}` stage's output for these inputs; "
+        "nothing was changed",
+        where=str(out),
+        fix="choose another output directory, or pass --force to replace it (what homeforge did not write "
+            "is then moved aside to NAME.replaced-TIME, never deleted)",
+    )
 
 
 def check_writable(out: Path) -> None:
-    parent = out.parent
-    probe = parent
+    probe = out.parent
     while not probe.exists():
         probe = probe.parent
     if not os.access(probe, os.W_OK | os.X_OK):
@@ -251,9 +237,28 @@ def check_writable(out: Path) -> None:
         )
 
 
+def clean_stale_temps(parent: Path) -> list[Path]:
+    """Remove temp dirs of killed writers (``.NAME.tmp-PID-*`` whose PID is gone) in ``parent``."""
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for tmp in parent.glob(".*.tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+        except (ValueError, IndexError):
+            continue
+        if tmp.is_dir() and not pid_alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+# --------------------------------------------------------------------------- writing
+
+
 @dataclass
 class ArtifactWriter:
-    """Handle given to a stage while it builds its artifact in ``dir`` (a temp dir)."""
+    """Handle given to a stage while it builds its artifact in ``dir`` (a private temp dir)."""
 
     out: Path
     dir: Path
@@ -295,17 +300,77 @@ class ArtifactWriter:
         }
 
 
-def begin(
+@dataclass
+class Plan:
+    """A stage's output, decided before any work: ``up_to_date`` or ``write()`` it."""
+
+    out: Path
+    stage: str
+    config: dict
+    inputs: dict[str, str]
+    fingerprint: str
+    force: bool = False
+    encrypt: bool = False
+    moved_aside: Path | None = None  # where a replaced foreign file/folder went (set by write)
+
+    @property
+    def up_to_date(self) -> bool:
+        return not self.force and is_up_to_date(self.out, self.fingerprint)
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[ArtifactWriter]:
+        """Build the artifact atomically. On any exception the target is left untouched.
+
+        With ``encrypt`` the data files are encrypted (``security.atrest``) before the manifest
+        is written; the key is loaded first, so a missing key fails before any work."""
+        from homeforge.security import atrest
+
+        key = atrest.load_key_for(self.encrypt)
+        found = check_replaceable(self.out, self.stage, self.inputs, self.force)
+        check_writable(self.out)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(self.out.parent)
+        tmp = private_temp_dir(self.out.parent, self.out.name)
+        writer = ArtifactWriter(out=self.out, dir=tmp, stage=self.stage, config=self.config, inputs=self.inputs,
+                                fingerprint=self.fingerprint)
+        try:
+            yield writer
+            if key is not None:
+                writer.extra["encryption"] = atrest.encrypt_tree(tmp, key)
+            manifest = writer.manifest()
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
+            os.chmod(tmp, 0o755)  # private while it was built; an artifact is readable like any folder
+            fsync_tree(tmp)
+            if found is not None and found[0] == "foreign":
+                self.moved_aside = self.out.with_name(f"{self.out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            swap_dir(tmp, self.out, keep_old=self.moved_aside)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def plan(
     out: str | Path,
     *,
     stage: str,
     config: dict,
     inputs: dict[str, str | Path] | None = None,
-) -> tuple[Path, str, dict[str, str]]:
-    """Resolve output path, hash inputs and compute the fingerprint (before any work)."""
+    force: bool = False,
+    encrypt: bool = False,
+) -> Plan:
+    """Resolve the output, hash the inputs, fingerprint; refuse a foreign ``out`` now, before any work
+    (unless it is up to date, which the caller then skips)."""
     out_p = Path(out).expanduser().absolute()
     input_hashes = {name: hash_input(p) for name, p in (inputs or {}).items()}
-    return out_p, fingerprint(stage, config, input_hashes), input_hashes
+    p = Plan(out_p, stage, config, input_hashes, fingerprint(stage, config, input_hashes, encrypt), force, encrypt)
+    if not p.up_to_date:
+        check_replaceable(out_p, stage, input_hashes, force)
+        check_writable(out_p)
+        if encrypt:  # a missing data key fails now, before the stage's work
+            from homeforge.security import atrest
+
+            atrest.load_key_for(True)
+    return p
 
 
 @contextlib.contextmanager
@@ -316,49 +381,8 @@ def write_artifact(
     config: dict,
     inputs: dict[str, str | Path] | None = None,
     force: bool = False,
-    encrypt: bool | None = None,
+    encrypt: bool = False,
 ) -> Iterator[ArtifactWriter]:
-    """Build an artifact atomically. On any exception the target is left untouched.
-
-    An existing directory at ``out`` is replaced only if ``force`` is set (or it is an
-    artifact of the same fingerprint, which callers normally skip via ``is_up_to_date``).
-    ``encrypt`` (default: ``--encrypt`` / ``HOMEFORGE_ENCRYPT``) encrypts the data files
-    before the manifest is written (``security.storage``); the key is loaded first, so a
-    missing key fails before any work.
-    """
-    from homeforge.security import storage
-
-    if encrypt is None:
-        encrypt = storage.encryption_requested() or bool(config.get("encrypt"))
-    key = storage.load_key(required=True) if encrypt else None
-    out_p, fp, input_hashes = begin(out, stage=stage, config=config, inputs=inputs)
-    check_writable(out_p)
-    if out_p.exists() and not force and not is_up_to_date(out_p, fp):
-        raise HomeforgeError(
-            f"{out_p} already exists and was not made from these inputs and config",
-            where=str(out_p),
-            fix="pass --force to replace it, or choose another output directory",
-        )
-    out_p.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_temps(out_p)
-    tmp = out_p.parent / f".{out_p.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    writer = ArtifactWriter(out=out_p, dir=tmp, stage=stage, config=config, inputs=input_hashes, fingerprint=fp)
-    try:
-        yield writer
-        if key is not None:
-            writer.extra["encryption"] = storage.encrypt_tree(tmp, key)
-        manifest = writer.manifest()
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
-        fsync_tree(tmp)
-        if out_p.exists():
-            old = out_p.parent / f".{out_p.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.replace(out_p, old)
-            os.replace(tmp, out_p)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_p)
-        _fsync_dir(out_p.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """``plan(...).write()`` in one call, for stages with nothing to skip."""
+    with plan(out, stage=stage, config=config, inputs=inputs, force=force, encrypt=encrypt).write() as w:
+        yield w

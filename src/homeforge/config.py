@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from homeforge import paths
 from homeforge.errors import ConfigError
 
 
@@ -114,15 +115,6 @@ class ClassifyConfig(Section):
     freeze_base: bool = Field(False, description="train only the classification head")
 
 
-def _require_data_key(encrypt: bool) -> bool:
-    """``encrypt: true`` needs a data key: fail when the config is loaded, before any work (security/keys.py)."""
-    if encrypt:
-        from homeforge.security.keys import load_key
-
-        load_key(required=True)
-    return encrypt
-
-
 class PrivacyConfig(Section):
     """Differential privacy (DP-SGD with Opacus): set epsilon to turn it on."""
 
@@ -173,9 +165,7 @@ class TrainConfig(Section):
     sft: SftConfig = Field(default_factory=SftConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
-    encrypt: bool = Field(False, description="encrypt checkpoints and the model at rest (needs a data key: `homeforge keys init`)")
-
-    _check_encrypt_key = field_validator("encrypt")(classmethod(lambda cls, v: _require_data_key(v)))
+    encrypt: bool = Field(default_factory=paths.encrypt_default, description="encrypt checkpoints and the model at rest (needs a data key: `homeforge keys init`; default: $HOMEFORGE_ENCRYPT)")
 
 
 # --------------------------------------------------------------------------- quickstart
@@ -225,6 +215,8 @@ class QuickstartConfig(Section):
         description="prompts for the sample generations printed at the end",
     )
     max_new_tokens: int = Field(40, ge=1, description="tokens generated per sample")
+    encrypt: bool = Field(default_factory=paths.encrypt_default, description="encrypt the dataset, checkpoints and "
+                          "model at rest (needs a data key: `homeforge keys init`; default: $HOMEFORGE_ENCRYPT)")
 
 
 # --------------------------------------------------------------------------- prepare
@@ -371,9 +363,7 @@ class PrepareConfig(Section):
         default_factory=lambda: ["utf-8"], description="encodings tried in order for text files (a BOM is always honoured)"
     )
     max_builtin_chars: int = Field(2_500_000, ge=10_000, description="characters taken from a builtin corpus")
-    encrypt: bool = Field(False, description="encrypt the dataset's records and token shards at rest (needs a data key)")
-
-    _check_encrypt_key = field_validator("encrypt")(classmethod(lambda cls, v: _require_data_key(v)))
+    encrypt: bool = Field(default_factory=paths.encrypt_default, description="encrypt the dataset's records and token shards at rest (needs a data key: `homeforge keys init`; default: $HOMEFORGE_ENCRYPT)")
     clean: CleanConfig = Field(default_factory=CleanConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     pii: PIIConfig = Field(default_factory=PIIConfig)
@@ -471,6 +461,7 @@ class ExportConfig(Section):
     onnx: OnnxExportConfig = Field(default_factory=OnnxExportConfig)
     gguf: GgufExportConfig = Field(default_factory=GgufExportConfig)
     parity: ParityConfig = Field(default_factory=ParityConfig)
+    encrypt: bool = Field(default_factory=paths.encrypt_default, description="encrypt the exported weights at rest (needs a data key: `homeforge keys init`; default: $HOMEFORGE_ENCRYPT)")
 
 
 class ImportConfig(Section):
@@ -478,6 +469,7 @@ class ImportConfig(Section):
 
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype of the saved weights")
     parity: ParityConfig = Field(default_factory=ParityConfig)
+    encrypt: bool = Field(default_factory=paths.encrypt_default, description="encrypt the imported weights at rest (needs a data key: `homeforge keys init`; default: $HOMEFORGE_ENCRYPT)")
 
 
 # --------------------------------------------------------------------------- eval / compress
@@ -530,6 +522,7 @@ class EvalConfig(Section):
     generation: GenerationEvalConfig = Field(default_factory=GenerationEvalConfig)
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
     gates: EvalGates = Field(default_factory=EvalGates)
+    encrypt: bool = Field(default_factory=paths.encrypt_default, description="encrypt the evaluation report's data files at rest (needs a data key: `homeforge keys init`; default: $HOMEFORGE_ENCRYPT)")
 
 
 class QatConfig(Section):
@@ -592,6 +585,7 @@ class CompressConfig(Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
     gates: CompressGates = Field(default_factory=CompressGates)
+    encrypt: bool = Field(default_factory=paths.encrypt_default, description="encrypt the compressed weights at rest (needs a data key: `homeforge keys init`; default: $HOMEFORGE_ENCRYPT)")
 
 
 # --------------------------------------------------------------------------- registry + loading
@@ -692,8 +686,11 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     base: dict | None = None,
+    updates: dict[str, Any] | None = None,
 ) -> Any:
-    """Load ``schema``: its defaults, then ``base``, the YAML file at ``path``, then ``overrides``.
+    """Load ``schema``: its defaults, then ``base``, the YAML file at ``path``, ``overrides``
+    (``KEY.SUB=VALUE`` strings, values parsed as YAML), then ``updates`` (``{"key.sub": value}``
+    from typed command-line flags: taken as they are, never parsed; ``None`` values are skipped).
 
     Raises ConfigError listing every problem (file, key and value errors) at once.
     """
@@ -718,6 +715,11 @@ def load_config(
         data = deep_merge(data, loaded)
     extra, problems = parse_overrides(overrides)
     data = deep_merge(data, extra)
+    typed: dict = {}
+    for key, value in (updates or {}).items():
+        if value is not None:
+            _set_dotted(typed, key, str(value) if isinstance(value, Path) else value)
+    data = deep_merge(data, typed)
     try:
         cfg = schema.model_validate(data)
     except ValidationError as exc:

@@ -44,6 +44,7 @@ def build_dataset(cfg: QuickstartConfig, out: Path, force: bool, console: Consol
         split={"val": cfg.corpus.val_fraction, "test": 0.0},
         tokenizer=PrepTokenizerConfig(vocab_size=cfg.tokenizer.vocab_size, min_frequency=cfg.tokenizer.min_frequency),
         workers=1,
+        encrypt=cfg.encrypt,
     )
     pcfg.clean.min_chars = cfg.corpus.min_chars
     res = prepare(pcfg, force=force, console=console)
@@ -68,11 +69,13 @@ def train_model(cfg: QuickstartConfig, data_dir: Path, run_dir: Path, force: boo
     from homeforge.train.loop import TrainingInterrupted, train_task
     from homeforge.train.methods import build_task
 
-    tcfg = cfg.train.model_copy(update={"method": "pretrain", "data": str(data_dir), "output_dir": str(run_dir)})
+    tcfg = cfg.train.model_copy(update={"method": "pretrain", "data": str(data_dir), "output_dir": str(run_dir),
+                                        "encrypt": cfg.encrypt})
     model_dir = run_dir / "model"
-    out_p, fp, _ = artifacts.begin(model_dir, stage="train", config=tcfg.model_dump(mode="json"),
-                                   inputs={"dataset": tcfg.data})
-    if not force and artifacts.is_up_to_date(out_p, fp):
+    plan = artifacts.plan(model_dir, stage="train", config=tcfg.model_dump(mode="json"), inputs={"dataset": tcfg.data},
+                          force=force, encrypt=tcfg.encrypt)
+    out_p = plan.out
+    if plan.up_to_date:
         console.print(f"[green]model up to date[/] {out_p} (same dataset and config; --force retrains)")
         return artifacts.read_manifest(out_p)["metrics"]
     shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)  # a new run: no stale checkpoints to mix in

@@ -230,10 +230,9 @@ def test_verify_detects_changed_artifact_and_input(env, tmp_path):
     # a changed dataset (another version in the same place)
     dm = json.loads((data / "homeforge.json").read_text())
     (data / "labels.json").write_text("[]")
-    dm["files"]["labels.json"] = crypto.__name__  # any different hash
-    from homeforge import artifacts
+    from homeforge import _fs, artifacts
 
-    dm["files"]["labels.json"] = artifacts.sha256_file(data / "labels.json")
+    dm["files"]["labels.json"] = _fs.sha256_file(data / "labels.json")
     dm["content_hash"] = artifacts.content_hash(dm["files"])
     (data / "homeforge.json").write_text(json.dumps(dm))
     r = CliRunner().invoke(app, ["verify", str(model)])
@@ -292,8 +291,9 @@ def test_encrypt_true_in_a_stage_config(env, tmp_path):
         old_home = os.environ["HOMEFORGE_HOME"]
         os.environ["HOMEFORGE_HOME"] = str(tmp_path / "nokey")
         try:
-            with pytest.raises(keys.KeyError_, match="no data key"):
-                load_config(PrepareConfig, cfg_file, [f"output_dir={tmp_path / 'ds2'}"])
+            cfg2 = load_config(PrepareConfig, cfg_file, [f"output_dir={tmp_path / 'ds2'}"])  # no key loaded here
+            with pytest.raises(keys.KeyError_, match="no data key"):  # the stage fails before any work
+                prepare(cfg2, console=Console(quiet=True))
         finally:
             os.environ["HOMEFORGE_HOME"] = old_home
         assert not (tmp_path / "ds2").exists()

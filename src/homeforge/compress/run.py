@@ -212,8 +212,9 @@ def run(model_dir: Path, data: Path | None, cfg: CompressConfig, output: Path | 
     output = Path(output) if output else model_dir.parent / f"{model_dir.name}-{cfg.method}"
     config = cfg.model_dump(mode="json")
     inputs = {"model": model_dir, **({"data": data} if data else {})}
-    out_p, fp, _ = artifacts.begin(output, stage="compress", config=config, inputs=inputs)
-    if not force and artifacts.is_up_to_date(out_p, fp):
+    plan = artifacts.plan(output, stage="compress", config=config, inputs=inputs, force=force, encrypt=cfg.encrypt)
+    out_p = plan.out
+    if plan.up_to_date:
         console.print(f"[green]compressed model up to date[/] {out_p} (same model, data and config; --force re-runs)")
         return json.loads((out_p / "compress.json").read_text())
     model, tok = _load(model_dir, classifier)
@@ -225,7 +226,7 @@ def run(model_dir: Path, data: Path | None, cfg: CompressConfig, output: Path | 
         docs = quality_docs(data, cfg.split, tok, cfg.max_examples)[0]
     with console.status("measuring the original model"):
         before = measure(model, model_dir, docs, cfg)
-    with artifacts.write_artifact(out_p, stage="compress", config=config, inputs=inputs, force=force) as art:
+    with plan.write() as art:
         with art.timed("compress"):
             facts = compress_into(model, tok, cfg.method, art.dir, data, cfg, console)
         del model

@@ -492,9 +492,9 @@ def run(cfg, *, force: bool = False, check_only: bool = False, console=None, out
     inputs = _input_paths(cfg, files, names)
     out = Path(output or cfg.output_dir).expanduser()
     if not check_only:
-        artifacts.check_writable(out)
-        out_p, fp, _ = artifacts.begin(out, stage="prepare", config=conf, inputs=inputs)
-        if not force and artifacts.is_up_to_date(out_p, fp):
+        plan = artifacts.plan(out, stage="prepare", config=conf, inputs=inputs, force=force, encrypt=cfg.encrypt)
+        out_p = plan.out
+        if plan.up_to_date:
             console.print(f"[green]dataset up to date[/] {out_p} (same inputs and config; --force rebuilds)")
             return {"out": out_p, "report": json.loads((out_p / "report.json").read_text()), "skipped": True}
     issues = Issues(cfg.strict, cfg.report.max_named_errors)
@@ -540,7 +540,7 @@ def run(cfg, *, force: bool = False, check_only: bool = False, console=None, out
         console.print(rep.render_markdown(report), markup=False, highlight=False)
         return {"out": None, "report": report, "skipped": False}
 
-    with artifacts.write_artifact(out_p, stage="prepare", config=conf, inputs=inputs, force=True) as art:
+    with plan.write() as art:
         work = art.dir / ".work"
         work.mkdir()
         try:

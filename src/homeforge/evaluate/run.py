@@ -451,8 +451,9 @@ def run(model_dir: Path, data: Path, cfg: EvalConfig, baseline: Path | None, out
     output = Path(output) if output else model_dir.parent / f"{model_dir.name}-eval"
     inputs = {"model": model_dir, "data": data, **({"baseline": baseline} if baseline else {})}
     config = cfg.model_dump(mode="json")
-    out_p, fp, _ = artifacts.begin(output, stage="eval", config=config, inputs=inputs)
-    if not force and artifacts.is_up_to_date(out_p, fp):
+    plan = artifacts.plan(output, stage="eval", config=config, inputs=inputs, force=force, encrypt=cfg.encrypt)
+    out_p = plan.out
+    if plan.up_to_date:
         console.print(f"[green]evaluation up to date[/] {out_p} (same model, data and config; --force re-runs)")
         result = json.loads((out_p / "eval.json").read_text())
     else:
@@ -460,7 +461,7 @@ def run(model_dir: Path, data: Path, cfg: EvalConfig, baseline: Path | None, out
         base = evaluate_model(Path(baseline), data, cfg, console) if baseline else None
         comparison = compare(res, base, cfg.bootstrap_resamples) if base else None
         result = {"model": res, "baseline": base, "comparison": comparison}
-        with artifacts.write_artifact(out_p, stage="eval", config=config, inputs=inputs, force=True) as art:
+        with plan.write() as art:
             report.write(art.dir, result)
             result["gates"] = check_gates(res, comparison, cfg)
             (art.dir / "eval.json").write_text(json.dumps(result, indent=2, default=_json_default))

@@ -37,8 +37,10 @@ def _run_export(model_dir, out, cfg, *, force: bool, console) -> Path:
     config = cfg.model_dump(mode="json")
     path, base, _ = common.resolve(model_dir, cfg.base_model)
     inputs = common.source_inputs(path, base)
-    out_abs, fp, _ = artifacts.begin(out_p, stage=f"export-{cfg.format}", config=config, inputs=inputs)
-    if not force and artifacts.is_up_to_date(out_abs, fp):
+    plan = artifacts.plan(out_p, stage=f"export-{cfg.format}", config=config, inputs=inputs, force=force,
+                          encrypt=cfg.encrypt)
+    out_abs = plan.out
+    if plan.up_to_date:
         console.print(f"[green]up to date[/]: {out_abs} (use --force to export again)")
         return out_abs
     with console.status(f"loading {model_dir}"):
@@ -47,8 +49,7 @@ def _run_export(model_dir, out, cfg, *, force: bool, console) -> Path:
         from homeforge.export.gguf import check_supported
 
         check_supported(src.model.config, src.tokenizer)
-    with artifacts.write_artifact(out_p, stage=f"export-{cfg.format}", config=config, inputs=inputs,
-                                  force=force) as w:
+    with plan.write() as w:
         with w.timed("export"), console.status(f"exporting to {cfg.format} and checking parity"):
             if cfg.format == "hf":
                 from homeforge.export.hf import export_hf

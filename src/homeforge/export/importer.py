@@ -91,12 +91,13 @@ def import_gguf(gguf_file: str | Path, out: str | Path | None, cfg, *, force: bo
     summary = _gguf_summary(path)
     out_p = Path(out) if out is not None else default_output(path)
     config = cfg.model_dump(mode="json")
-    out_abs, fp, _ = artifacts.begin(out_p, stage="import-gguf", config=config, inputs={"gguf": path})
-    if not force and artifacts.is_up_to_date(out_abs, fp):
+    plan = artifacts.plan(out_p, stage="import-gguf", config=config, inputs={"gguf": path}, force=force,
+                          encrypt=cfg.encrypt)
+    out_abs = plan.out
+    if plan.up_to_date:
         console.print(f"[green]up to date[/]: {out_abs} (use --force to import again)")
         return out_abs
-    with torch.no_grad(), artifacts.write_artifact(out_p, stage="import-gguf", config=config, inputs={"gguf": path},
-                                                   force=force) as w:
+    with torch.no_grad(), plan.write() as w:
         with w.timed("load"), console.status(f"loading and dequantizing {path.name}"):
             model, tok = load_gguf(path)
         with w.timed("save"), console.status("saving the model directory and checking parity"):

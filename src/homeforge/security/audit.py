@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from homeforge import paths
+from homeforge._fs import flock
 from homeforge.errors import HomeforgeError
 
 GENESIS = "0" * 64
@@ -43,13 +45,6 @@ _MAC_RE = re.compile(rb',"mac":"([0-9a-f]{64})"\}$')
 _locks: dict[str, threading.Lock] = {}
 
 
-def flock(f, exclusive: bool) -> None:
-    """Advisory whole-file lock across processes (POSIX flock; a no-op where there is none)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: the in-process lock still serialises threads
-        return
-    fcntl.flock(f.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_UN)
 _locks_guard = threading.Lock()
 
 
@@ -60,20 +55,13 @@ class AuditError(HomeforgeError):
 # --------------------------------------------------------------------------- locations
 
 
-def homeforge_home() -> Path:
-    """``$HOMEFORGE_HOME`` or ``~/.homeforge``: keys and the audit log live here."""
-    env = os.environ.get("HOMEFORGE_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".homeforge"
-
-
 def default_path() -> Path:
-    """``$HOMEFORGE_AUDIT_LOG`` or ``<homeforge_home>/audit/audit.jsonl``."""
-    env = os.environ.get("HOMEFORGE_AUDIT_LOG")
-    return Path(env).expanduser() if env else homeforge_home() / "audit" / "audit.jsonl"
+    """``$HOMEFORGE_AUDIT_LOG`` or ``<HOMEFORGE_HOME>/audit/audit.jsonl``."""
+    return paths.audit_log()
 
 
 def retention_days() -> int:
-    raw = os.environ.get("HOMEFORGE_AUDIT_RETENTION_DAYS")
+    raw = paths.env("HOMEFORGE_AUDIT_RETENTION_DAYS")
     if raw is None:
         return DEFAULT_RETENTION_DAYS
     try:
@@ -192,9 +180,8 @@ def _last_line(f) -> bytes | None:
 
 
 def audit_key_path() -> Path:
-    """``$HOMEFORGE_AUDIT_KEY_FILE`` or ``<homeforge_home>/keys/audit.key`` (made by ``homeforge keys init``)."""
-    env = os.environ.get("HOMEFORGE_AUDIT_KEY_FILE")
-    return Path(env).expanduser() if env else homeforge_home() / "keys" / "audit.key"
+    """``$HOMEFORGE_AUDIT_KEY_FILE`` or ``<HOMEFORGE_HOME>/keys/audit.key`` (made by ``homeforge keys init``)."""
+    return paths.audit_key_file()
 
 
 def default_key() -> bytes | None:
@@ -562,7 +549,7 @@ class audited_command:  # noqa: N801 - used as a context manager
         return self
 
     def _fail_open(self, exc: Exception) -> None:
-        if os.environ.get("HOMEFORGE_AUDIT_REQUIRED") == "1":
+        if paths.audit_required():
             raise exc if isinstance(exc, HomeforgeError) else AuditError(str(exc))
         import sys
 

@@ -481,7 +481,7 @@ class EncryptedLog:
         self._lock = threading.Lock()
 
     def append(self, record: bytes | str) -> None:
-        from homeforge.security.audit import flock
+        from homeforge._fs import flock
 
         data = record.encode("utf-8") if isinstance(record, str) else bytes(record)
         if not data.endswith(b"\n"):

@@ -12,6 +12,7 @@ import os
 import socket
 from collections.abc import Callable, Iterable
 
+from homeforge import paths
 from homeforge.errors import EgressError
 
 OFFLINE_ENV = {
@@ -81,7 +82,7 @@ def _check_address(address, what: str) -> None:
 
 def install(allow: Iterable[str] = (), on_refuse: Callable[[str, object, str], None] | None = None) -> None:
     """Install the guard in this process (idempotent). Unix sockets are unaffected."""
-    _state["allow"] |= set(allow) | {h.strip() for h in os.environ.get("HOMEFORGE_ALLOW_HOSTS", "").split(",") if h.strip()}
+    _state["allow"] |= set(allow) | paths.allowed_hosts()
     if on_refuse is not None:
         _state["on_refuse"] = on_refuse
     if _state["installed"]:

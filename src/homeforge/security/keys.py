@@ -32,6 +32,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from homeforge import paths
 from homeforge.errors import HomeforgeError
 
 KEY_BYTES = 32
@@ -57,10 +58,7 @@ def key_id(secret: bytes) -> str:
 
 
 def default_key_file() -> Path:
-    from homeforge.security.audit import homeforge_home
-
-    env = os.environ.get("HOMEFORGE_KEY_FILE")
-    return Path(env).expanduser() if env else homeforge_home() / "keys" / "data.key"
+    return paths.data_key_file()
 
 
 def _decode(text: str, where: str) -> bytes:
@@ -101,7 +99,7 @@ def _from_command(cmd: str) -> bytes:
 def check_permissions(path: Path, force: bool = False) -> None:
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
-        forced = force or os.environ.get("HOMEFORGE_KEY_INSECURE_OK") == "1"
+        forced = force or paths.key_insecure_ok()
         msg = f"the key file {path} can be read by other users (mode {mode:o})"
         if not forced:
             raise KeyError_(msg, where=str(path),
@@ -129,11 +127,11 @@ def read_key_file(path: Path, force: bool = False) -> DataKey:
 
 def load_key(required: bool = True, force: bool = False) -> DataKey | None:
     """The configured data key; None if there is none and ``required`` is False."""
-    if os.environ.get("HOMEFORGE_KEY"):
-        secret = _decode(os.environ["HOMEFORGE_KEY"], "HOMEFORGE_KEY")
+    if value := paths.env("HOMEFORGE_KEY"):
+        secret = _decode(value, "HOMEFORGE_KEY")
         return DataKey(secret, key_id(secret), "env")
-    if os.environ.get("HOMEFORGE_KEY_COMMAND"):
-        secret = _from_command(os.environ["HOMEFORGE_KEY_COMMAND"])
+    if command := paths.env("HOMEFORGE_KEY_COMMAND"):
+        secret = _from_command(command)
         return DataKey(secret, key_id(secret), "command")
     path = default_key_file()
     if not path.exists() and not required:
@@ -175,9 +173,7 @@ def init_key(path: Path | None = None) -> DataKey:
 
 def init_audit_key() -> DataKey | None:
     """Create the audit log's HMAC key beside the data key if there is none yet; None if it exists."""
-    from homeforge.security.audit import audit_key_path
-
-    path = audit_key_path()
+    path = paths.audit_key_file()
     if path.exists():
         return None
     return write_key_file(path, secrets.token_bytes(KEY_BYTES))

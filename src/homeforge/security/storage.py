@@ -1,8 +1,8 @@
 """Encrypted artifacts: which files are encrypted, the readers' helpers, key rotation.
 
 An artifact written with encryption on (``homeforge --encrypt STAGE ...``,
-``HOMEFORGE_ENCRYPT=1``, or ``write_artifact(..., encrypt=True)``) has its data files
-(token shards, JSONL records, weights, checkpoints) encrypted with ``crypto`` before the
+``HOMEFORGE_ENCRYPT=1``, a stage's ``encrypt: true``) has its data files (token shards,
+JSONL records, weights, checkpoints; ``atrest``) encrypted with ``crypto`` before the
 manifest is written; the manifest hashes the ciphertext (so ``homeforge verify`` needs no
 key) and records ``encryption: {format, key_id, files}``. Small metadata (manifest,
 ``index.json``, ``config.json``, the tokenizer, plots) stays readable.
@@ -14,7 +14,6 @@ header, and the helpers below decrypt it transparently (plain files pass through
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import io
 import json
 import os
@@ -23,49 +22,12 @@ import time
 import uuid
 from pathlib import Path
 
+from homeforge import artifacts
+from homeforge._fs import fsync_tree, swap_dir
 from homeforge.errors import HomeforgeError
 from homeforge.security import crypto
-from homeforge.security.keys import DataKey, load_key
-
-FORMAT = "homeforge-aes256gcm-chunked-v1"
-# data files: tokens, records, weights, checkpoints, feedback/request logs
-ENCRYPTED_PATTERNS = ("*.bin", "*.jsonl", "*.safetensors", "*.pt", "*.npy", "*.parquet", "*.gguf", "*.onnx",
-                      "*.onnx.data", "*.csv", "*.txt", *("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt",
-                                                          "tokenizer.model", "spiece.model"))
-# the tokenizer's vocabulary is learned from the data (it can hold frequent names): encrypted too
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model")
-NEVER_ENCRYPTED = ("homeforge.json", "index.json", "config.json", "generation_config.json", "labels.json",
-                   "*.png", "tokenizer_config.json", "special_tokens_map.json", "chat_template*", "*.yaml", "*.md",
-                   "meta.json", "adapter_config.json", "*.index.json", "quantization.json", "Modelfile",
-                   "added_tokens.json")
-
-
-def encryption_requested() -> bool:
-    """True when the user asked for encryption for this process (``--encrypt`` / ``HOMEFORGE_ENCRYPT=1``)."""
-    return os.environ.get("HOMEFORGE_ENCRYPT", "").lower() in ("1", "true", "yes", "on")
-
-
-def should_encrypt(rel: str) -> bool:
-    name = rel.rsplit("/", 1)[-1]
-    if name in TOKENIZER_FILES:
-        return True
-    if any(fnmatch.fnmatch(name, pat) for pat in NEVER_ENCRYPTED):
-        return False
-    return any(fnmatch.fnmatch(name, pat) for pat in ENCRYPTED_PATTERNS)
-
-
-def encrypt_tree(root: str | Path, key: DataKey | None = None) -> dict:
-    """Encrypt every data file under ``root`` in place; returns the manifest's ``encryption`` record."""
-    key = key or load_key(required=True)
-    root = Path(root)
-    files = []
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if p.is_file() and not p.name.startswith(".") and should_encrypt(rel):
-            crypto.encrypt_file(p, key)
-            files.append(rel)
-    return {"format": FORMAT, "key_id": key.key_id, "files": files}
-
+from homeforge.security.atrest import TOKENIZER_FILES
+from homeforge.security.keys import DataKey
 
 # --------------------------------------------------------------------------- readers
 
@@ -203,8 +165,6 @@ def rotate_artifact(path: str | Path, old: DataKey, new: DataKey) -> int:
     manifests that recorded it still verify), and swapped in with renames. A crash leaves
     either the old or the new artifact, never a mix.
     """
-    from homeforge import artifacts
-
     p = Path(path).absolute()
     manifest = artifacts.verify(p, deep=True)
     enc = manifest.get("encryption")
@@ -230,11 +190,8 @@ def rotate_artifact(path: str | Path, old: DataKey, new: DataKey) -> int:
                         content_hash=artifacts.content_hash(files), rotations=rotations,
                         encryption={**enc, "key_id": new.key_id})
         (tmp / artifacts.MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
-        artifacts.fsync_tree(tmp)
-        old_dir = p.parent / f".{p.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.replace(p, old_dir)
-        os.replace(tmp, p)
-        shutil.rmtree(old_dir, ignore_errors=True)
+        fsync_tree(tmp)
+        swap_dir(tmp, p)
         return changed
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -243,8 +200,6 @@ def rotate_artifact(path: str | Path, old: DataKey, new: DataKey) -> int:
 
 def find_encrypted_artifacts(root: str | Path) -> list[Path]:
     """Artifact directories under ``root`` (inclusive) whose manifest records encryption."""
-    from homeforge import artifacts
-
     root = Path(root)
     found = []
     for mf in sorted([root / artifacts.MANIFEST, *root.rglob(artifacts.MANIFEST)]):
@@ -259,8 +214,6 @@ def find_encrypted_artifacts(root: str | Path) -> list[Path]:
 
 def rotate_loose_files(root: str | Path, old: DataKey, new: DataKey, skip: list[Path] = ()) -> int:
     """Re-encrypt encrypted files outside artifacts (checkpoints, logs) under ``root``, each atomically."""
-    from homeforge import artifacts
-
     root = Path(root)
     skip = [Path(s).absolute() for s in skip]
     changed = 0

@@ -15,9 +15,10 @@ from pathlib import Path
 
 class RequestAudit:
     def __init__(self, path: str | Path | None = None, log_text: bool = False):
-        from homeforge.security.audit import AuditLog, homeforge_home
+        from homeforge import paths
+        from homeforge.security.audit import AuditLog
 
-        self.path = Path(path) if path else homeforge_home() / "audit" / "serve.jsonl"
+        self.path = Path(path) if path else paths.serve_audit_file()
         self.log = AuditLog(self.path)
         self.log_text = log_text
         self._scrubber = None

@@ -30,7 +30,9 @@ PREFIX = "hfk_"
 
 
 def default_keys_file() -> Path:
-    return Path(os.environ.get("HOMEFORGE_HOME", Path.home() / ".homeforge")) / "api_keys.json"
+    from homeforge import paths
+
+    return paths.api_keys_file()
 
 
 def _hash(token: str) -> str:
@@ -90,7 +92,7 @@ class KeyStore:
         return [k for k in self.keys.values() if not k.revoked]
 
     def _save(self) -> None:
-        from homeforge.artifacts import atomic_write_text
+        from homeforge._fs import atomic_write_text
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"format": 1, "keys": [asdict(k) for k in self.keys.values()]}, indent=2)

@@ -17,7 +17,6 @@ full-state-dict helpers, so one code path serves a single process, DDP and FSDP2
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -30,7 +29,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from homeforge.artifacts import _fsync_dir, fsync_tree, sha256_json
+from homeforge._fs import fsync_dir, fsync_tree, sha256_json, swap_dir
 from homeforge.errors import HomeforgeError
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -175,19 +174,13 @@ def save_checkpoint(run_dir: Path, name: str, *, model: torch.nn.Module, optimiz
         meta = {**meta, "name": name, "world_size": world, "config_hash": config_hash(config),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        from homeforge.security import storage
+        if config.get("encrypt"):  # weights, optimizer, RNG state encrypted
+            from homeforge.security import atrest, keys
 
-        if storage.encryption_requested() or config.get("encrypt"):  # weights, optimizer, RNG state encrypted
-            storage.encrypt_tree(tmp)
+            atrest.encrypt_tree(tmp, keys.load_key(required=True))
         fsync_tree(tmp)
-        if final.exists():  # only "best" is ever replaced
-            old = root / f".old-{name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
+        swap_dir(tmp, final)  # only "best" is ever replaced
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,14 +15,14 @@ given with ``train.peak_tflops``.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from pathlib import Path
 
 import torch
 
-from homeforge.artifacts import atomic_write_text
+from homeforge import paths
+from homeforge._fs import atomic_write_text
 
 
 def matmul_params(model: torch.nn.Module) -> tuple[int, int]:
@@ -55,7 +55,7 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
 
 
 def _cache_file() -> Path:
-    root = Path(os.environ.get("HOMEFORGE_CACHE", Path.home() / ".cache" / "homeforge"))
+    root = paths.cache_dir()
     return root / "peak_flops.json"
 
 

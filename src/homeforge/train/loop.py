@@ -339,7 +339,8 @@ def save_final_model(task: TrainTask, model, cfg: TrainConfig, run_dir: Path, st
         plot_history(state.history, run_dir / "loss.png")
         config = cfg.model_dump(mode="json")
         inputs = {"dataset": cfg.data} if cfg.data else {}
-        with write_artifact(out, stage="train", config=config, inputs=inputs, force=True) as art:
+        # the run directory is this run's own: its model/ is replaced (a foreign folder is moved aside)
+        with write_artifact(out, stage="train", config=config, inputs=inputs, force=True, encrypt=cfg.encrypt) as art:
             task.save_final(final, art.dir, task.tokenizer)
             shutil.copy2(run_dir / "loss.png", art.dir / "loss.png")
             art.metrics = {**final_metrics(state), **extra_metrics}

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from homeforge.artifacts import atomic_write_text
+from homeforge._fs import atomic_write_text
 from homeforge.config import TrackingConfig
 from homeforge.errors import HomeforgeError
 

@@ -1,0 +1,153 @@
+"""`homeforge serve`, `homeforge chat` and the API keys (`homeforge keys add/list/revoke`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from homeforge.cli._common import ConfigFile, Overrides, app, console, keys_app, load
+from homeforge.errors import HomeforgeError
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    model_dir: Annotated[Path, typer.Argument(help="local model directory to serve")],
+    overrides: Overrides = None,
+    config: ConfigFile = None,
+    host: Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1; others need API keys)")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default 8000)")] = None,
+    backend: Annotated[str | None, typer.Option(help="auto (default: onnx for an ONNX export, else torch), torch, onnx or vllm")] = None,
+    model_name: Annotated[str | None, typer.Option(help="model id clients use (default: directory name)")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(min=1, help="sequences decoded together")] = None,
+    keys_file: Annotated[Path | None, typer.Option(help="API key store (default ~/.homeforge/api_keys.json)")] = None,
+) -> None:
+    """Serve a model with an OpenAI-compatible API: continuous batching, streaming, keys, metrics, audit.
+
+    Routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings,
+    /v1/classifications (classifier models), /health, /ready, /metrics, /admin/reload.
+    With API keys present (`homeforge keys add`), every route but /health and /ready needs
+    `Authorization: Bearer KEY`. A non-loopback --host is refused without keys.
+    Ctrl-C / SIGTERM finishes the requests in flight, then exits.
+
+    Examples:
+
+        homeforge serve homeforge-runs/quickstart/model
+        homeforge serve MODEL --port 9000 max_batch_size=32 threads=2
+        homeforge keys add --name app --role user && homeforge serve MODEL --host 0.0.0.0
+        curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' -d '{"prompt": "Hello", "max_tokens": 20}'
+    """
+    from homeforge.config import ServeConfig
+    from homeforge.serve.app import serve as run_server
+
+    cfg = load(ctx, ServeConfig, config, overrides, model_dir=model_dir, host=host, port=port, backend=backend,
+               model_name=model_name, max_batch_size=max_batch_size, keys_file=keys_file)
+    run_server(cfg, console=console)
+
+
+@app.command()
+def chat(
+    model_dir: Annotated[Path | None, typer.Argument(help="local model directory (omit with --url)")] = None,
+    url: Annotated[str | None, typer.Option(help="chat with a running server instead, e.g. http://127.0.0.1:8000")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="HOMEFORGE_API_KEY", help="API key for --url")] = None,
+    model: Annotated[str | None, typer.Option(help="model id on the server (default: its first model)")] = None,
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="tokens per answer at most")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, max=2.0, help="0 = greedy")] = 0.7,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="nucleus sampling mass")] = 0.95,
+    seed: Annotated[int | None, typer.Option(help="seed for sampling")] = None,
+) -> None:
+    """Chat with a model in the terminal, streaming tokens as they are generated.
+
+    Runs the model in this process (same engine as `homeforge serve`), or talks to a
+    running server with --url. Type /reset to clear the conversation, /exit or Ctrl-D to quit.
+
+    Examples:
+
+        homeforge chat homeforge-runs/sft/model
+        homeforge chat MODEL --temperature 0 --system "Answer in one sentence."
+        homeforge chat --url http://127.0.0.1:8000 --api-key hfk_...
+    """
+    from homeforge.serve.chat import LocalChat, RemoteChat, repl
+
+    if (model_dir is None) == (url is None):
+        raise HomeforgeError("give either a MODEL_DIR or --url, not both or neither",
+                             fix="e.g. `homeforge chat MODEL_DIR` or `homeforge chat --url http://127.0.0.1:8000`")
+    backend = RemoteChat(url, api_key, model) if url else LocalChat(str(model_dir))
+    try:
+        repl(backend, console, system, max_tokens, temperature, top_p, seed)
+    finally:
+        backend.close()
+
+
+@keys_app.command("add")
+def keys_add(
+    name: Annotated[str, typer.Option(help="a name for the key (who or what uses it)")],
+    role: Annotated[str, typer.Option(help="admin (everything), user (inference) or metrics (/metrics only)")] = "user",
+    rpm: Annotated[int | None, typer.Option(min=1, help="requests per minute allowed (default: no limit)")] = None,
+    tpm: Annotated[int | None, typer.Option(min=1, help="tokens per minute allowed (default: no limit)")] = None,
+    keys_file: Annotated[Path | None, typer.Option(help="API key store (default ~/.homeforge/api_keys.json)")] = None,
+) -> None:
+    """Create an API key for `homeforge serve`. The key is printed once; only its hash is stored.
+
+    Examples:
+
+        homeforge keys add --name frontend --role user --rpm 60 --tpm 20000
+        homeforge keys add --name grafana --role metrics
+        homeforge keys add --name ops --role admin
+    """
+    from homeforge.serve.auth import KeyStore
+
+    store = KeyStore.open(keys_file)
+    key, token = store.add(name, role, rpm, tpm)
+    console.print(f"created key [bold]{key.id}[/] ({key.name}, role {key.role}) in {store.path}", highlight=False)
+    console.print("the key (shown only now; store it safely):", highlight=False)
+    sys.stdout.write(token + "\n")
+
+
+@keys_app.command("list")
+def keys_list(
+    keys_file: Annotated[Path | None, typer.Option(help="API key store (default ~/.homeforge/api_keys.json)")] = None,
+    all_keys: Annotated[bool, typer.Option("--all", help="include revoked keys")] = False,
+) -> None:
+    """List API keys (id, name, role, limits, created, revoked); never the keys themselves.
+
+    Examples:
+
+        homeforge keys list
+        homeforge keys list --all
+    """
+    from homeforge.serve.auth import KeyStore
+
+    store = KeyStore.open(keys_file)
+    table = Table(title=f"API keys in {store.path}")
+    for col in ("id", "name", "role", "req/min", "tok/min", "created", "revoked"):
+        table.add_column(col)
+    for k in store.keys.values():
+        if k.revoked and not all_keys:
+            continue
+        table.add_row(k.id, k.name, k.role, str(k.requests_per_minute or "-"), str(k.tokens_per_minute or "-"),
+                      k.created, k.revoked or "")
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: Annotated[str, typer.Argument(help="key id or name")],
+    keys_file: Annotated[Path | None, typer.Option(help="API key store (default ~/.homeforge/api_keys.json)")] = None,
+) -> None:
+    """Revoke an API key; a running server refuses it from its next request on.
+
+    Examples:
+
+        homeforge keys revoke frontend
+        homeforge keys revoke 3fa2c1d9
+    """
+    from homeforge.serve.auth import KeyStore
+
+    k = KeyStore.open(keys_file).revoke(key)
+    console.print(f"revoked key {k.id} ({k.name})", highlight=False)
