@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from homeforge import paths
 from homeforge.errors import ConfigError
@@ -302,9 +302,7 @@ class PIIConfig(Section):
     def _secret_present(cls, v: str, info) -> str:
         """pseudonym mode needs its secret: fail when the config is loaded, before any work."""
         if info.data.get("enabled", True) and info.data.get("mode") == "pseudonym":
-            import os
-
-            value = os.environ.get(v, "")
+            value = paths.env(v) or ""
             if len(value) < 16:
                 state = "is not set" if not value else f"has only {len(value)} characters"
                 raise ValueError(
