@@ -204,7 +204,7 @@ def test_cli_compress_exit_codes(trained, tiny_dataset, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Linear weights" in r.stdout and "gate PASS" in r.stdout
     r = hf("compress", trained, "-m", "prune", "-d", tiny_dataset, "-o", tmp_path / "p", *FAST, "threads=1",
-           "prune.mlp_keep=0.1", "gates.max_ppl_increase=0.0")
+           "prune.mlp_keep=0.1", "prune.heads_keep=0.5", "gates.max_ppl_increase=0.0")
     assert r.returncode == 3 and "quality gate" in r.stderr and not (tmp_path / "p").exists()
 
 
