@@ -267,11 +267,17 @@ wang xin ren link space website fun icu ink law kim red pub cool company center 
 email global media network solutions systems team""".split())
 
 
+_EXAMPLE_DOMAINS = ("example.com", "example.net", "example.org")  # RFC 2606: documentation only, nobody's mailbox
+
+
 def valid_email(s: str) -> bool:
     local, _, domain = s.rpartition("@")
-    tld = domain.rsplit(".", 1)[-1].lower()
+    domain = domain.lower()
+    tld = domain.rsplit(".", 1)[-1]
     if not (len(tld) == 2 or tld in _GTLDS):
         return False  # user@hostname.domainname is a template; .test, .example, .invalid are reserved
+    if any(domain == d or domain.endswith("." + d) for d in _EXAMPLE_DOMAINS):
+        return False
     return not (local.startswith(".") or local.endswith(".") or ".." in s)
 
 
