@@ -518,6 +518,14 @@ def _hash_of(path: str) -> str | None:
     return None
 
 
+_command_notes: dict[str, Any] = {}
+
+
+def note_command(**fields: Any) -> None:
+    """Add fields to this process's command audit line (e.g. the signal that stopped a server)."""
+    _command_notes.update(fields)
+
+
 class audited_command:  # noqa: N801 - used as a context manager
     """Append one ``command`` line per CLI invocation: who, what (masked), inputs/outputs, outcome.
 
@@ -562,6 +570,8 @@ class audited_command:  # noqa: N801 - used as a context manager
 
         if exc_type is None or (exc_type is SystemExit and exc.code in (0, None)):
             outcome, code, error = "ok", 0, None
+        elif exc_type is SystemExit and exc.code == 130:  # Ctrl-C, as the CLI framework reports it
+            outcome, code, error = "interrupted", 130, None
         elif exc_type is SystemExit:
             outcome, code, error = "error", exc.code if isinstance(exc.code, int) else 1, None
         elif exc_type is KeyboardInterrupt:
@@ -581,6 +591,8 @@ class audited_command:  # noqa: N801 - used as a context manager
                   "outcome": outcome, "exit_code": code, "duration_s": round(time.perf_counter() - self.t0, 3)}
         if error:
             record["error"] = error[:500]
+        record.update({k: v for k, v in _command_notes.items() if k not in record})
+        _command_notes.clear()
         try:
             self.log.append(record)
         except HomeforgeError as e:
