@@ -263,15 +263,12 @@ def _labels_md(lab: dict) -> list[str]:
 
 
 def _plots(report: dict, dest: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from homeforge.figures import figure
 
     hist = report["_hist"]
     units = [u for u in ("chars", "tokens") if hist.get(u)]
-    fig, axes = plt.subplots(1, len(units), figsize=(5 * len(units), 3.5), squeeze=False)
-    for ax, unit in zip(axes[0], units, strict=False):
+    fig, axes = figure(5 * len(units), 3.5, ncols=len(units))
+    for ax, unit in zip(axes if len(units) > 1 else [axes], units, strict=False):
         allv = np.concatenate([a for a in hist[unit].values() if len(a)] or [np.ones(1)])
         bins = np.logspace(0, np.log10(max(10, allv.max() + 1)), 40)
         for s, a in hist[unit].items():
@@ -284,17 +281,17 @@ def _plots(report: dict, dest: Path) -> None:
     fig.suptitle("record lengths")
     fig.tight_layout()
     fig.savefig(dest / "lengths.png", dpi=90, metadata={"Software": None})
-    plt.close(fig)
     if "labels" in report:
         counts = report["labels"]["counts"]
-        fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(counts) + 2), 3.5))
+        fig, ax = figure(max(4, 0.5 * len(counts) + 2), 3.5)
         ax.bar(list(counts), list(counts.values()), color="tab:blue")
         ax.set_ylabel("records")
         ax.set_title("label balance")
-        plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+        for tick in ax.get_xticklabels():
+            tick.set_rotation(45)
+            tick.set_horizontalalignment("right")
         fig.tight_layout()
         fig.savefig(dest / "labels.png", dpi=90, metadata={"Software": None})
-        plt.close(fig)
 
 
 def write_report(report: dict, dest: Path) -> None:
