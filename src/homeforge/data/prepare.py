@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from homeforge import artifacts
+from homeforge.data.tokenizer import batched
 from homeforge.errors import HomeforgeError
 
 CHUNK = 256
@@ -134,17 +135,6 @@ def _process_chunk(recs: list[dict]) -> dict:
 
 
 # --------------------------------------------------------------------------- main side
-
-
-def _chunks(it: Iterator[dict], size: int) -> Iterator[list[dict]]:
-    buf: list[dict] = []
-    for x in it:
-        buf.append(x)
-        if len(buf) >= size:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
 
 
 def _bounded_map(fn, chunks: Iterator, workers: int, cfg_json: dict, secret: bytes | None) -> Iterator:
@@ -274,7 +264,7 @@ def _read_pass(cfg, files, names, builtins, work: Path, issues, bar, secret, dro
     cfg_json = cfg.model_dump(mode="json")
     pos = 0
     with open(work / "records.jsonl", "wb") as out:
-        for res in _bounded_map(_process_chunk, _chunks(records(), CHUNK), workers, cfg_json, secret):
+        for res in _bounded_map(_process_chunk, batched(records(), CHUNK), workers, cfg_json, secret):
             if res["lines"]:
                 offs = np.cumsum([0] + [len(x) for x in res["lines"][:-1]], dtype=np.uint64) + np.uint64(pos)
                 offsets_f.append(offs)

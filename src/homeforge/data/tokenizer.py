@@ -205,7 +205,8 @@ def classification_max_length(cfg, tok) -> int | None:
     return int(limit) if limit and limit < 1_000_000 else None
 
 
-def _batches(it, size):
+def batched(it, size: int):
+    """Lists of ``size`` items (the last may be shorter) from an iterator."""
     buf = []
     for x in it:
         buf.append(x)
@@ -270,7 +271,7 @@ def tokenize_splits(cfg, tok, dest: Path, counts: dict, label_names: list[str], 
             from homeforge.data.chat import tokenize_chat
 
             with open(dest / f"{split}.tokens.jsonl", "w", encoding="utf-8") as out:
-                for batch in _batches(iter_jsonl(path), 500):
+                for batch in batched(iter_jsonl(path), 500):
                     if cfg.kind == "chat":
                         for r in batch:
                             ids, mask = tokenize_chat(tok, r["messages"], max_len)
