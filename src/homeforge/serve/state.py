@@ -87,10 +87,12 @@ class ServerState:
         self.kind = "causal"
         self.model = None
         self.tok = None
-        self.load_error: str | None = None
+        self.load_error: str | None = None  # the model failed to load (final)
+        self.waiting: str | None = None  # why it is not ready yet, when it may still become ready (gateway)
         self.created = int(time.time())
         self._cls_lock = threading.Lock()
         self.open_ledgers: set = set()  # generations whose accounting is not complete yet
+        self.grpc_port: int | None = None  # bound by the app's lifespan when cfg.grpc_port is set
         self.ready = False
 
     def load(self) -> None:
