@@ -37,7 +37,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(cfg, keys=None, audit=None, port: int | None = None):
+def running_server(cfg, keys=None, audit=None, port: int | None = None, timeout: float = 60):
     """Start the real app under uvicorn in a thread; yield (base_url, state); stop it gracefully."""
     import httpx
     import uvicorn
@@ -53,7 +53,7 @@ def running_server(cfg, keys=None, audit=None, port: int | None = None):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{cfg.port}"
-    deadline = time.time() + 60
+    deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             if httpx.get(base + "/ready", timeout=2).status_code == 200:
@@ -157,7 +157,7 @@ class ServeProcess:
 @contextmanager
 def running_gateway(cfg, keys=None, audit=None, healthy: int | None = None, timeout: float = 60):
     """The gateway app under uvicorn in a thread (as ``running_server``), once ``healthy`` upstreams passed a check."""
-    with running_server(cfg, keys=keys, audit=audit) as (base, state):
+    with running_server(cfg, keys=keys, audit=audit, timeout=timeout) as (base, state):
         want = len(state.driver.pool.ups) if healthy is None else healthy
         deadline = time.time() + timeout
         while len(state.driver.pool.healthy()) < want:

@@ -318,7 +318,6 @@ def test_failover_when_an_upstream_is_killed_mid_load(upstreams, tiny_model_dir,
     finally:
         stop.set()
         c.stop()
-    print("FAILOVER", len(results), n_at_kill, outcomes, sum(not r["ok"] for r in results), sum(r["ok"] and r["stream"] for r in results))
     assert len(results) > n_at_kill + 4, "requests must go on after the kill"
     failed = [r for r in results if not r["ok"]]
     assert not [r for r in failed if not r["started"]], f"lost requests that had not started: {failed}"

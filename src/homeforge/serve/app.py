@@ -27,7 +27,6 @@ from homeforge.config import ServeConfig
 from homeforge.errors import HomeforgeError
 from homeforge.serve.auth import KeyStore
 from homeforge.serve.errors import ApiError, error_body, install_handlers
-from homeforge.serve.local import LocalDriver
 from homeforge.serve.middleware import GuardMiddleware, ObserveMiddleware
 from homeforge.serve.net import bind, is_loopback, url
 from homeforge.serve.openapi import document
@@ -96,6 +95,8 @@ def make_driver(st: ServerState):
         from homeforge.serve.gateway import GatewayDriver
 
         return GatewayDriver(st)
+    from homeforge.serve.local import LocalDriver  # torch: only when this process runs the model
+
     return LocalDriver(st)
 
 

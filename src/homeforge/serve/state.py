@@ -11,12 +11,15 @@ import copy
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from homeforge.config import ServeConfig
 from homeforge.errors import HomeforgeError
 from homeforge.serve.auth import KeyStore, RateLimiter
-from homeforge.serve.engine import Engine, TorchBackend
 from homeforge.serve.metrics import Metrics
+
+if TYPE_CHECKING:
+    from homeforge.serve.engine import Engine
 
 
 def detect_kind(model_dir: Path) -> str:
@@ -67,6 +70,8 @@ def load_model(cfg: ServeConfig):
     if kind == "classifier":
         model, tok = load_classifier(p)
         return kind, model, tok, None
+    from homeforge.serve.engine import TorchBackend  # torch: only when this process runs a model
+
     model, tok = load_causal_lm(p)
     return kind, model, tok, TorchBackend(model)
 
@@ -97,6 +102,8 @@ class ServerState:
 
     def load(self) -> None:
         import torch
+
+        from homeforge.serve.engine import Engine
 
         try:
             if self.cfg.threads:

@@ -122,10 +122,8 @@ class GatewayDriver:
 
     async def startup(self, load: bool = True) -> None:
         cfg = self.st.cfg
-        if load and cfg.model_dir and Path(cfg.model_dir, "tokenizer_config.json").is_file():
-            from homeforge.models.io import load_tokenizer
-
-            self.tok = await asyncio.to_thread(load_tokenizer, Path(cfg.model_dir))
+        if load and cfg.model_dir:
+            self.tok = await asyncio.to_thread(_counting_tokenizer, Path(cfg.model_dir))
         if self.managed is not None:
             self.managed.start()
             self.pool.notify(f"started {self.managed.what} (pid {self.managed.proc.pid}) at {self.managed.url}; "
@@ -291,6 +289,20 @@ class GatewayDriver:
     async def reload(self) -> None:
         raise ApiError(400, "reload is not available in gateway mode: reload or restart the upstream servers "
                             "(they leave the pool while down and rejoin when healthy)", code="unsupported")
+
+
+def _counting_tokenizer(path: Path):
+    """The model directory's tokenizer for counting tokens, without importing torch when it is a fast one."""
+    if not (path / "tokenizer.json").is_file():
+        from homeforge.models.io import load_tokenizer
+
+        return load_tokenizer(path) if (path / "tokenizer_config.json").is_file() else None
+    from transformers import PreTrainedTokenizerFast
+
+    from homeforge.security.storage import decrypted_tokenizer_dir
+
+    with decrypted_tokenizer_dir(path) as d:  # an encrypted vocabulary is decrypted to memory only
+        return PreTrainedTokenizerFast.from_pretrained(str(d), local_files_only=True)
 
 
 def _data(obj: dict) -> list[dict]:
