@@ -48,9 +48,9 @@ def load_model(cfg: ServeConfig):
         except ImportError:
             raise HomeforgeError("the vLLM backend needs the `vllm` package, which is not installed",
                                  fix="install it on a GPU machine (pip install vllm), or use --backend torch") from None
-        raise HomeforgeError("vLLM is installed: serve the same model directory with its own server",
-                             fix=f"run `vllm serve {cfg.model_dir}` (the directory is a plain Hugging Face model); "
-                                 "homeforge's in-process engine is --backend torch")
+        raise HomeforgeError("vLLM does not run inside this process: it runs as its own server behind homeforge",
+                             fix=f"homeforge serve {cfg.model_dir} --backend vllm (starts `vllm serve` behind the "
+                                 "gateway), or --upstream URL for a vLLM server already running")
     if cfg.backend == "onnx":
         try:
             import onnxruntime  # noqa: F401

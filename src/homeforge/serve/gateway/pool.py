@@ -193,6 +193,8 @@ class Pool:
 
     def failed(self, up: Upstream, why: str) -> None:
         """A request could not reach ``up``: out of the pool until a check passes."""
+        if up.managed is not None and up.managed.exited() is not None:
+            why = up.managed.exit_message()
         if up.healthy:
             self._set(up, False, why)
         if up.wake is not None:

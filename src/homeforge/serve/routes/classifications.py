@@ -12,6 +12,6 @@ router = APIRouter()
 
 
 @router.post("/v1/classifications", summary="classify texts",
-             responses={200: {"model": ClassificationResponse}, **errors(*COMMON, 400, 404, 429, 503)})
+             responses={200: {"model": ClassificationResponse}, **errors(*COMMON, 400, 404, 429, 502, 503)})
 async def classifications(request: Request, body: ClassificationRequest):
     return await calls.classify(server(request), request.scope.setdefault("state", {}), body)

@@ -25,6 +25,7 @@ DESCRIPTIONS = {
     400: "invalid request (the error names the field)", 401: "missing or invalid API key",
     403: "the key's role may not use this route", 404: "unknown model or route",
     413: "request body or prompt too large", 429: "rate limit or queue full (see Retry-After)",
-    500: "generation failed", 503: "model loading or server shutting down",
+    500: "generation failed", 502: "gateway mode: no upstream server could answer",
+    503: "model loading, server shutting down, or (gateway) no healthy upstream",
 }
 COMMON = (401, 403, 413)

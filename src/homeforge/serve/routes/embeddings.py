@@ -12,6 +12,6 @@ router = APIRouter()
 
 
 @router.post("/v1/embeddings", summary="embed texts or token ids",
-             responses={200: {"model": EmbeddingResponse}, **errors(*COMMON, 400, 404, 429, 503)})
+             responses={200: {"model": EmbeddingResponse}, **errors(*COMMON, 400, 404, 429, 502, 503)})
 async def embeddings(request: Request, body: EmbeddingRequest):
     return await calls.embed(server(request), request.scope.setdefault("state", {}), body)

@@ -31,7 +31,7 @@ from homeforge.serve.routes.common import COMMON, errors, server
 router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _SSE_DOC = {"text/event-stream": {"schema": {"type": "string", "description": "chunks as server-sent events"}}}
-_GEN_ERRORS = errors(*COMMON, 400, 404, 429, 500, 503)
+_GEN_ERRORS = errors(*COMMON, 400, 404, 429, 500, 502, 503)
 
 
 def sse(obj) -> bytes:
