@@ -251,7 +251,7 @@ class GatewayGeneration:
         """The upstream failed mid-stream: unfinished choices end with an error; the client is told."""
         self.ledger.notes["upstream"] = up.url
         self.ledger.prompt_tokens = self._prompt_tokens()
-        why = "the upstream server failed during the answer (connection lost); retry the request"
+        why = "the upstream server failed during the answer; retry the request"
         for i, r in enumerate(self.reasons):
             self.ledger.finish(i, r or "error", self._count(i))
             self.queue.put_nowait(Done(i, r or "error", None if r else why))
