@@ -80,6 +80,11 @@ def serve_audit_file() -> Path:
     return home() / "audit" / "serve.jsonl"
 
 
+def logs_dir() -> Path:
+    """Logs of processes homeforge starts (e.g. the gateway's managed upstream server)."""
+    return home() / "logs"
+
+
 # --------------------------------------------------------------------------- switches
 
 

@@ -261,25 +261,18 @@ def test_shutdown_finishes_in_flight_requests(tiny_model_dir, tmp_path):
     assert all(r.json()["usage"]["completion_tokens"] == 150 for r in results)
 
 
-def test_classifier_model_endpoint(tiny_tokenizer, tmp_path):
+def test_classifier_model_endpoint(tiny_classifier_dir, tiny_tokenizer, tmp_path):
     """A sequence-classification model directory gets /v1/classifications; generation is refused."""
     from transformers import LlamaForSequenceClassification
 
     from homeforge.config import ServeConfig
-    from homeforge.models.io import save_model_dir
-    from homeforge.models.presets import preset_config
 
     tok = tiny_tokenizer
-    cfg = preset_config("debug", len(tok), pad_token_id=tok.pad_token_id,
-                        overrides={"num_labels": 3, "id2label": {0: "billing", 1: "fraud", 2: "other"},
-                                   "label2id": {"billing": 0, "fraud": 1, "other": 2}})
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification(cfg).eval()
-    save_model_dir(model, tok, tmp_path / "clf")
+    model = LlamaForSequenceClassification.from_pretrained(tiny_classifier_dir).eval()
     texts = ["my card was charged twice", "hello"]
     with torch.no_grad():
         want = [torch.softmax(model(**tok(t, return_tensors="pt")).logits[0], -1) for t in texts]
-    scfg = ServeConfig(model_dir=str(tmp_path / "clf"), keys_file=str(tmp_path / "k.json"))
+    scfg = ServeConfig(model_dir=str(tiny_classifier_dir), keys_file=str(tmp_path / "k.json"))
     with running_server(scfg) as (base, state):
         assert state.kind == "classifier"
         r = httpx.post(base + "/v1/classifications", json={"input": texts}).json()

@@ -16,15 +16,25 @@ from homeforge.errors import HomeforgeError
 @app.command()
 def serve(
     ctx: typer.Context,
-    model_dir: Annotated[Path, typer.Argument(help="local model directory to serve")],
+    model_dir: Annotated[Path | None, typer.Argument(
+        help="local model directory to serve (in gateway mode optional: its tokenizer counts tokens, its name is "
+             "the model id)", show_default=False)] = None,
     overrides: Overrides = None,
     config: ConfigFile = None,
     host: Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1; others need API keys)")] = None,
     port: Annotated[int | None, typer.Option(help="TCP port (default 8000)")] = None,
-    backend: Annotated[str | None, typer.Option(help="auto (default: onnx for an ONNX export, else torch), torch, onnx or vllm")] = None,
+    backend: Annotated[str | None, typer.Option(help="auto (default: onnx for an ONNX export, else torch), torch, "
+                                                     "onnx, or vllm (starts `vllm serve` behind the gateway)")] = None,
     model_name: Annotated[str | None, typer.Option(help="model id clients use (default: directory name)")] = None,
     max_batch_size: Annotated[int | None, typer.Option(min=1, help="sequences decoded together")] = None,
     keys_file: Annotated[Path | None, typer.Option(help="API key store (default ~/.homeforge/api_keys.json)")] = None,
+    upstream: Annotated[list[str] | None, typer.Option(
+        help="gateway mode: an OpenAI-compatible server to put behind homeforge (repeat for several); "
+             "non-loopback hosts must be allowed with HOMEFORGE_ALLOW_HOSTS", show_default=False)] = None,
+    upstream_key_file: Annotated[Path | None, typer.Option(help="file with the bearer key the upstreams expect")] = None,
+    upstream_key_env: Annotated[str | None, typer.Option(help="environment variable with that key")] = None,
+    grpc_port: Annotated[int | None, typer.Option(min=0, max=65535, help="also serve gRPC on this port (same host, "
+                                                  "keys and audit; 0 = any free port; default: off)")] = None,
 ) -> None:
     """Serve a model with an OpenAI-compatible API: continuous batching, streaming, keys, metrics, audit.
 
@@ -34,18 +44,36 @@ def serve(
     `Authorization: Bearer KEY`. A non-loopback --host is refused without keys.
     Ctrl-C / SIGTERM finishes the requests in flight, then exits.
 
+    Gateway mode (--upstream URL, or --backend vllm): the same API, keys, limits, audit and
+    metrics in front of other OpenAI-compatible servers (vLLM, llama.cpp's llama-server, TGI,
+    homeforge), balanced by least requests in flight, health-checked, with failover.
+
     Examples:
 
         homeforge serve homeforge-runs/quickstart/model
         homeforge serve MODEL --port 9000 max_batch_size=32 threads=2
         homeforge keys add --name app --role user && homeforge serve MODEL --host 0.0.0.0
+        homeforge serve MODEL --grpc-port 50051
+        homeforge serve --upstream http://127.0.0.1:8001 --upstream http://127.0.0.1:8002
+        HOMEFORGE_ALLOW_HOSTS=10.0.0.5 homeforge serve --upstream http://10.0.0.5:8000 --upstream-key-env VLLM_KEY
+        homeforge serve MODEL --backend vllm gateway.extra_args='[--tensor-parallel-size, "2"]'
         curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' -d '{"prompt": "Hello", "max_tokens": 20}'
     """
     from homeforge.config import ServeConfig
     from homeforge.serve.app import serve as run_server
 
-    cfg = load(ctx, ServeConfig, config, overrides, model_dir=model_dir, host=host, port=port, backend=backend,
-               model_name=model_name, max_batch_size=max_batch_size, keys_file=keys_file)
+    if model_dir is not None and "=" in str(model_dir) and not model_dir.exists():  # `serve --upstream URL key=value`
+        overrides, model_dir = [str(model_dir), *(overrides or [])], None
+    cfg = load(ctx, ServeConfig, config, overrides, model_dir=None if model_dir is None else str(model_dir), host=host,
+               port=port, backend=backend, model_name=model_name, max_batch_size=max_batch_size, keys_file=keys_file,
+               upstreams=upstream or None, gateway__key_file=upstream_key_file, gateway__key_env=upstream_key_env,
+               grpc_port=grpc_port)
+    from homeforge.serve.app import gateway_mode
+
+    if not cfg.model_dir and not gateway_mode(cfg):
+        raise HomeforgeError("nothing to serve: give a MODEL_DIR, or --upstream URL for gateway mode",
+                             fix="e.g. `homeforge serve homeforge-runs/quickstart/model` or "
+                                 "`homeforge serve --upstream http://127.0.0.1:8001`")
     run_server(cfg, console=console)
 
 

@@ -29,7 +29,7 @@ OFFLINE_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
-_state: dict = {"installed": False, "allow": set(), "on_refuse": None, "orig": {}}
+_state: dict = {"installed": False, "allow": set(), "resolved": set(), "on_refuse": None, "orig": {}}
 
 
 def set_offline_env() -> None:
@@ -38,8 +38,9 @@ def set_offline_env() -> None:
         os.environ[key] = value
 
 
-def _allowed_host(host: str) -> bool:
-    if host in _state["allow"] or host in ("localhost", "localhost.localdomain", "", "ip6-localhost"):
+def _allowed_host(host: str, allow: set[str] | None = None) -> bool:
+    allow = _state["allow"] | _state["resolved"] if allow is None else allow
+    if host in allow or host in ("localhost", "localhost.localdomain", "", "ip6-localhost"):
         return True
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
@@ -49,7 +50,7 @@ def _allowed_host(host: str) -> bool:
         return True
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped.is_loopback
-    return any(_in_allowed(ip, a) for a in _state["allow"])
+    return any(_in_allowed(ip, a) for a in allow)
 
 
 def _in_allowed(ip, allowed: str) -> bool:
@@ -121,7 +122,10 @@ def install(allow: Iterable[str] = (), on_refuse: Callable[[str, object, str], N
         h = host.decode() if isinstance(host, bytes) else (host or "")
         if not _allowed_host(str(h)):
             _refuse(str(h), port, "name lookup")
-        return orig["getaddrinfo"](host, port, *args, **kwargs)
+        infos = orig["getaddrinfo"](host, port, *args, **kwargs)
+        if h in _state["allow"]:  # an allowed name: the addresses it resolves to are allowed too
+            _state["resolved"] |= {str(info[4][0]) for info in infos}
+        return infos
 
     socket.socket.connect = connect
     socket.socket.connect_ex = connect_ex
@@ -145,6 +149,14 @@ def uninstall() -> None:
 
 def is_installed() -> bool:
     return _state["installed"]
+
+
+def allows(host: str) -> bool:
+    """Whether a connection to ``host`` passes the guard: loopback, an allowed host or network
+    (``HOMEFORGE_ALLOW_HOSTS`` or ``install(allow=...)``), or ``HOMEFORGE_ALLOW_NETWORK=1``."""
+    if paths.network_allowed():
+        return True
+    return _allowed_host(host.strip("[]"), _state["allow"] | _state["resolved"] | paths.allowed_hosts())
 
 
 def allowed_hosts() -> list[str]:

@@ -6,9 +6,11 @@ the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``.
 
 Layout of ``serve/``: ``protocol`` (request schemas), ``errors`` (error shape, handlers),
 ``state`` (ServerState, model loading), ``middleware`` (keys before the body; metrics and
-audit), ``driver`` (the generation-driver interface, the token ledger), ``local`` (the
-driver over the in-process engine), ``routes/`` (one router per endpoint family),
-``openapi``, ``net`` (host forms, binding), and this module: ``create_app`` and ``serve``.
+audit), ``calls`` (what every call goes through, HTTP or gRPC: keys, tokens, audit),
+``driver`` (the generation-driver interface, the token ledger), ``local`` (the driver over
+the in-process engine), ``gateway/`` (the driver over upstream servers), ``routes/`` (one
+router per endpoint family), ``rpc/`` (gRPC), ``openapi``, ``net`` (host forms, binding),
+and this module: ``create_app`` and ``serve``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from homeforge.config import ServeConfig
 from homeforge.errors import HomeforgeError
 from homeforge.serve.auth import KeyStore
 from homeforge.serve.errors import ApiError, error_body, install_handlers
-from homeforge.serve.local import LocalDriver
 from homeforge.serve.middleware import GuardMiddleware, ObserveMiddleware
 from homeforge.serve.net import bind, is_loopback, url
 from homeforge.serve.openapi import document
@@ -39,14 +40,21 @@ __all__ = ["ApiError", "Runner", "ServerState", "check_bind", "create_app", "det
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
     st: ServerState = app.state.server
-    if app.state.load and not st.ready:  # the weights load in the background; /health answers meanwhile
-        threading.Thread(target=st.load, name="homeforge-load", daemon=True).start()
-    yield
-    if st.engine is not None:  # graceful: finish what was accepted
-        await asyncio.to_thread(st.engine.shutdown, True, st.cfg.graceful_timeout or None)
-    st.close_ledgers()
-    if st.audit is not None:
-        await asyncio.to_thread(st.audit.flush)
+    await st.driver.startup(app.state.load)  # loads in the background: /health answers meanwhile
+    rpc = None
+    try:
+        if st.cfg.grpc_port is not None:
+            from homeforge.serve.rpc.server import start_grpc
+
+            rpc = await start_grpc(st)
+        yield
+    finally:
+        if rpc is not None:  # graceful: streams in flight finish (uvicorn has drained HTTP already)
+            await rpc.stop(st.cfg.graceful_timeout or None)
+        await st.driver.shutdown()
+        st.close_ledgers()
+        if st.audit is not None:
+            await asyncio.to_thread(st.audit.flush)
 
 
 async def _openapi(request: Request):
@@ -58,7 +66,7 @@ def create_app(cfg: ServeConfig, state: ServerState | None = None, load: bool = 
     """The FastAPI app; the model loads in a background thread at startup (see /ready)."""
     st = state or ServerState(cfg)
     if st.driver is None:
-        st.driver = LocalDriver(st)
+        st.driver = make_driver(st)
     app = FastAPI(title="homeforge", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server, app.state.load = st, load
     install_handlers(app)
@@ -74,6 +82,22 @@ def create_app(cfg: ServeConfig, state: ServerState | None = None, load: bool = 
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(ObserveMiddleware, state=st)
     return app
+
+
+def gateway_mode(cfg: ServeConfig) -> bool:
+    """Upstream servers instead of the in-process engine: ``upstreams``, a managed command, or ``backend: vllm``."""
+    return bool(cfg.upstreams or cfg.gateway.command) or cfg.backend == "vllm"
+
+
+def make_driver(st: ServerState):
+    """The driver for the config: the gateway over upstream servers, else the in-process engine."""
+    if gateway_mode(st.cfg):
+        from homeforge.serve.gateway import GatewayDriver
+
+        return GatewayDriver(st)
+    from homeforge.serve.local import LocalDriver  # torch: only when this process runs the model
+
+    return LocalDriver(st)
 
 
 # --------------------------------------------------------------------------- running
@@ -128,20 +152,29 @@ class Runner:
         from homeforge.serve.audit import RequestAudit
 
         cfg = resolve_backend(cfg)
-        if cfg.backend == "torch":
+        gateway = gateway_mode(cfg)
+        if cfg.backend == "torch" and not gateway:
             check_model_dir(cfg.model_dir or "")
         keys = KeyStore.open(cfg.keys_file)
         check_bind(cfg, keys)
-        self.sock = bind(cfg.host, cfg.port)
-        self.url = url(cfg.host, self.sock.getsockname()[1])
+        if cfg.grpc_port is not None:
+            from homeforge.serve.rpc.server import reserve_port
+
+            cfg = cfg.model_copy(update={"grpc_port": reserve_port(cfg.host, cfg.grpc_port)})
         self.audit = RequestAudit(cfg.audit_file, log_text=cfg.audit_text)
         self.state = ServerState(cfg, keys=keys, audit=self.audit)
+        self.state.driver = make_driver(self.state)  # the gateway checks its upstreams here, before binding
+        self.sock = bind(cfg.host, cfg.port)
+        self.url = url(cfg.host, self.sock.getsockname()[1])
         app = create_app(cfg, self.state)
         if console is not None:
             auth = f"API keys required ({len(keys.active())} active)" if self.state.keys_required() \
                 else "no API keys (loopback only)"
-            console.print(f"serving [bold]{self.state.name}[/] at {self.url}/v1 — {auth}; audit: {self.audit.path}",
+            what = getattr(self.state.driver, "describe", lambda: self.state.name)()
+            console.print(f"serving [bold]{what}[/] at {self.url}/v1 — {auth}; audit: {self.audit.path}",
                           highlight=False)
+            if cfg.grpc_port is not None:
+                console.print(f"gRPC (homeforge.v1.Inference) at {url(cfg.host, cfg.grpc_port)[7:]}", highlight=False)
         self.server = _uvicorn_server(uvicorn.Config(app, log_level="warning", access_log=False,
                                                      timeout_graceful_shutdown=int(cfg.graceful_timeout) or None))
 

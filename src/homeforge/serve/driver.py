@@ -1,12 +1,16 @@
 """The generation driver: what the HTTP routes need from whatever produces tokens.
 
-The routes (``serve/routes/``) speak OpenAI; a driver turns a validated request into a
-running generation. ``LocalDriver`` (``serve/local.py``) runs the in-process engine; a
-gateway driver would forward to an upstream OpenAI-compatible server. A driver:
+The routes (``serve/routes/``) and gRPC (``serve/rpc/``) speak OpenAI's protocol; a driver
+turns a validated request into a running generation. ``LocalDriver`` (``serve/local.py``)
+runs the in-process engine; ``GatewayDriver`` (``serve/gateway/``) forwards to upstream
+OpenAI-compatible servers. A driver:
 
-- ``check(model, kind)``: 503 while loading, 404 for another model id, 400 for the wrong kind;
+- ``startup(load)`` / ``shutdown()``: the app's lifespan (load the model; start health checks);
+- ``check(model, kind) -> str``: the model id the request is served as; 503 while loading,
+  404 for another model id, 400 for the wrong kind;
 - ``prepare(body) -> Job``: tokenize and check lengths (400/413), before any budget is taken;
-- ``start(job, ledger) -> Generation``: submit (429 queue full, 503 shutting down);
+- ``start(job, ledger) -> Generation``: submit (429 queue full, 503 shutting down); then
+  ``await generation.opened()`` until the producer has accepted it (a refusal raises there);
 - ``embed(body)``, ``classify(body)``, ``models()``, ``reload()`` for the other routes.
 
 A ``Generation`` yields ``Piece`` and ``Done`` events, one ``Done`` per choice; streaming
@@ -25,7 +29,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from homeforge.serve.protocol import ChatRequest, CompletionRequest, EmbeddingRequest
+from homeforge.serve.protocol import (
+    ChatRequest,
+    ClassificationRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+)
 
 
 @dataclass
@@ -89,6 +98,7 @@ class Ledger:
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[Ledger], Any]] = []
         self.done = False
+        self.notes: dict[str, Any] = {}  # extra audit fields from the producer (e.g. the upstream that served it)
 
     @property
     def completion_tokens(self) -> int:
@@ -152,11 +162,15 @@ class Ledger:
 
     def audit_fields(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "finish_reasons": list(self.reasons)}
+                "finish_reasons": list(self.reasons), **self.notes}
 
 
 class Generation(Protocol):
     ledger: Ledger
+
+    async def opened(self) -> None:
+        """Return once the producer accepted the request; raise ``ApiError`` when it refused (nothing ran)."""
+        ...
 
     def events(self, gone: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[Piece | Done]:
         """Pieces and one Done per choice; stops early (without Done) when ``gone()`` turns true."""
@@ -170,7 +184,11 @@ class Generation(Protocol):
 class Driver(Protocol):
     name: str
 
-    def check(self, model: str | None, kind: str = "causal") -> None: ...
+    async def startup(self, load: bool = True) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    def check(self, model: str | None, kind: str = "causal") -> str: ...
 
     def prepare(self, body: CompletionRequest | ChatRequest) -> Job: ...
 
@@ -178,7 +196,7 @@ class Driver(Protocol):
 
     async def embed(self, body: EmbeddingRequest) -> tuple[list[dict], int]: ...
 
-    async def classify(self, texts: list[str]) -> tuple[list[dict], int]: ...
+    async def classify(self, body: ClassificationRequest) -> tuple[list[dict], int]: ...
 
     def models(self) -> list[dict]: ...
 

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import copy
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,12 @@ from dataclasses import dataclass, field
 from homeforge.serve.driver import Done, Job, Ledger, Piece, TokenLogprob
 from homeforge.serve.engine import Delta, Finish, GenRequest, NotAccepting, QueueFull
 from homeforge.serve.errors import ApiError
-from homeforge.serve.protocol import ChatRequest, CompletionRequest, EmbeddingRequest
+from homeforge.serve.protocol import (
+    ChatRequest,
+    ClassificationRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+)
 from homeforge.serve.state import ServerState, load_model
 
 KINDS = {"causal": "text generation", "classifier": "classification"}
@@ -44,9 +50,19 @@ class LocalDriver:
     def name(self) -> str:
         return self.st.name
 
+    async def startup(self, load: bool = True) -> None:
+        st = self.st
+        if load and not st.ready:  # the weights load in the background; /health answers meanwhile
+            threading.Thread(target=st.load, name="homeforge-load", daemon=True).start()
+
+    async def shutdown(self) -> None:
+        st = self.st
+        if st.engine is not None:  # graceful: finish what was accepted
+            await asyncio.to_thread(st.engine.shutdown, True, st.cfg.graceful_timeout or None)
+
     # ------------------------------------------------------------------ checks and preparation
 
-    def check(self, model: str | None, kind: str = "causal") -> None:
+    def check(self, model: str | None, kind: str = "causal") -> str:
         st = self.st
         if not st.ready:
             msg = f"the model failed to load: {st.load_error}" if st.load_error else "the model is still loading"
@@ -57,6 +73,7 @@ class LocalDriver:
         if kind != st.kind:
             raise ApiError(400, f"{st.name!r} is a {st.kind} model and does not support {KINDS[kind]}",
                            param="model", code="unsupported_model")
+        return st.name
 
     def encode(self, prompt, param: str = "prompt") -> list[list[int]]:
         """Token-id lists for a prompt given as text(s) or token ids; an empty one becomes [BOS]."""
@@ -160,8 +177,9 @@ class LocalDriver:
             data.append({"object": "embedding", "index": i, "embedding": emb})
         return data, sum(len(p) for p in prompts)
 
-    async def classify(self, texts: list[str]) -> tuple[list[dict], int]:
+    async def classify(self, body: ClassificationRequest) -> tuple[list[dict], int]:
         st = self.st
+        texts = [body.input] if isinstance(body.input, str) else body.input
         return await asyncio.to_thread(_locked, st._cls_lock, _classify, st.model, st.tok, texts, st.max_context)
 
     def models(self) -> list[dict]:
@@ -215,6 +233,9 @@ class LocalGeneration:
                 pass
 
         return sink
+
+    async def opened(self) -> None:
+        """The engine accepted the request when ``submit`` returned."""
 
     def cancel(self) -> None:
         for r in self.reqs:

@@ -13,26 +13,13 @@ from __future__ import annotations
 import time
 
 from homeforge.errors import HomeforgeError
-from homeforge.serve.auth import ROLES
+from homeforge.serve.calls import ACCESS, INFERENCE, PUBLIC, QUIET, ROUTES, authorize, record
 from homeforge.serve.errors import error_bytes
 from homeforge.serve.state import ServerState
 
-INFERENCE = ("admin", "user")
+__all__ = ["ACCESS", "INFERENCE", "MAX_BODY_BYTES", "PUBLIC", "QUIET", "ROUTES", "GuardMiddleware",
+           "ObserveMiddleware"]
 MAX_BODY_BYTES = 32 << 20  # a request body above this is refused (413)
-PUBLIC = frozenset({"/health", "/ready"})
-# route -> (roles allowed, counted by the key's rate limits); any other path needs a valid key of any role
-ACCESS: dict[str, tuple[tuple[str, ...], bool]] = {
-    "/v1/models": (INFERENCE, True),
-    "/v1/completions": (INFERENCE, True),
-    "/v1/chat/completions": (INFERENCE, True),
-    "/v1/embeddings": (INFERENCE, True),
-    "/v1/classifications": (INFERENCE, True),
-    "/metrics": (("admin", "metrics"), False),
-    "/admin/reload": (("admin",), False),
-    "/openapi.json": (ROLES, False),
-}
-ROUTES = frozenset(ACCESS) | PUBLIC
-QUIET = frozenset({"/health", "/ready", "/metrics"})  # not written to the audit log
 
 
 async def _reply(send, status: int, body: bytes, headers: dict | None = None) -> None:
@@ -64,35 +51,11 @@ class GuardMiddleware:
 
     def authorize(self, scope) -> tuple | None:
         """None when the caller may go on; else (status, body, headers). Sets role/key in scope state."""
-        st, rs = self.state, scope.setdefault("state", {})
-        path = scope.get("path", "")
-        if path in PUBLIC:
-            rs.setdefault("role", "none")
-            return None
-        st.keys.reload_if_changed()
-        if not st.keys_required():
-            rs["role"] = "anonymous"
-            return None
         header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        if not token:
-            return 401, error_bytes("an API key is required: send it as 'Authorization: Bearer KEY'",
-                                    "authentication_error", "missing_api_key"), None
-        key = st.keys.verify(token)
-        if key is None:
-            return 401, error_bytes("invalid or revoked API key", "authentication_error", "invalid_api_key"), None
-        rs["role"], rs["key_id"], rs["api_key"] = key.role, key.id, key
-        roles, limited = ACCESS.get(path, (ROLES, False))
-        if key.role not in roles:
-            return 403, error_bytes(f"the key's role {key.role!r} may not use {path} (allowed: {', '.join(roles)})",
-                                    "permission_error", "forbidden"), None
-        if limited:
-            why = st.limiter.check(key)
-            if why:
-                st.metrics.rejected.labels("rate_limit").inc()
-                return 429, error_bytes(why, "rate_limit_error", "rate_limit_exceeded"), \
-                    {"Retry-After": st.limiter.retry_after(key)}
-        return None
+        refusal = authorize(self.state, scope.get("path", ""), header, scope.setdefault("state", {}))
+        if refusal is None:
+            return None
+        return refusal.status, error_bytes(refusal.message, refusal.type, refusal.code), refusal.headers
 
     async def bound_body(self, scope, receive):
         """(refusal, receive): refuse a body over MAX_BODY_BYTES; a chunked body is read here up to it."""
@@ -149,35 +112,6 @@ class ObserveMiddleware:
             self._record(scope, info["status"], time.perf_counter() - t0)
 
     def _record(self, scope, status: int, seconds: float) -> None:
-        st = scope.get("state", {})
         path = scope.get("path", "")
-        route = path if path in ROUTES else "other"
-        role = st.get("role", "none")
-        m = self.state.metrics
-        m.requests.labels(route, str(status), role).inc()
-        m.latency.labels(route).observe(seconds)
-        if self.state.audit is None or route in QUIET:
-            return
-        rec = {"event": "serve.request", "route": route, "method": scope.get("method"), "status": status,
-               "latency_ms": round(seconds * 1000, 2), "key_id": st.get("key_id"), "role": role,
-               "model": st.get("model"), "prompt_tokens": st.get("prompt_tokens"),
-               "completion_tokens": st.get("completion_tokens"), "client": (scope.get("client") or [None])[0]}
-        if "prompt_text" in st:
-            rec["prompt"] = st["prompt_text"]
-        ledger = st.get("ledger")
-        if ledger is None:
-            self._write(rec)
-            return
-
-        def write(ledger) -> None:  # once every choice has finished: at once, or later from the engine
-            full = {**rec, **ledger.audit_fields()}
-            if "prompt" in rec:
-                full["completion"] = "\n".join(ledger.texts or [])
-            self._write(full)
-
-        ledger.when_done(write)
-
-    def _write(self, rec: dict) -> None:
-        audit = self.state.audit
-        audit.append(rec)
-        self.state.metrics.audit_errors.set(audit.errors)
+        record(self.state, scope.get("state", {}), path if path in ROUTES else "other", scope.get("method"), status,
+               seconds, (scope.get("client") or [None])[0])

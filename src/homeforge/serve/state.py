@@ -11,12 +11,15 @@ import copy
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from homeforge.config import ServeConfig
 from homeforge.errors import HomeforgeError
 from homeforge.serve.auth import KeyStore, RateLimiter
-from homeforge.serve.engine import Engine, TorchBackend
 from homeforge.serve.metrics import Metrics
+
+if TYPE_CHECKING:
+    from homeforge.serve.engine import Engine
 
 
 def detect_kind(model_dir: Path) -> str:
@@ -45,9 +48,9 @@ def load_model(cfg: ServeConfig):
         except ImportError:
             raise HomeforgeError("the vLLM backend needs the `vllm` package, which is not installed",
                                  fix="install it on a GPU machine (pip install vllm), or use --backend torch") from None
-        raise HomeforgeError("vLLM is installed: serve the same model directory with its own server",
-                             fix=f"run `vllm serve {cfg.model_dir}` (the directory is a plain Hugging Face model); "
-                                 "homeforge's in-process engine is --backend torch")
+        raise HomeforgeError("vLLM does not run inside this process: it runs as its own server behind homeforge",
+                             fix=f"homeforge serve {cfg.model_dir} --backend vllm (starts `vllm serve` behind the "
+                                 "gateway), or --upstream URL for a vLLM server already running")
     if cfg.backend == "onnx":
         try:
             import onnxruntime  # noqa: F401
@@ -67,6 +70,8 @@ def load_model(cfg: ServeConfig):
     if kind == "classifier":
         model, tok = load_classifier(p)
         return kind, model, tok, None
+    from homeforge.serve.engine import TorchBackend  # torch: only when this process runs a model
+
     model, tok = load_causal_lm(p)
     return kind, model, tok, TorchBackend(model)
 
@@ -87,14 +92,18 @@ class ServerState:
         self.kind = "causal"
         self.model = None
         self.tok = None
-        self.load_error: str | None = None
+        self.load_error: str | None = None  # the model failed to load (final)
+        self.waiting: str | None = None  # why it is not ready yet, when it may still become ready (gateway)
         self.created = int(time.time())
         self._cls_lock = threading.Lock()
         self.open_ledgers: set = set()  # generations whose accounting is not complete yet
+        self.grpc_port: int | None = None  # bound by the app's lifespan when cfg.grpc_port is set
         self.ready = False
 
     def load(self) -> None:
         import torch
+
+        from homeforge.serve.engine import Engine
 
         try:
             if self.cfg.threads:

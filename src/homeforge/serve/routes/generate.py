@@ -9,7 +9,6 @@ ledger, which completes at every exit: finish, error, client gone, shutdown.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -17,8 +16,9 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from homeforge.serve.driver import Done, Generation, Ledger, Piece, TokenLogprob
-from homeforge.serve.errors import ApiError
+from homeforge.serve.calls import release, start_generation
+from homeforge.serve.driver import Done, Generation, Piece, TokenLogprob
+from homeforge.serve.errors import ApiError, error_body
 from homeforge.serve.protocol import (
     ChatCompletionResponse,
     ChatRequest,
@@ -26,13 +26,12 @@ from homeforge.serve.protocol import (
     CompletionResponse,
     usage,
 )
-from homeforge.serve.routes.common import COMMON, errors, reserve, server, settle
+from homeforge.serve.routes.common import COMMON, errors, server
 
 router = APIRouter()
-LEDGER_GRACE_S = 60.0  # after the client left, a producer that never reports is closed with what it sent
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _SSE_DOC = {"text/event-stream": {"schema": {"type": "string", "description": "chunks as server-sent events"}}}
-_GEN_ERRORS = errors(*COMMON, 400, 404, 429, 500, 503)
+_GEN_ERRORS = errors(*COMMON, 400, 404, 429, 500, 502, 503)
 
 
 def sse(obj) -> bytes:
@@ -165,57 +164,14 @@ async def chat_completions(request: Request, body: ChatRequest):
 
 async def generate(request: Request, body: CompletionRequest | ChatRequest, shape_cls: type[_Shape],
                    logprobs: bool):
-    st = server(request)
-    d = st.driver
-    d.check(body.model)
-    request.state.model = d.name
-    bad = body.unsupported()
-    if bad:
-        raise ApiError(400, bad[1], param=bad[0], code="unsupported_parameter")
-    job = d.prepare(body)
-    ticket = reserve(request, job.budget)
-    ledger = Ledger(job.choices, job.prompt_tokens, keep_text=st.cfg.audit_text)
-    st.open_ledgers.add(ledger)  # before the start: the producer may finish before `start` returns
-    ledger.when_done(_account(request, shape_cls.route, ticket))
-    try:
-        gen = d.start(job, ledger)
-    except BaseException:  # nothing ran (queue full, shutting down): the reservation goes back
-        st.open_ledgers.discard(ledger)
-        settle(request, ticket, 0)
-        raise
-    request.state.ledger = ledger
-    if st.cfg.audit_text:
-        request.state.prompt_text = job.audit_prompt
-    shape = shape_cls(d.name, job.choices, logprobs)
+    gen, name, choices = await start_generation(server(request), request.scope.setdefault("state", {}), body,
+                                                shape_cls.route)
+    shape = shape_cls(name, choices, logprobs)
     if body.stream:
         usage_chunk = body.stream_options is None or body.stream_options.include_usage
         return StreamingResponse(_stream(gen, shape, usage_chunk, request.is_disconnected),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     return await _collect(gen, shape, request.is_disconnected)
-
-
-def _account(request: Request, route: str, ticket: int | None):
-    """The ledger's completion: settle the rate limit, count tokens and time to first token."""
-    st = server(request)
-    key = getattr(request.state, "api_key", None)
-
-    def account(ledger: Ledger) -> None:
-        st.open_ledgers.discard(ledger)
-        if key is not None:
-            st.limiter.settle(key.id, ticket, ledger.total_tokens)
-        st.metrics.prompt_tokens.inc(ledger.prompt_tokens)
-        st.metrics.completion_tokens.inc(ledger.completion_tokens)
-        for t in ledger.ttft:
-            st.metrics.ttft.labels(route).observe(t)
-
-    return account
-
-
-def _release(gen: Generation) -> None:
-    """The consumer is leaving: stop the producer; close the ledger later if it never reports."""
-    gen.cancel()
-    if not gen.ledger.done:
-        asyncio.get_running_loop().call_later(LEDGER_GRACE_S, gen.ledger.close)
 
 
 async def _stream(gen: Generation, shape: _Shape, usage_chunk: bool, gone):
@@ -224,16 +180,18 @@ async def _stream(gen: Generation, shape: _Shape, usage_chunk: bool, gone):
         for c in shape.opening():
             yield sse(shape.wrap([c]))
         async for ev in gen.events(gone):
+            yield sse(shape.wrap([shape.chunk(ev)]))
             if isinstance(ev, Done):
                 finished += 1
-            yield sse(shape.wrap([shape.chunk(ev)]))
+                if ev.reason == "error":  # a clean error event after the choice's last chunk (OpenAI clients raise it)
+                    yield sse(error_body(f"generation failed: {ev.error}", "server_error", code="generation_failed"))
         if finished < len(shape.acc):
             return  # the client went away
         if usage_chunk:
             yield sse(shape.wrap([], usage=usage(gen.ledger.prompt_tokens, gen.ledger.completion_tokens)))
         yield b"data: [DONE]\n\n"
     finally:
-        _release(gen)
+        release(gen)
 
 
 async def _collect(gen: Generation, shape: _Shape, gone):
@@ -247,7 +205,7 @@ async def _collect(gen: Generation, shape: _Shape, gone):
                     failed.append(ev.error)
             shape.merge(shape.chunk(ev))
     finally:
-        _release(gen)
+        release(gen)
     if finished < len(shape.acc):
         return Response(status_code=499)  # the client went away
     if failed:

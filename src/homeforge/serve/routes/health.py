@@ -21,8 +21,8 @@ async def ready(request: Request):
     st = server(request)
     if st.ready:
         return {"status": "ready", "model": st.name, "kind": st.kind}
-    body = error_body(f"the model failed to load: {st.load_error}" if st.load_error else "loading",
-                      "service_unavailable", code="not_ready")
+    why = f"the model failed to load: {st.load_error}" if st.load_error else (st.waiting or "loading")
+    body = error_body(why, "service_unavailable", code="not_ready")
     return JSONResponse(body, status_code=503)
 
 
