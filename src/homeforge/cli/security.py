@@ -29,11 +29,14 @@ def keys_init(
         homeforge keys init --key-file /secure/homeforge.key
         HOMEFORGE_KEY_FILE=/secure/homeforge.key homeforge --encrypt prepare docs/ -o data
     """
-    from homeforge.security import keys
+    from homeforge import paths
+    from homeforge.security import audit, keys
 
     k = keys.init_key(key_file)
     console.print(f"created data key [bold]{k.key_id}[/] in {k.source} (mode 600)", highlight=False)
-    a = keys.init_audit_key()
+    a = audit.AuditLog(key=None).create_key()  # under the log's lock, logged as a signed line
+    if a is not None and paths.serve_audit_file().is_file():  # the server's log learns of it too
+        audit.AuditLog(paths.serve_audit_file(), key=a.secret).append({"event": audit.KEY_EVENT, "key_id": a.key_id})
     if a is not None:
         console.print(f"created audit-log signing key {a.key_id} in {a.source} (mode 600)", highlight=False)
     console.print("back it up offline: without it, encrypted artifacts cannot be read", highlight=False)
