@@ -76,6 +76,10 @@ def verify_enabled() -> bool:
     return _state["verify"]
 
 
+def note_skipped(path: str | Path) -> None:
+    _state["skipped"].append(str(Path(path).absolute()))
+
+
 def skipped() -> list[str]:
     """Artifacts loaded without verification in this process (for the command's audit line)."""
     return list(dict.fromkeys(_state["skipped"]))
@@ -146,7 +150,7 @@ def check_seal(manifest: dict, where: Path | str) -> SealStatus:
     keys = local_keys()
     s = manifest.get("seal")
     adopt = f"homeforge verify --adopt {Path(where).parent}"
-    if not isinstance(s, dict):
+    if not isinstance(s, dict) or (keys and not s.get("hmac")):
         if keys:
             raise IntegrityError(
                 f"the manifest {where} is not signed, and this machine has a signing key ({keys[0].kind} key "
@@ -383,17 +387,21 @@ class Hashing:
 def open_artifact(path: str | Path, rels: list[str] | None = None) -> tuple[Path, dict, Hashing] | None:
     """Start checking the artifact ``path`` is (or lies in): seal and structure now, hashes in the background.
 
-    ``rels``: only these files (default: every file under ``path``). None when ``path`` is not in an
+    ``rels``: only these files (default: every file under ``path``, or ``path`` itself and its
+    companions ``path.*`` when it is a file). None when ``path`` is not in an
     artifact (a plain directory from elsewhere: nothing was recorded to check it against)."""
     p = Path(path).absolute()
     root = artifact_root(p)
     if root is None:
         return None
     if not verify_enabled():
-        _state["skipped"].append(str(root))
+        note_skipped(root)
         return None
     manifest = read_manifest_file(root)
     check_seal(manifest, root / MANIFEST)
+    if rels is None and p.is_file():  # one file (and its companions, e.g. model.onnx + model.onnx.data)
+        rel = p.relative_to(root).as_posix()
+        rels = [r for r in manifest["files"] if r == rel or r.startswith(rel + ".")] or [rel]
     if rels is None:
         sub = "" if p == root else p.relative_to(root).as_posix() + "/"
         rels = [r for r in manifest["files"] if r.startswith(sub)]

@@ -44,6 +44,8 @@ class DatasetReader:
         if (p / integrity.MANIFEST).is_file():
             listed = integrity.read_manifest_file(p)["files"]
             manifest = integrity.check_now(p, [r for r in (INDEX, "labels.json") if r in listed])
+            if manifest is not None:  # cheap, for every file: present, its recorded size, nothing added
+                integrity.check_structure(p, manifest)
         reader = cls(p, {}, manifest)
         reader._verified |= {INDEX, "labels.json"}
         reader.index = reader._read_index()
@@ -177,11 +179,11 @@ def read_jsonl(path: Path, limit: int | None = None, fields: tuple[str, ...] = (
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise HomeforgeError(f"line {lineno} of {path} is not valid JSON: {exc.msg}", where=f"{path}:{lineno}",
+                raise HomeforgeError(f"line {lineno} is not valid JSON: {exc.msg}", where=f"{path}:{lineno}",
                                      fix="re-create the dataset with `homeforge prepare`") from None
             missing = [k for k in fields if k not in rec] if isinstance(rec, dict) else list(fields)
             if missing:
-                raise HomeforgeError(f"line {lineno} of {path} lacks {', '.join(missing)}", where=f"{path}:{lineno}",
+                raise HomeforgeError(f"line {lineno} lacks {', '.join(missing)}", where=f"{path}:{lineno}",
                                      fix=f"each line needs {', '.join(fields)}; re-run `homeforge prepare`")
             rows.append(rec)
     return rows
