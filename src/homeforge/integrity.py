@@ -67,9 +67,12 @@ class IntegrityError(ArtifactError):
 _state: dict[str, Any] = {"verify": True, "skipped": []}
 
 
-def set_verify(enabled: bool) -> None:
-    """``homeforge --no-verify``: skip checks on load (audited: see ``skipped()``)."""
+def set_verify(enabled: bool, new_command: bool = False) -> None:
+    """``homeforge --no-verify``: skip checks on load (audited: see ``skipped()``); ``new_command`` also
+    forgets what earlier commands of this process skipped."""
     _state["verify"] = enabled
+    if new_command:
+        _state["skipped"] = []
 
 
 def verify_enabled() -> bool:

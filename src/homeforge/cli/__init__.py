@@ -41,7 +41,7 @@ def _root(
 
         keys.load_key(required=True)  # no key: fail now, before anything is written (in the clear or not)
     ctx.obj = {"encrypt": encrypt}
-    integrity.set_verify(not no_verify)
+    integrity.set_verify(not no_verify, new_command=True)
     egress.set_offline_env()
     if not paths.network_allowed():
         egress.install(on_refuse=audit_command.egress_refused)
