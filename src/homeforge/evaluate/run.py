@@ -102,7 +102,7 @@ def _chat_scored_docs(tok, pairs) -> list[tuple[list[int], int]]:
 
 
 def _progress(console: Console):
-    from homeforge.quickstart import progress_bar
+    from homeforge.progress import progress_bar
 
     return progress_bar(console)
 
@@ -113,13 +113,6 @@ def _ppl_block(nll: np.ndarray, count: np.ndarray, n_bytes: np.ndarray | None = 
     if n_bytes is not None and n_bytes.sum() > 0:
         out["bits_per_byte"] = tot / math.log(2) / float(n_bytes.sum())
     return out
-
-
-def _threads(cfg_threads: int | None) -> None:
-    import torch
-
-    if cfg_threads:
-        torch.set_num_threads(cfg_threads)
 
 
 def evaluate_model(model_dir: Path, data: Path, cfg: EvalConfig, console: Console) -> dict:
@@ -390,9 +383,16 @@ def check_gates(res: dict, comparison: dict | None, cfg: EvalConfig) -> list[dic
 def run(model_dir: Path, data: Path, cfg: EvalConfig, baseline: Path | None, output: Path | None,
         force: bool, console: Console) -> dict:
     """Evaluate, compare, gate and write the report artifact; raise GateError if a gate fails."""
+    from homeforge.runtime import torch_threads
+
+    with torch_threads(cfg.threads):
+        return _run(model_dir, data, cfg, baseline, output, force, console)
+
+
+def _run(model_dir: Path, data: Path, cfg: EvalConfig, baseline: Path | None, output: Path | None,
+         force: bool, console: Console) -> dict:
     from homeforge.evaluate import report
 
-    _threads(cfg.threads)
     model_dir, data = Path(model_dir), Path(data)
     artifacts.verify(data, deep=False)
     output = Path(output) if output else model_dir.parent / f"{model_dir.name}-eval"

@@ -19,13 +19,14 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 50, tempe
     input_ids = enc["input_ids"].to(device)
     if input_ids.shape[1] == 0:
         input_ids = torch.tensor([[tokenizer.bos_token_id or tokenizer.eos_token_id]], device=device)
-    if seed is not None:
-        torch.manual_seed(seed)
+    from homeforge.runtime import seeded
+
     kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
                   eos_token_id=tokenizer.eos_token_id)
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    with seeded(seed):
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
     return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)

@@ -113,9 +113,9 @@ def apply_lora(model, r: int = 16, alpha: float = 32, dropout: float = 0.05, tar
                              fix="set lora.dropout=0, or lora.target_parameters=[] to leave the experts alone")
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules,
                      target_parameters=params or None, bias="none", task_type="CAUSAL_LM")
-    if seed is not None:
-        torch.manual_seed(seed)
-    with warnings.catch_warnings():  # peft's v4->v5 MoE rename notes; harmless here
+    from homeforge.runtime import seeded
+
+    with seeded(seed), warnings.catch_warnings():  # peft's v4->v5 MoE rename notes; harmless here
         warnings.filterwarnings("ignore", message=".*(rank_pattern|alpha_pattern).*")
         warnings.filterwarnings("ignore", message=".*target_parameters.*")
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")

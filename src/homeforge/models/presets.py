@@ -83,10 +83,10 @@ def build_model(config, seed: int | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    if seed is not None:
-        torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model
+    from homeforge.runtime import seeded
+
+    with seeded(seed):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def count_params(model, exclude_embeddings: bool = False) -> int:

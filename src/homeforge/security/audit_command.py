@@ -18,6 +18,7 @@ from pathlib import Path
 
 from homeforge import paths
 from homeforge.errors import HomeforgeError
+from homeforge.security import audit
 from homeforge.security.audit import AuditError, AuditLog
 from homeforge.security.masking import mask_args, mask_text, secret_values
 
@@ -98,6 +99,8 @@ class audited_command:  # noqa: N801 - used as a context manager
 
         if exc_type is None or (exc_type is SystemExit and exc.code in (0, None)):
             outcome, code, error = "ok", 0, None
+        elif exc_type is SystemExit and exc.code == 130:  # Ctrl-C, as the CLI framework reports it
+            outcome, code, error = "interrupted", 130, None
         elif exc_type is SystemExit:
             outcome, code, error = "error", exc.code if isinstance(exc.code, int) else 1, None
         elif exc_type is KeyboardInterrupt:
@@ -121,6 +124,8 @@ class audited_command:  # noqa: N801 - used as a context manager
             record["error"] = mask_text(error, {v for v in secrets if len(v) >= 6})[:500]
         if unverified := integrity.skipped():
             record["unverified"] = unverified  # loaded with --no-verify
+        record.update({k: v for k, v in audit._command_notes.items() if k not in record})  # audit.note_command
+        audit._command_notes.clear()
         try:
             self.log.append(record)
         except HomeforgeError as e:

@@ -35,15 +35,24 @@ class RequestAudit:
         return self._scrubber.scrub(text)[0] if self._scrubber else text
 
     def append(self, record: dict) -> None:
-        """Queue one record; text fields (``prompt``, ``completion``) are scrubbed or dropped."""
+        """Queue one record (any thread); text fields (``prompt``, ``completion``) are scrubbed or dropped.
+
+        Scrubbing happens on the writer thread, never on the caller's (an engine or request thread).
+        """
         rec = dict(record)
+        if not self.log_text:
+            rec.pop("prompt", None)
+            rec.pop("completion", None)
+        self._q.put(rec)
+
+    def _scrubbed(self, rec: dict) -> dict:
         for k in ("prompt", "completion"):
             if k in rec:
-                if self.log_text and isinstance(rec[k], str):
+                if isinstance(rec[k], str):
                     rec[k] = self.scrub(rec[k])
                 else:
                     rec.pop(k)
-        self._q.put(rec)
+        return rec
 
     def _run(self) -> None:
         while True:
@@ -51,7 +60,7 @@ class RequestAudit:
             if rec is None:
                 return
             try:
-                self.log.append(rec)
+                self.log.append(self._scrubbed(rec))
             except Exception:  # an audit failure is counted and shown in /metrics, never crashes the server
                 self.errors += 1
             finally:

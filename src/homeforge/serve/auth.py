@@ -15,7 +15,9 @@ from __future__ import annotations
 import collections
 import hashlib
 import hmac
+import itertools
 import json
+import math
 import os
 import secrets
 import threading
@@ -146,38 +148,89 @@ class KeyStore:
 
 
 class RateLimiter:
-    """Sliding one-minute windows of requests and tokens, per key id."""
+    """Sliding one-minute windows of requests and tokens per key, plus tokens reserved in flight.
+
+    A generation reserves what it may cost (prompt + max_tokens per choice) before it runs
+    and settles to what it really used when it ends, however it ends, so neither concurrent
+    streams nor streams closed early get past a tokens-per-minute limit.
+    """
 
     def __init__(self, window: float = 60.0):
         self.window = window
-        self._events: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        self._requests: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        self._tokens: dict[str, collections.deque] = collections.defaultdict(collections.deque)  # (time, n)
+        self._inflight: dict[str, dict[int, int]] = collections.defaultdict(dict)  # ticket -> tokens
+        self._tickets = itertools.count(1)
         self._lock = threading.Lock()
 
-    def _trim(self, q: collections.deque, now: float) -> None:
-        while q and q[0][0] <= now - self.window:
-            q.popleft()
+    def _trim(self, key_id: str, now: float) -> None:
+        for q in (self._requests[key_id], self._tokens[key_id]):
+            while q and q[0][0] <= now - self.window:
+                q.popleft()
+
+    def _used(self, key_id: str) -> int:
+        return sum(n for _, n in self._tokens[key_id]) + sum(self._inflight[key_id].values())
 
     def check(self, key: ApiKey, now: float | None = None) -> str | None:
-        """Record one request; returns a reason string when a limit is exceeded."""
+        """Record one request; returns a reason string when a limit is already reached."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            q = self._events[key.id]
-            self._trim(q, now)
-            if key.requests_per_minute is not None and sum(1 for e in q if e[1] == 0) >= key.requests_per_minute:
+            self._trim(key.id, now)
+            if key.requests_per_minute is not None and len(self._requests[key.id]) >= key.requests_per_minute:
                 return f"rate limit of {key.requests_per_minute} requests per minute reached for key {key.id}"
-            if key.tokens_per_minute is not None and sum(e[1] for e in q) >= key.tokens_per_minute:
+            if key.tokens_per_minute is not None and self._used(key.id) >= key.tokens_per_minute:
                 return f"rate limit of {key.tokens_per_minute} tokens per minute reached for key {key.id}"
-            q.append((now, 0))
+            self._requests[key.id].append((now, 1))
             return None
 
-    def add_tokens(self, key_id: str, tokens: int, now: float | None = None) -> None:
+    def reserve(self, key: ApiKey, tokens: int, now: float | None = None) -> tuple[int | None, str | None]:
+        """(ticket, None) when ``tokens`` fit the key's budget now (held until ``settle``), else (None, reason)."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            self._events[key_id].append((now, tokens))
+            self._trim(key.id, now)
+            limit = key.tokens_per_minute
+            if limit is not None and self._used(key.id) + tokens > limit:
+                return None, (f"rate limit of {limit} tokens per minute reached for key {key.id} (this request "
+                              f"may use up to {tokens} tokens)")
+            ticket = next(self._tickets)
+            self._inflight[key.id][ticket] = tokens
+            return ticket, None
 
-    def retry_after(self, key_id: str) -> int:
+    def settle(self, key_id: str, ticket: int | None, tokens: int, now: float | None = None) -> None:
+        """Replace a reservation by the tokens really used (counted from now for one window)."""
+        now = time.monotonic() if now is None else now
         with self._lock:
-            q = self._events.get(key_id)
-            if not q:
-                return 1
-            return max(1, int(q[0][0] + self.window - time.monotonic()) + 1)
+            if ticket is not None:
+                self._inflight[key_id].pop(ticket, None)
+            if tokens:
+                self._tokens[key_id].append((now, tokens))
+
+    def add_tokens(self, key_id: str, tokens: int, now: float | None = None) -> None:
+        self.settle(key_id, None, tokens, now)
+
+    def retry_after(self, key: ApiKey, tokens: int = 1, now: float | None = None) -> int:
+        """Whole seconds until one more request needing ``tokens`` fits both of the key's limits (>= 1).
+
+        Counted to the moment enough old requests/tokens leave the window, not to the oldest
+        event. When tokens reserved by requests still in flight alone block it, one window.
+        """
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._trim(key.id, now)
+            wait = 0.0
+            reqs = self._requests[key.id]
+            rpm = key.requests_per_minute
+            if rpm is not None and len(reqs) >= rpm:
+                wait = reqs[len(reqs) - rpm][0] + self.window - now
+            tpm = key.tokens_per_minute
+            excess = self._used(key.id) + tokens - tpm if tpm is not None else 0
+            if excess > 0:
+                freed = 0
+                for t, n in self._tokens[key.id]:
+                    freed += n
+                    if freed >= excess:
+                        wait = max(wait, t + self.window - now)
+                        break
+                else:
+                    wait = max(wait, self.window)
+            return max(1, math.ceil(wait))

@@ -16,7 +16,7 @@ class LocalChat:
 
         from homeforge.config import ServeConfig
         from homeforge.errors import HomeforgeError
-        from homeforge.serve.app import ServerState
+        from homeforge.serve.state import ServerState
 
         if threads:
             torch.set_num_threads(threads)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# up to 10 minutes: a long generation under load must land in a bucket, not only in +Inf
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
 class Metrics:
@@ -17,7 +20,8 @@ class Metrics:
         self.ttft = Histogram("homeforge_time_to_first_token_seconds", "time from arrival to the first generated token",
                               ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("homeforge_prompt_tokens_total", "prompt tokens processed", registry=r)
-        self.completion_tokens = Counter("homeforge_completion_tokens_total", "completion tokens generated",
+        self.completion_tokens = Counter("homeforge_completion_tokens_total",
+                                         "completion tokens generated (also for requests whose client left)",
                                          registry=r)
         self.queue_depth = Gauge("homeforge_queue_depth", "requests waiting for a batch slot", registry=r)
         self.batch_size = Gauge("homeforge_running_batch_size", "sequences in the running batch", registry=r)
@@ -25,9 +29,14 @@ class Metrics:
                                 ["reason"], registry=r)
         self.audit_errors = Gauge("homeforge_audit_errors", "audit lines that could not be written", registry=r)
 
-    def on_step(self, batch: int, queue: int) -> None:
-        self.batch_size.set(batch)
-        self.queue_depth.set(queue)
+    def watch(self, engine: Callable[[], object | None]) -> None:
+        """Read the batch and queue gauges from the engine at scrape time (never stale after aborts)."""
+        self.batch_size.set_function(lambda: _size(engine(), "batch_size"))
+        self.queue_depth.set_function(lambda: _size(engine(), "queue_depth"))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _size(engine, what: str) -> float:
+    return float(getattr(engine, what)()) if engine is not None else 0.0

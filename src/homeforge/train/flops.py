@@ -45,13 +45,19 @@ def matmul_params(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, frozen
 
 
-def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per token of ``model`` at sequence length ``seq_len``."""
+def flops_per_token(model: torch.nn.Module, seq_len: int, frozen_backward: bool = True) -> float:
+    """Training FLOPs (forward + backward) per token of ``model`` at sequence length ``seq_len``.
+
+    A trainable weight costs 6 FLOPs per token (forward, input and weight gradients), a frozen one
+    4 when gradients flow back through it (LoRA: adapters sit in every layer) and 2 when they do
+    not (``frozen_backward=False``: a frozen base under a trained head). Attention scores add
+    12 * layers * hidden * seq_len (6 when nothing below the head is trained)."""
     trainable, frozen = matmul_params(model)
     cfg = getattr(model, "config", None)
     layers = getattr(cfg, "num_hidden_layers", 0) or 0
     hidden = getattr(cfg, "hidden_size", 0) or 0
-    return 6.0 * trainable + 4.0 * frozen + 12.0 * layers * hidden * seq_len
+    per_frozen, attention = (4.0, 12.0) if frozen_backward else (2.0, 4.0)
+    return 6.0 * trainable + per_frozen * frozen + attention * layers * hidden * seq_len
 
 
 def _cache_file() -> Path:
@@ -82,25 +88,44 @@ def probe_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n
     return 2.0 * n**3 / best
 
 
+def _cache_key(device: torch.device, dtype: torch.dtype) -> str:
+    return f"{device.type}|{_device_name(device)}|{dtype}|threads={torch.get_num_threads()}"
+
+
+def _read_cache() -> dict:
+    try:
+        return json.loads(_cache_file().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _store(key: str, value: float) -> None:
+    cache = _read_cache()
+    cache[key] = value
+    try:
+        _cache_file().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(_cache_file(), json.dumps(cache, indent=1))
+    except OSError:
+        pass  # an unwritable cache only costs a re-measure next time
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, given_tflops: float | None = None) -> float:
     """Peak FLOP/s per process: given, else cached, else measured once and cached."""
     if given_tflops:
         return given_tflops * 1e12
-    key = f"{device.type}|{_device_name(device)}|{dtype}|threads={torch.get_num_threads()}"
-    path = _cache_file()
-    cache: dict = {}
-    if path.is_file():
-        try:
-            cache = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            cache = {}
-    if key in cache:
-        return float(cache[key])
+    key = _cache_key(device, dtype)
+    cached = _read_cache().get(key)
+    if cached is not None:
+        return float(cached)
     value = probe_peak_flops(device, dtype, n=2048)
-    cache[key] = value
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(cache, indent=1))
-    except OSError:
-        pass  # an unwritable cache only costs a re-measure next time
+    _store(key, value)
+    return value
+
+
+def refresh_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """Measure again and keep the higher figure: a peak probed on a busy machine is too low, and
+    made MFU exceed 100% once the machine was quiet."""
+    key = _cache_key(device, dtype)
+    value = max(probe_peak_flops(device, dtype, n=2048), float(_read_cache().get(key) or 0.0))
+    _store(key, value)
     return value

@@ -41,7 +41,8 @@ methods work); engine settings (checkpoint, tracking, distributed, ...) in their
     writes the final output into ``out_dir`` (a temp dir made atomic by the engine):
     an HF model directory for pretrain/sft/classify; for LoRA the adapter in
     ``out_dir/adapter`` plus, when ``lora.merge`` is set, the merged HF model in
-    ``out_dir`` itself. ``model`` is the unwrapped module on the CPU.
+    ``out_dir`` itself. ``model`` is the unwrapped module on the CPU. ``None``: no model
+    artifact is written; the caller keeps ``task.model`` (compress's QAT and distillation).
 
 ``TrainTask.flops_per_token``
     training FLOPs per token (forward + backward) for MFU; ``None`` = the engine
@@ -94,7 +95,7 @@ from homeforge.train.checkpoint import (
     save_checkpoint,
 )
 from homeforge.train.distributed import DistInfo, grad_sync, init_distributed, unwrap, wrap_model
-from homeforge.train.flops import flops_per_token, peak_flops
+from homeforge.train.flops import flops_per_token, peak_flops, refresh_peak_flops
 from homeforge.train.optim import build_optimizer, lr_factor
 from homeforge.train.plots import plot_history
 from homeforge.train.precision import autocast, resolve_precision
@@ -165,7 +166,7 @@ class TrainTask:
     train: BatchSource
     val: BatchSource | None
     loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], StepLoss]
-    save_final: Callable[[torch.nn.Module, Path, Any], None]
+    save_final: Callable[[torch.nn.Module, Path, Any], None] | None  # None: no model artifact, the caller keeps it
     tokenizer: Any = None
     flops_per_token: float | None = None
     metrics_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None
@@ -182,6 +183,7 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     bad_evals: int = 0  # evaluations since the last validation-loss improvement (early stopping)
     stop_reason: str = ""  # max_steps | time budget | early stopping
+    elapsed_s: float = 0.0  # wall-clock seconds of training so far (all sessions of a resumed run)
     final_weights: str = "last"  # "best" when early stopping restored the best checkpoint
     resumed: list[dict] = field(default_factory=list)  # checkpoints this run continued from (lineage)
 
@@ -207,9 +209,17 @@ def train_task(task: TrainTask, cfg: TrainConfig, run_dir: str | Path, *, resume
 
     Runs the same in one process and under torchrun (DDP / FSDP2). ``resume`` is a
     checkpoint directory (see ``checkpoint.resolve_resume``). Returns the final state;
-    the trained model is ``task.model`` (see ``save_final_model``).
+    the trained model is ``task.model`` (see ``save_final_model``). The caller's torch
+    threads and random states are as they were afterwards.
     """
-    run_dir = Path(run_dir)
+    from homeforge.runtime import preserved_random_state, torch_threads
+
+    with torch_threads(cfg.threads), preserved_random_state():
+        return _train(task, cfg, Path(run_dir), resume, info, progress)
+
+
+def _train(task: TrainTask, cfg: TrainConfig, run_dir: Path, resume: Path | None, info: DistInfo | None,
+           progress: Callable[[RunState, dict], None] | None) -> RunState:
     info = info or init_distributed(cfg.distributed.backend)
     config = cfg.model_dump(mode="json")
     precision = resolve_precision(cfg.precision, info.device)
@@ -220,6 +230,7 @@ def train_task(task: TrainTask, cfg: TrainConfig, run_dir: str | Path, *, resume
         restore(resume, model, opt, sched, scaler, state, config, info)
     tracker = Tracker(run_dir, cfg.tracking, config, resume_step=state.step if resume else None) if info.is_main else None
     speed = Speedometer(task, unwrap(model), cfg, info, precision)
+    clock = Budget(cfg.max_minutes, state.elapsed_s)
     last_ckpt = resume
     stop = StopSignal().__enter__()
     try:
@@ -236,19 +247,21 @@ def train_task(task: TrainTask, cfg: TrainConfig, run_dir: str | Path, *, resume
                       **extra, **speed.update(n_tokens, n_inputs)}
             if task.metrics_fn is not None:
                 record.update(task.metrics_fn(unwrap(model)))
+            state.elapsed_s = clock.elapsed()
+            state.total_steps = fit_to_budget(cfg, state, clock, info)
             improved = False
             if task.val is not None and (state.step % cfg.eval_every == 0 or state.step == state.total_steps):
                 record["val_loss"] = evaluate(model, task, cfg, state, info, precision)
                 improved = record["val_loss"] < state.best_val - cfg.early_stopping_min_delta
                 state.best_val, state.bad_evals = (record["val_loss"], 0) if improved else (state.best_val, state.bad_evals + 1)
-            state.total_steps, state.stop_reason = stop_decision(cfg, state, speed, info)
+            state.total_steps, state.stop_reason = stop_decision(cfg, state)
             if state.step % cfg.log_every == 0 or "val_loss" in record or state.step == state.total_steps:
                 record.update(speed.memory())
                 state.history.append(record)
                 if tracker is not None:
                     tracker.log(record)
-                if progress is not None and info.is_main:
-                    progress(state, record)
+            if progress is not None and info.is_main:  # every step: the bar moves from step 1
+                progress(state, record)
             if improved and cfg.checkpoint.best:
                 save(run_dir, "best", model, opt, sched, scaler, state, config, info)
             if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or state.step >= state.total_steps:
@@ -263,7 +276,10 @@ def train_task(task: TrainTask, cfg: TrainConfig, run_dir: str | Path, *, resume
         if state.stop_reason.startswith("early stopping") and (checkpoint_dir(run_dir) / "best").is_dir():
             load_weights(checkpoint_dir(run_dir) / "best", model)  # the final model is the best one
             state.final_weights = "best"
-        save_final_model(task, model, cfg, run_dir, state, info, skeleton)
+        if task.save_final is not None:
+            save_final_model(task, model, cfg, run_dir, state, info, skeleton)
+        elif info.is_main:  # the caller keeps the trained model in memory
+            plot_history(state.history, run_dir / "loss.png")
     except BaseException as exc:
         if tracker is not None:
             tracker.close(status="KILLED" if isinstance(exc, (TrainingInterrupted, KeyboardInterrupt)) else "FAILED")
@@ -279,9 +295,7 @@ def train_task(task: TrainTask, cfg: TrainConfig, run_dir: str | Path, *, resume
 
 
 def setup_training(task: TrainTask, cfg: TrainConfig, info: DistInfo, precision: str):
-    """Threads, seeds, device, activation checkpointing, DDP/FSDP wrap, optimizer, schedule, scaler."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    """Seeds, device, activation checkpointing, DDP/FSDP wrap, optimizer, schedule, scaler."""
     seed_everything(cfg.seed + info.rank)
     model = task.model.to(info.device)
     model.train()
@@ -356,7 +370,7 @@ def save_final_model(task: TrainTask, model, cfg: TrainConfig, run_dir: Path, st
 
 def final_metrics(state: RunState) -> dict:
     def median(key):
-        values = sorted(r[key] for r in state.history if key in r)
+        values = sorted(r[key] for r in state.history if r.get(key) is not None)
         return values[len(values) // 2] if values else None
 
     last = state.history[-1] if state.history else {}
@@ -437,17 +451,46 @@ def evaluate(model, task: TrainTask, cfg: TrainConfig, state: RunState, info: Di
     return total / max(1, count)
 
 
-def stop_decision(cfg: TrainConfig, state: RunState, speed: Speedometer, info: DistInfo) -> tuple[int, str]:
-    """(total_steps, reason): early stopping, or the schedule fitted to the time budget after 5 steps."""
-    total = state.total_steps
+class Budget:
+    """The wall-clock budget (``max_minutes``): time used so far, and the steps that still fit."""
+
+    def __init__(self, max_minutes: float | None, already_s: float = 0.0):
+        self.limit = max_minutes * 60 if max_minutes else None
+        self.before = already_s  # used by earlier sessions of a resumed run
+        self.t0 = time.monotonic()
+        self.steps = 0  # steps taken in this session
+
+    def elapsed(self) -> float:
+        self.steps += 1
+        return self.before + time.monotonic() - self.t0
+
+    def steps_left(self, info: DistInfo) -> int | None:
+        """Steps that fit in the time left at this session's pace (evaluation and checkpoints included)."""
+        if self.limit is None or self.steps == 0:
+            return None
+        used, pace = self.before + time.monotonic() - self.t0, (time.monotonic() - self.t0) / self.steps
+        if info.enabled:  # every rank must agree on when to stop
+            used, pace = (x / info.world for x in info.all_sum([used, pace]))
+        return int(max(0.0, self.limit - used) // pace)
+
+
+def fit_to_budget(cfg: TrainConfig, state: RunState, clock: Budget, info: DistInfo) -> int:
+    """The step count, re-fitted to the time left under ``max_minutes`` (at the first 3 steps of a
+    session, then at every log step, so the learning-rate schedule ends when the time does). The
+    run stops before a step that would not finish within the budget: a wall-clock cap."""
+    if clock.limit is None or not (clock.steps <= 3 or state.step % cfg.log_every == 0):
+        return state.total_steps
+    left = clock.steps_left(info)
+    return state.total_steps if left is None else min(cfg.max_steps, state.step + left)
+
+
+def stop_decision(cfg: TrainConfig, state: RunState) -> tuple[int, str]:
+    """(total_steps, reason once training is to stop): early stopping, the time budget or max_steps."""
     if cfg.early_stopping_patience and state.bad_evals >= cfg.early_stopping_patience:
         return state.step, f"early stopping: no validation improvement in {state.bad_evals} evaluations"
-    if cfg.max_minutes and speed.steps == 5 and state.step == 5:  # (a resumed run keeps its fitted schedule)
-        per_step = info.all_sum([speed.train_seconds / 5])[0] / info.world
-        total = max(state.step + 1, min(cfg.max_steps, int(cfg.max_minutes * 60 / per_step)))
-    if state.step >= total:
-        return total, "time budget" if total < cfg.max_steps else "max_steps"
-    return total, ""
+    if state.step >= state.total_steps:
+        return state.step, "time budget" if state.total_steps < cfg.max_steps else "max_steps"
+    return state.total_steps, ""
 
 
 def save(run_dir: Path, name: str, model, opt, sched, scaler, state: RunState, config: dict, info: DistInfo) -> Path:
@@ -504,19 +547,29 @@ class Speedometer:
 
     def __init__(self, task: TrainTask, model, cfg: TrainConfig, info: DistInfo, precision: str):
         self.fpt = task.flops_per_token or flops_per_token(model, cfg.seq_len)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-        self.peak = peak_flops(info.device, dtype, cfg.peak_tflops) * info.world
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        self.peak = peak_flops(info.device, self.dtype, cfg.peak_tflops) * info.world
+        self.reprobed = cfg.peak_tflops is not None  # a given peak is the user's: never re-measured
+        self.unit = "samples_per_s" if task.info.get("loss_unit") == "samples" else "loss_tokens_per_s"
         self.info = info
         self.steps = 0  # steps timed in this process (a resumed run starts again at 0)
         self.train_seconds = 0.0
         self.t = time.perf_counter()
 
     def update(self, n_tokens: int, n_inputs: int) -> dict:
+        """``n_inputs``: input tokens processed (padding excluded); ``n_tokens``: loss-bearing units
+        (tokens, or samples for a classifier)."""
         now = time.perf_counter()
         dt, self.t = now - self.t, now
         self.steps += 1
         self.train_seconds += dt
-        return {"tokens_per_s": n_tokens / dt, "mfu": n_inputs * self.fpt / dt / self.peak, "step_s": dt}
+        mfu = n_inputs * self.fpt / dt / self.peak
+        if mfu > 1.0 and not self.reprobed:  # the cached peak was measured on a busy machine: measure again
+            self.reprobed = True
+            self.peak = max(self.peak, refresh_peak_flops(self.info.device, self.dtype) * self.info.world)
+            mfu = n_inputs * self.fpt / dt / self.peak
+        return {"tokens_per_s": n_inputs / dt, self.unit: n_tokens / dt, "mfu": mfu if mfu <= 1.0 else None,
+                "step_s": dt}
 
     def memory(self) -> dict:
         import resource

@@ -6,12 +6,9 @@ from pathlib import Path
 
 
 def plot_history(history: list[dict], out: Path) -> None:
-    import matplotlib
+    from homeforge.figures import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig, ax = figure(7, 4)
     train = [(r["step"], r["loss"]) for r in history if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
     if train:
@@ -24,4 +21,3 @@ def plot_history(history: list[dict], out: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out)
-    plt.close(fig)

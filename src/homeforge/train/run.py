@@ -23,6 +23,15 @@ from homeforge.errors import HomeforgeError
 from homeforge.train import checkpoint as ck
 
 
+def step_summary(rec: dict) -> str:
+    """One line for the progress bar: loss, validation loss, throughput, MFU (when it is known)."""
+    text = f"loss {rec['loss']:.3f}" + (f" val {rec['val_loss']:.3f}" if "val_loss" in rec else "")
+    text += f" {rec['tokens_per_s']:,.0f} tok/s"
+    if "samples_per_s" in rec:
+        text += f" {rec['samples_per_s']:,.1f} samples/s"
+    return text + (f" MFU {rec['mfu']:.0%}" if rec.get("mfu") is not None else "")
+
+
 def prepare_run_dir(run_dir: Path, resume: str | None, force: bool, is_main: bool) -> Path | None:
     """Resolve ``--resume``; refuse to start over an existing run unless ``--force`` (nothing overwritten)."""
     if resume is not None:
@@ -62,15 +71,13 @@ def run(cfg: TrainConfig, *, resume: str | None = None, force: bool = False, con
                           f"({n_train / 1e6:.2f}M trainable), {info.world} process(es) on {info.device.type}"
                           + (f", resuming from {resume_path}" if resume_path else ""))
         if info.is_main:
-            from homeforge.quickstart import progress_bar
+            from homeforge.progress import progress_bar
 
             with progress_bar(console) as bar:
                 bar_task = bar.add_task("training", total=cfg.max_steps, info="")
 
                 def on_log(state, rec):
-                    text = f"loss {rec['loss']:.3f}" + (f" val {rec['val_loss']:.3f}" if "val_loss" in rec else "")
-                    text += f" {rec['tokens_per_s']:.0f} tok/s mfu {rec['mfu']:.0%}"
-                    bar.update(bar_task, completed=state.step, total=state.total_steps, info=text)
+                    bar.update(bar_task, completed=state.step, total=state.total_steps, info=step_summary(rec))
 
                 state = train_task(task, cfg, run_dir, resume=resume_path, info=info, progress=on_log)
             console.print(f"done: {state.step} steps ({state.stop_reason}); model in [bold]{run_dir / 'model'}[/], "

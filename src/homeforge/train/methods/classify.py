@@ -101,10 +101,12 @@ def build_classifier(cfg, ds, labels: list[str]):
     id2label = dict(enumerate(labels))
     label2id = {n: i for i, n in id2label.items()}
     pad = ds.tokenizer.pad_token_id if ds.tokenizer.pad_token_id is not None else ds.tokenizer.eos_token_id
-    torch.manual_seed(cfg.seed)  # the new head's initialisation
+    from homeforge.runtime import seeded
+
     if cfg.model.path:
         model_dir = check_model_dir(cfg.model.path)
-        model = _load_base_classifier(model_dir, id2label, label2id)
+        with seeded(cfg.seed):  # the new head's initialisation
+            model = _load_base_classifier(model_dir, id2label, label2id)
         model_tok = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() or \
             (model_dir / "tokenizer_config.json").is_file() else None
         check_tokenizers_match(ds, model_tok, model_dir, model.get_input_embeddings().num_embeddings)
@@ -115,7 +117,8 @@ def build_classifier(cfg, ds, labels: list[str]):
                                eos_token_id=ds.tokenizer.eos_token_id, pad_token_id=pad,
                                overrides=cfg.model.overrides)
         config.num_labels, config.id2label, config.label2id = len(labels), id2label, label2id
-        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+        with seeded(cfg.seed):
+            model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
         model_dir = None
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad  # decoders pick the last non-pad token
@@ -160,10 +163,14 @@ def build_task(cfg, data_dir):
             sources.append(None)
             continue
         sources.append(LabelledSource(records, cfg.seq_len, pad, seed=cfg.seed, shuffle=shuffle))
+    from homeforge.train.flops import flops_per_token
+
     return TrainTask(
         model=model, train=sources[0], val=sources[1], loss_fn=classification_loss,
         save_final=save_classifier, tokenizer=ds.tokenizer,
+        flops_per_token=flops_per_token(model, cfg.seq_len, frozen_backward=not cfg.classify.freeze_base),
         info={"method": "classify", "kind": "sequence-classification", "architecture": type(model).__name__,
+              "loss_unit": "samples",
               "base": str(model_dir) if model_dir else None, "labels": labels,
               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)},
     )

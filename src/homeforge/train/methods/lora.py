@@ -48,7 +48,6 @@ def make_saver(cfg):
 
 
 def build_task(cfg, data_dir):
-    import torch
 
     from homeforge.models.lora import apply_lora, expert_parameters
     from homeforge.train.loop import TrainTask
@@ -68,7 +67,6 @@ def build_task(cfg, data_dir):
         train, val = text_sources(cfg, ds)
     for p in base.parameters():
         p.requires_grad_(False)
-    torch.manual_seed(cfg.seed)
     lc = cfg.lora
     dropout = lc.dropout
     if dropout is None:  # peft cannot drop out on fused expert parameters: no dropout when they are targeted

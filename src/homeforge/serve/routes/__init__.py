@@ -1,0 +1,5 @@
+"""One router per endpoint family; ``create_app`` includes them all."""
+
+from homeforge.serve.routes import classifications, embeddings, generate, health, models
+
+ROUTERS = [health.router, models.router, generate.router, embeddings.router, classifications.router]

@@ -1,0 +1,159 @@
+"""What one server holds: config, keys, limiter, metrics, audit, and the loaded model.
+
+``load_model`` turns a model directory and a backend choice into (kind, model, tokenizer,
+engine backend); ``ServerState.load`` runs it (in a background thread at startup, so
+``/health`` answers while the weights load) and starts the continuous-batching engine.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from pathlib import Path
+
+from homeforge.config import ServeConfig
+from homeforge.errors import HomeforgeError
+from homeforge.serve.auth import KeyStore, RateLimiter
+from homeforge.serve.engine import Engine, TorchBackend
+from homeforge.serve.metrics import Metrics
+
+
+def detect_kind(model_dir: Path) -> str:
+    from homeforge.models.io import classifier_architecture
+
+    return "classifier" if classifier_architecture(model_dir) else "causal"
+
+
+def resolve_backend(cfg: ServeConfig) -> ServeConfig:
+    """``backend=auto``: ONNX Runtime for a directory that holds an ONNX graph and no weights, else PyTorch."""
+    if cfg.backend != "auto":
+        return cfg
+    p = Path(cfg.model_dir or "")
+    onnx_only = (p / cfg.onnx_file).is_file() and not any(p.glob("*.safetensors")) and not any(p.glob("*.bin"))
+    return cfg.model_copy(update={"backend": "onnx" if onnx_only else "torch"})
+
+
+def load_model(cfg: ServeConfig):
+    """(kind, model, tokenizer, backend) for ``cfg.model_dir`` and ``cfg.backend``."""
+    from homeforge.models.io import check_model_dir, load_causal_lm, load_classifier, load_tokenizer
+
+    cfg = resolve_backend(cfg)
+    if cfg.backend == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise HomeforgeError("the vLLM backend needs the `vllm` package, which is not installed",
+                                 fix="install it on a GPU machine (pip install vllm), or use --backend torch") from None
+        raise HomeforgeError("vLLM is installed: serve the same model directory with its own server",
+                             fix=f"run `vllm serve {cfg.model_dir}` (the directory is a plain Hugging Face model); "
+                                 "homeforge's in-process engine is --backend torch")
+    if cfg.backend == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise HomeforgeError("the ONNX Runtime backend needs the onnxruntime package",
+                                 fix="pip install 'homeforge[export]', or use --backend torch") from None
+        from homeforge.serve.backends import OnnxBackend
+
+        p = Path(cfg.model_dir or "")
+        if not (p / "config.json").is_file():
+            raise HomeforgeError(f"{p} is not an exported model directory (no config.json)", where=str(p),
+                                 fix="pass the output of `homeforge export MODEL --format onnx`")
+        backend = OnnxBackend(p, cfg.onnx_file, cfg.threads)
+        return "causal", None, load_tokenizer(p), backend
+    p = check_model_dir(cfg.model_dir or "")
+    kind = detect_kind(p)
+    if kind == "classifier":
+        model, tok = load_classifier(p)
+        return kind, model, tok, None
+    model, tok = load_causal_lm(p)
+    return kind, model, tok, TorchBackend(model)
+
+
+class ServerState:
+    """Config and services of one server, and the model it serves (``driver`` is set by ``create_app``)."""
+
+    def __init__(self, cfg: ServeConfig, keys: KeyStore | None = None, audit=None):
+        self.cfg = cfg
+        self.name = cfg.model_name or (Path(cfg.model_dir).name if cfg.model_dir else "model")
+        self.keys = keys if keys is not None else KeyStore.open(cfg.keys_file)
+        self.limiter = RateLimiter()
+        self.metrics = Metrics()
+        self.metrics.watch(lambda: self.engine)
+        self.audit = audit
+        self.driver = None
+        self.engine: Engine | None = None
+        self.kind = "causal"
+        self.model = None
+        self.tok = None
+        self.load_error: str | None = None
+        self.created = int(time.time())
+        self._cls_lock = threading.Lock()
+        self.open_ledgers: set = set()  # generations whose accounting is not complete yet
+        self.ready = False
+
+    def load(self) -> None:
+        import torch
+
+        try:
+            if self.cfg.threads:
+                torch.set_num_threads(self.cfg.threads)
+            self.cfg = resolve_backend(self.cfg)
+            self.kind, self.model, self.tok, backend = load_model(self.cfg)
+            if backend is not None:
+                # the engine thread gets its own tokenizer: a Rust tokenizer shared between threads can
+                # fail with 'Already borrowed' when one thread changes its settings
+                self.engine = Engine(backend, copy.deepcopy(self.tok), max_batch_size=self.cfg.max_batch_size,
+                                     max_queue=self.cfg.max_queue, max_context=self.cfg.max_context).start()
+            self.ready = True
+        except Exception as exc:  # shown by /ready and the log; the process keeps answering /health
+            self.load_error = exc.render() if isinstance(exc, HomeforgeError) else f"{type(exc).__name__}: {exc}"
+
+    @property
+    def max_context(self) -> int:
+        if self.engine is not None:
+            return self.engine.max_context
+        return int(self.cfg.max_context or getattr(self.model.config, "max_position_embeddings", 512) or 512)
+
+    def keys_required(self) -> bool:
+        if self.cfg.require_keys is not None:
+            return self.cfg.require_keys
+        return bool(self.keys.active())
+
+    def generation_config(self):
+        if self.model is not None:
+            return getattr(self.model, "generation_config", None)
+        if not hasattr(self, "_gen_cfg"):
+            from transformers import GenerationConfig
+
+            try:
+                self._gen_cfg = GenerationConfig.from_pretrained(self.cfg.model_dir, local_files_only=True)
+            except OSError:
+                self._gen_cfg = None
+        return self._gen_cfg
+
+    @property
+    def vocab_size(self) -> int:
+        if self.engine is not None:
+            return self.engine.backend.vocab_size
+        return int(self.model.config.vocab_size)
+
+    def stop_ids(self, chat: bool) -> set[int]:
+        ids: set[int] = set()
+        if self.tok.eos_token_id is not None:
+            ids.add(int(self.tok.eos_token_id))
+        gen_eos = getattr(self.generation_config(), "eos_token_id", None)
+        if gen_eos is not None:
+            ids |= {int(x) for x in (gen_eos if isinstance(gen_eos, list) else [gen_eos])}
+        if chat:
+            for t in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+                tid = self.tok.convert_tokens_to_ids(t)
+                if isinstance(tid, int) and tid != self.tok.unk_token_id and tid >= 0:
+                    ids.add(tid)
+        return ids
+
+    def close_ledgers(self) -> None:
+        """Complete the accounting of generations whose producer will not report any more (shutdown)."""
+        for ledger in list(self.open_ledgers):
+            ledger.close("cancelled")
