@@ -374,7 +374,8 @@ class Hashing:
                 return
 
     def result(self) -> None:
-        self.thread.join()
+        if self.thread.ident is not None:  # (hash_files runs it in the caller's thread)
+            self.thread.join()
         if self.problem is not None:
             raise self.problem
         for rel, ident in self.seen.items():  # changed while the loader read it?
@@ -385,6 +386,27 @@ class Hashing:
             if now != ident:
                 raise IntegrityError(f"artifact {self.root}: {rel} changed while it was being loaded",
                                      where=str(self.root / rel), fix="load it again when nothing else writes to it")
+
+
+def hash_files(root: Path, manifest: dict, rels: list[str]) -> None:
+    """Hash ``rels`` now (in this thread) and raise the first mismatch with ``manifest`` (already sealed-checked)."""
+    h = Hashing(root, manifest, rels)
+    h._run()
+    h.result()
+
+
+def open_manifest(root: Path) -> dict | None:
+    """The checked manifest of artifact ``root`` (seal, and every file present with its size, nothing added);
+    None when verification is off (recorded for the audit line) or ``root`` has no manifest."""
+    if not (root / MANIFEST).is_file():
+        return None
+    if not verify_enabled():
+        note_skipped(root)
+        return None
+    manifest = read_manifest_file(root)
+    check_seal(manifest, root / MANIFEST)
+    check_structure(root, manifest)
+    return manifest
 
 
 def open_artifact(path: str | Path, rels: list[str] | None = None) -> tuple[Path, dict, Hashing] | None:

@@ -40,14 +40,10 @@ class DatasetReader:
         if not p.is_dir():
             raise HomeforgeError(f"dataset directory {p} does not exist", where=str(p),
                                  fix="make it with `homeforge prepare`, or correct the path")
-        manifest = None
-        if (p / integrity.MANIFEST).is_file():
-            listed = integrity.read_manifest_file(p)["files"]
-            manifest = integrity.check_now(p, [r for r in (INDEX, "labels.json") if r in listed])
-            if manifest is not None:  # cheap, for every file: present, its recorded size, nothing added
-                integrity.check_structure(p, manifest)
+        manifest = integrity.open_manifest(p)  # seal; every file present with its size, nothing added
         reader = cls(p, {}, manifest)
-        reader._verified |= {INDEX, "labels.json"}
+        reader._file(INDEX)
+        reader._file("labels.json")
         reader.index = reader._read_index()
         return reader
 
@@ -69,7 +65,7 @@ class DatasetReader:
         path = self.root / rel
         if rel not in self._verified and self.manifest is not None:
             if rel in self.manifest["files"]:
-                integrity.check_now(self.root, [rel])
+                integrity.hash_files(self.root, self.manifest, [rel])
             elif path.exists():
                 raise integrity.IntegrityError(f"dataset {self.root}: {rel} is not in its manifest (added after the "
                                                "dataset was made)", where=str(path),
@@ -137,11 +133,14 @@ class DatasetReader:
         dtype = self.index.get("dtype", "uint16")
         if info.get("tokens", 0) == 0:
             return np.zeros(0, dtype=dtype)
-        path = self._file(info.get("file", f"{split}.bin"))
+        rel = info.get("file", f"{split}.bin")
+        path = self._file(rel)
         from homeforge.security import crypto
 
-        if crypto.is_encrypted(path):  # authenticated on open, decrypted chunk by chunk (security/crypto.py)
-            return crypto.EncryptedArray(path, dtype, length=info["tokens"])
+        if crypto.is_encrypted(path):  # decrypted chunk by chunk, each chunk authenticated (security/crypto.py)
+            hashed = self.manifest is not None and rel in self.manifest["files"]
+            # the file's hash was just checked: the whole-file tag pass on open would only repeat it
+            return crypto.EncryptedArray(path, dtype, length=info["tokens"], verify=not hashed)
         expected = int(info["tokens"]) * np.dtype(dtype).itemsize
         if path.stat().st_size != expected:  # no manifest to say so: still never a numpy traceback
             raise ArtifactError(f"{path} holds {path.stat().st_size} bytes, not the {info['tokens']} tokens of "
