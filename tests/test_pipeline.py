@@ -81,7 +81,7 @@ def _docs(folder: Path) -> None:
         docs = [ast.get_docstring(x) for x in ast.walk(tree) if isinstance(x, (ast.FunctionDef, ast.ClassDef))]
         text = "\n\n".join(d for d in docs if d and len(d) > 80)
         if len(text) > 2000:
-            (folder / f"{f.stem}.md").write_text(text[:6000] + f"\n\nOwner: dev{n}@example.com\n")
+            (folder / f"{f.stem}.md").write_text(text[:6000] + f"\n\nOwner: dev{n}@harbor-clinic.com\n")
             n += 1
         if n == 60:
             break
@@ -97,7 +97,7 @@ def test_language_model_journey(tmp_path):
     assert report["pii"]["counts"]["EMAIL"] >= kept  # at least the one address of every kept file
     for f in data.rglob("*"):  # no address survives in any file of the dataset (records, report, tokenizer)
         if f.is_file() and f.suffix in (".jsonl", ".json", ".md"):
-            assert "@example.com" not in f.read_text(errors="ignore"), f
+            assert "@harbor-clinic.com" not in f.read_text(errors="ignore"), f
     assert report["records"]["dropped"].get("exact_duplicate", 0) + report["records"]["dropped"].get("near_duplicate", 0) >= 1
     hf("train", "--data", data, "--output", run, "model.preset=debug", "max_steps=30", "seq_len=64", "eval_every=15",
        "optim.lr=3e-3")

@@ -118,12 +118,12 @@ def test_audit_text_is_pii_scrubbed_when_enabled(serve_cfg, tmp_path):
     audit = RequestAudit(tmp_path / "audit.jsonl", log_text=True)
     with running_server(cfg, audit=audit) as (base, _):
         r = httpx.post(base + "/v1/completions", json={
-            "prompt": "Contact jane.doe@example.com or +1 415 555 0134 about", "max_tokens": 3})
+            "prompt": "Contact jane.doe@harbor-clinic.com or +1 415 555 0134 about", "max_tokens": 3})
         assert r.status_code == 200
     audit.close()
     rec = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()
            if '"/v1/completions"' in x][0]
-    assert "jane.doe@example.com" not in rec["prompt"] and "555 0134" not in rec["prompt"]
+    assert "jane.doe@harbor-clinic.com" not in rec["prompt"] and "555 0134" not in rec["prompt"]
     assert "Contact" in rec["prompt"] and "completion" in rec
 
 

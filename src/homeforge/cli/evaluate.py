@@ -34,10 +34,15 @@ def eval_cmd(
         homeforge eval runs/cls/model --data data/tickets gates.min_accuracy=0.9 robustness.enabled=false
         homeforge eval runs/qs/model-int8-dynamic --data runs/qs/data gates.max_ppl=40
     """
+    from homeforge.artifacts import read_manifest
     from homeforge.config import EvalConfig
-    from homeforge.evaluate.run import run
+    from homeforge.models.io import check_model_dir
 
     cfg = load(ctx, EvalConfig, config, overrides, split=split)
+    check_model_dir(model_dir)  # wrong paths are said before torch is imported
+    read_manifest(data)
+    from homeforge.evaluate.run import run
+
     run(model_dir, data, cfg, baseline, output, force, console)
 
 
@@ -69,8 +74,14 @@ def compress(
         homeforge compress runs/qs/model -m distill -d runs/qs/data distill.student_preset=debug distill.steps=500
         homeforge compress runs/qs/model -m qat -d runs/qs/data qat.steps=100
     """
-    from homeforge.compress.run import run
+    from homeforge.artifacts import read_manifest
     from homeforge.config import CompressConfig
+    from homeforge.models.io import check_model_dir
 
     cfg = load(ctx, CompressConfig, config, overrides, method=method)
+    check_model_dir(model_dir)  # wrong paths are said before torch is imported
+    if data is not None:
+        read_manifest(data)
+    from homeforge.compress.run import run
+
     run(model_dir, data, cfg, output, force, console)

@@ -32,8 +32,10 @@ def generate(
         homeforge generate homeforge-runs/quickstart/model --prompt "Return the number of"
         homeforge generate MODEL --prompt "Hello" --temperature 0.8 --top-p 0.95 --seed 1
     """
+    from homeforge.models.io import check_model_dir, load_causal_lm
+
+    check_model_dir(model_dir)  # a wrong path is said before torch is imported
     from homeforge.models.generate import generate_text
-    from homeforge.models.io import load_causal_lm
 
     model, tok = load_causal_lm(model_dir)
     for p in prompt:
