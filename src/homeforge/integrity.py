@@ -19,17 +19,20 @@ that was hashed, so a file swapped or rewritten during the load is caught. A mis
 ``IntegrityError`` naming the file; an exception the loader raised on a damaged file is
 replaced by that error.
 
-**Verified-hash cache.** Re-hashing a 500 MB model on every load would cost about as much as
-loading it, so a hash that matched is remembered in ``$HOMEFORGE_HOME/cache/verified-v1.sqlite``
-keyed on the file's (device, inode, size, mtime_ns, ctime_ns). What an attacker with write
+**Verified-hash cache.** Re-hashing a 500 MB model on every load costs several times more than
+memory-mapping it, so every hash computed (on load, and when an artifact is written) is
+remembered in ``$HOMEFORGE_HOME/cache/verified-v1.sqlite`` keyed on the file's (device, inode)
+with its (size, mtime_ns, ctime_ns); an artifact renamed into place keeps its files' inodes and
+times, so the hashes taken while writing it serve its first load. What an attacker with write
 access to the file can and cannot fake: size and mtime can be set back (``truncate``,
 ``touch -d``), an inode can be reused, but ctime is set by the kernel on every write, rename
 or ``utime`` and cannot be set by a user process; only root (changing the clock, or writing the
-raw block device) can rewrite a file while keeping its ctime. Timestamps are coarse on some
-filesystems, so a hash is only remembered when the file's ctime and mtime are at least
-``RACY_SECONDS`` older than the moment hashing began (a rewrite in the same clock tick would
-keep them). The cache is as trusted as ``$HOMEFORGE_HOME`` itself (who can write it can also
-replace the keys there). ``HOMEFORGE_VERIFY_CACHE=0`` turns it off.
+raw block device) can rewrite a file while keeping its ctime. Timestamps are coarse (a clock
+tick, or 1-2 s on some filesystems), so a hash is only remembered when the file's ctime and
+mtime are older than the moment hashing began by more than that (``FINE_RACY_SECONDS`` where
+timestamps have sub-second digits, else ``RACY_SECONDS``): a rewrite after the hash then
+always gets a different ctime. The cache is as trusted as ``$HOMEFORGE_HOME`` itself (who can
+write it can also replace the keys there). ``HOMEFORGE_VERIFY_CACHE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ from homeforge.errors import ArtifactError
 
 MANIFEST = "homeforge.json"
 SEAL_FORMAT = "homeforge-seal-v1"
-RACY_SECONDS = 2.0
+RACY_SECONDS = 2.0  # filesystems with 1-2 s timestamps (FAT, HFS+, ext3 small inodes)
+FINE_RACY_SECONDS = 0.1  # filesystems with sub-second timestamps: a kernel clock tick is 1-10 ms
 _SUBKEY_LABEL = b"homeforge manifest seal v1"
 
 
@@ -207,37 +211,39 @@ class _Cache:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             os.close(fd)
             db = sqlite3.connect(str(path), timeout=5, check_same_thread=False, isolation_level=None)
-            db.execute("CREATE TABLE IF NOT EXISTS verified (path TEXT PRIMARY KEY, dev INT, ino INT, size INT, "
-                       "mtime INT, ctime INT, digest TEXT)")
+            db.execute("CREATE TABLE IF NOT EXISTS files (dev INT, ino INT, size INT, mtime INT, ctime INT, "
+                       "digest TEXT, PRIMARY KEY (dev, ino))")
         except (OSError, sqlite3.Error):
             return None
         self._db, self._path = db, path
         return db
 
-    def get(self, path: Path, st: os.stat_result) -> str | None:
+    def get(self, st: os.stat_result) -> str | None:
         with self._lock:
             db = self._conn()
             if db is None:
                 return None
             try:
-                row = db.execute("SELECT dev, ino, size, mtime, ctime, digest FROM verified WHERE path = ?",
-                                 (str(path),)).fetchone()
+                row = db.execute("SELECT size, mtime, ctime, digest FROM files WHERE dev = ? AND ino = ?",
+                                 (st.st_dev, st.st_ino)).fetchone()
             except sqlite3.Error:
                 return None
-        if row and tuple(row[:5]) == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
-            return row[5]
+        if row and tuple(row[:3]) == (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+            return row[3]
         return None
 
-    def put(self, path: Path, st: os.stat_result, digest: str, started_ns: int) -> None:
-        if started_ns - max(st.st_ctime_ns, st.st_mtime_ns) < RACY_SECONDS * 1e9:
+    def put(self, st: os.stat_result, digest: str, started_ns: int) -> None:
+        newest = max(st.st_ctime_ns, st.st_mtime_ns)
+        fine = st.st_ctime_ns % 1_000_000_000 or st.st_mtime_ns % 1_000_000_000
+        if started_ns - newest < (FINE_RACY_SECONDS if fine else RACY_SECONDS) * 1e9:
             return  # too fresh: a same-size rewrite in the same timestamp tick would look identical
         with self._lock:
             db = self._conn()
             if db is None:
                 return
             with contextlib.suppress(sqlite3.Error):
-                db.execute("INSERT OR REPLACE INTO verified VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest))
+                db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?)",
+                           (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest))
 
 
 _cache = _Cache()
@@ -253,14 +259,14 @@ def file_digest(path: str | Path, use_cache: bool = True) -> tuple[str, os.stat_
     started = time.time_ns()
     with open(p, "rb") as f:
         st = os.fstat(f.fileno())
-        if use_cache and (hit := _cache.get(p, st)) is not None:
+        if use_cache and (hit := _cache.get(st)) is not None:
             return hit, st
         h = hashlib.sha256()
         while chunk := f.read(CHUNK):
             h.update(chunk)
     digest = h.hexdigest()
     if use_cache:
-        _cache.put(p, st, digest, started)
+        _cache.put(st, digest, started)
     return digest, st
 
 

@@ -310,6 +310,7 @@ def test_cache_is_not_fooled_by_a_same_size_rewrite_with_the_old_mtime(model, ho
     from homeforge.models.io import load_causal_lm
 
     monkeypatch.setattr(integrity, "RACY_SECONDS", 0.0)  # the files were just written
+    monkeypatch.setattr(integrity, "FINE_RACY_SECONDS", 0.0)
     w = model / "model.safetensors"
     integrity.file_digest(w)
     calls = []
@@ -326,3 +327,17 @@ def test_cache_is_not_fooled_by_a_same_size_rewrite_with_the_old_mtime(model, ho
     assert w.stat().st_size == st.st_size and w.stat().st_mtime_ns == st.st_mtime_ns
     with pytest.raises(IntegrityError, match="model.safetensors does not match"):
         load_causal_lm(model, with_tokenizer=False)
+
+
+def test_hashes_taken_while_writing_serve_the_first_load(tiny_tokenizer, tmp_path, home, monkeypatch):
+    """The cache is keyed on the inode: files renamed into place with their artifact keep their entries."""
+    from homeforge.models.io import load_causal_lm
+
+    monkeypatch.setattr(integrity, "RACY_SECONDS", 0.0)
+    monkeypatch.setattr(integrity, "FINE_RACY_SECONDS", 0.0)
+    model = tiny_model_artifact(tmp_path / "model", tiny_tokenizer)
+    hashed = []
+    real = integrity.hashlib.sha256
+    monkeypatch.setattr(integrity.hashlib, "sha256", lambda *a: (hashed.append(1) if not a else None) or real(*a))
+    load_causal_lm(model)
+    assert hashed == []  # no file hashed again: every hash was taken when the artifact was written
