@@ -193,10 +193,10 @@ WAYS = ("peer", "no-verify", "verify, cold", "verify, cached")
 
 
 def measure(fn, path: Path, rounds: int) -> dict[str, float]:
-    from homeforge import integrity
+    from homeforge import hashcache
 
     fn(path, "no-verify")  # warm the page cache and the imports
-    integrity.RACY_SECONDS = integrity.FINE_RACY_SECONDS = 0.0  # just written: let the cache take it (integrity.py)
+    hashcache.RACY_SECONDS = hashcache.FINE_RACY_SECONDS = 0.0  # just written: let the cache take it (integrity.py)
     fn(path, "verify, cached")
     times: dict[str, list[float]] = {w: [] for w in WAYS}
     for r in range(rounds):

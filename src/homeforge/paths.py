@@ -84,7 +84,7 @@ def serve_audit_file() -> Path:
 
 
 def verify_cache_file() -> Path | None:
-    """The verified-hash cache (``integrity``); None when ``HOMEFORGE_VERIFY_CACHE=0``."""
+    """The verified-hash cache (``hashcache``); None when ``HOMEFORGE_VERIFY_CACHE=0``."""
     if (os.environ.get("HOMEFORGE_VERIFY_CACHE") or "").strip().lower() in ("0", "false", "no", "off"):
         return None
     return home() / "cache" / "verified-v1.sqlite"

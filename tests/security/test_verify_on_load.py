@@ -29,7 +29,7 @@ from integrity_helpers import (  # noqa: E402
     truncate,
 )
 
-from homeforge import artifacts, integrity  # noqa: E402
+from homeforge import artifacts, hashcache, integrity  # noqa: E402
 from homeforge.integrity import IntegrityError  # noqa: E402
 
 
@@ -309,13 +309,13 @@ def test_old_manifests_read_without_key_refused_with_key_until_adopted(home, mod
 def test_cache_is_not_fooled_by_a_same_size_rewrite_with_the_old_mtime(model, home, monkeypatch):
     from homeforge.models.io import load_causal_lm
 
-    monkeypatch.setattr(integrity, "RACY_SECONDS", 0.0)  # the files were just written
-    monkeypatch.setattr(integrity, "FINE_RACY_SECONDS", 0.0)
+    monkeypatch.setattr(hashcache, "RACY_SECONDS", 0.0)  # the files were just written
+    monkeypatch.setattr(hashcache, "FINE_RACY_SECONDS", 0.0)
     w = model / "model.safetensors"
     integrity.file_digest(w)
     calls = []
-    real = integrity.hashlib.sha256
-    monkeypatch.setattr(integrity.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    real = hashcache.hashlib.sha256
+    monkeypatch.setattr(hashcache.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
     load_causal_lm(model, with_tokenizer=False)
     assert integrity.file_digest(w)[0] == artifacts.read_manifest(model)["files"]["model.safetensors"]
     n = len(calls)
@@ -333,11 +333,11 @@ def test_hashes_taken_while_writing_serve_the_first_load(tiny_tokenizer, tmp_pat
     """The cache is keyed on the inode: files renamed into place with their artifact keep their entries."""
     from homeforge.models.io import load_causal_lm
 
-    monkeypatch.setattr(integrity, "RACY_SECONDS", 0.0)
-    monkeypatch.setattr(integrity, "FINE_RACY_SECONDS", 0.0)
+    monkeypatch.setattr(hashcache, "RACY_SECONDS", 0.0)
+    monkeypatch.setattr(hashcache, "FINE_RACY_SECONDS", 0.0)
     model = tiny_model_artifact(tmp_path / "model", tiny_tokenizer)
     hashed = []
-    real = integrity.hashlib.sha256
-    monkeypatch.setattr(integrity.hashlib, "sha256", lambda *a: (hashed.append(1) if not a else None) or real(*a))
+    real = hashcache.hashlib.sha256
+    monkeypatch.setattr(hashcache.hashlib, "sha256", lambda *a: (hashed.append(1) if not a else None) or real(*a))
     load_causal_lm(model)
     assert hashed == []  # no file hashed again: every hash was taken when the artifact was written
