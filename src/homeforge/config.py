@@ -232,25 +232,32 @@ class InputFields(Section):
     label: str = Field("label", description="label field (kind classification)")
     messages: str = Field("messages", description="chat messages field (OpenAI shape); alpaca/sharegpt fields are detected")
     id: str | None = Field(None, description="optional record id field (kept in the cleaned records)")
+    missing_label: Literal["error", "drop"] = Field(
+        "error", description="kind classification, a record without a label: error (stop, naming file and line, nothing "
+                             "written) or drop (reason missing_label, listed in drops.jsonl)")
 
 
 class CleanConfig(Section):
-    """Normalisation and quality filters; 0/null switches a filter off."""
+    """Normalisation and quality filters (docs/data.md); 0 or null switches a filter off."""
 
-    unicode_form: Literal["NFKC", "NFC", None] = Field("NFKC", description="Unicode normalisation form")
+    unicode_form: Literal["NFKC_CJK", "NFKC", "NFC", None] = Field(
+        "NFKC_CJK", description="Unicode normalisation: NFKC_CJK = NFKC but full-width punctuation/signs, the ideographic "
+                                "space and ellipses kept as typed (full-width letters and digits still fold to ASCII)")
     strip_control: bool = Field(True, description="remove control characters and ANSI colour codes")
     strip_html: bool = Field(True, description="remove HTML tag remnants and unescape entities")
     remove_urls: bool = Field(False, description="remove URLs")
     collapse_whitespace: bool = Field(True, description="collapse runs of spaces and blank lines")
-    min_chars: int = Field(20, ge=0, description="drop texts shorter than this (characters)")
-    max_chars: int = Field(200_000, ge=0, description="drop texts longer than this (0 = no limit)")
-    min_words: int = Field(3, ge=0, description="drop texts with fewer words (CJK: characters)")
-    max_symbol_ratio: float | None = Field(0.3, ge=0, le=1, description="drop if more than this fraction are symbols")
+    min_chars: int = Field(20, ge=0, description="drop texts shorter than this (characters; a CJK character counts cjk_char_weight)")
+    max_chars: int = Field(200_000, ge=0, description="drop texts longer than this (characters; 0 = no limit)")
+    cjk_char_weight: float = Field(3.0, ge=1, le=10, description="characters one CJK character counts for in min_chars and short_line_chars")
+    min_words: int = Field(3, ge=0, description="drop texts with fewer words (a CJK character is a word)")
+    max_symbol_ratio: float | None = Field(0.3, ge=0, le=1, description="drop if more than this fraction are symbols (prose punctuation, CJK included, is text)")
     max_digit_ratio: float | None = Field(0.3, ge=0, le=1, description="drop if more than this fraction are digits")
     max_dup_line_fraction: float | None = Field(0.3, ge=0, le=1, description="drop if more than this fraction of lines repeat")
-    max_top_ngram_fraction: float | None = Field(0.2, ge=0, le=1, description="drop if the most frequent word 3-gram covers more than this fraction")
+    max_top_ngram_fraction: float | None = Field(0.2, ge=0, le=1, description="drop if the most frequent word 3-gram (CJK: character cjk_ngram-gram) covers more than this fraction")
+    cjk_ngram: int = Field(5, ge=2, le=20, description="character n-gram size of the repetition filter for CJK text")
     max_short_line_fraction: float | None = Field(0.7, ge=0, le=1, description="drop if more than this fraction of lines are short")
-    short_line_chars: int = Field(10, ge=1, description="a line shorter than this is 'short'")
+    short_line_chars: int = Field(10, ge=1, description="a line shorter than this is 'short' (characters; CJK weighted)")
 
 
 class DedupConfig(Section):
@@ -261,7 +268,7 @@ class DedupConfig(Section):
     threshold: float = Field(0.8, gt=0, lt=1, description="estimated Jaccard similarity above which two texts are near duplicates")
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
     ngram: int = Field(5, ge=1, description="word shingle size for spaced scripts")
-    char_ngram: int = Field(5, ge=1, description="character shingle size for text without spaces (CJK)")
+    char_ngram: int = Field(2, ge=1, description="character shingle size for text that is mostly CJK (bigrams: most Chinese words are two characters)")
     seed: int = Field(1, description="MinHash seed")
 
 
@@ -349,6 +356,7 @@ class ReportConfig(Section):
     """Quality report thresholds."""
 
     min_class_fraction: float = Field(0.05, ge=0, lt=1, description="warn when a class has less than this fraction of records")
+    max_class_loss: float = Field(0.3, ge=0, le=1, description="warn when filters and dedup drop more than this fraction of a class's records")
     corr_threshold: float = Field(0.95, gt=0, le=1, description="report numeric column pairs with |Pearson r| above this")
     max_named_errors: int = Field(200, ge=1, description="bad files/lines named individually in the report")
 

@@ -138,3 +138,41 @@ def make_corpus(root: Path, seed: int = 0) -> dict:
     inj["files_skipped"] = {"unreadable_file": 1, "unknown_encoding": 1, "binary_file": 1}
     inj["good_docs"] = 40 + 8 + 4 + 4 + len(pii_texts) + 2
     return inj
+
+
+def bert_like_dir(root: Path, texts: list[str], with_model: bool = False) -> Path:
+    """A BERT-like encoder directory built here: WordPiece tokenizer with [CLS]/[SEP]/[PAD]/[UNK]/[MASK], no EOS
+    (and, if asked, a tiny randomly initialised BertForMaskedLM)."""
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import BertTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=special))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+                             pad_token="[PAD]", mask_token="[MASK]", model_max_length=64)
+    root.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(root))
+    if with_model:
+        import torch
+        from transformers import BertConfig, BertForMaskedLM
+
+        torch.manual_seed(0)
+        BertForMaskedLM(BertConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=64, max_position_embeddings=64,
+                                   pad_token_id=fast.pad_token_id)).save_pretrained(str(root))
+    return root

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +53,16 @@ def test_counts_dups_pii_and_problems(corpus):
             ("unknown_encoding", "latin.txt", None), ("binary_file", "garbage.txt", None)} <= named
     assert rep["pii"]["counts"] == inj["pii"]
     assert rep["dedup"]["clusters"] == inj["exact"] + inj["near"]
-    dedup = [json.loads(x) for x in (out / "dedup.jsonl").read_text().splitlines()]
-    assert sorted(d["kind"] for d in dedup) == ["exact"] * 3 + ["near"] * 2
+    drops = [json.loads(x) for x in (out / "drops.jsonl").read_text().splitlines()]
+    dedup = [d for d in drops if d["stage"] == "dedup"]
+    assert sorted(d["reason"] for d in dedup) == ["exact_duplicate"] * 3 + ["near_duplicate"] * 2
     assert all(d["kept"].endswith((":2", ":3", ":4", ":6", ":7")) for d in dedup)  # first copies kept
+    assert all(d["limit"] == 0.8 and 0.8 <= d["value"] < 1 for d in dedup if d["reason"] == "near_duplicate")
+    # one place to look: every record counted as dropped is listed, and the files skipped
+    listed = Counter(d["reason"] for d in drops if not d.get("file_skipped"))
+    assert listed == Counter(r["dropped"])
+    assert {d["source"] for d in drops if d.get("file_skipped")} == {"in/broken.pdf", "in/latin.txt", "in/garbage.txt"}
+    assert any({"source": "in/records.jsonl:31", "reason": "malformed_json"}.items() <= d.items() for d in drops)
     assert any(p["a"] == "dose_mg" and p["b"] == "dose_g" for p in rep["tabular"]["in/table.csv"])
     # the cleaned records: no valid PII value anywhere, invalid-checksum numbers intact
     text = "".join((out / f"{s}.jsonl").read_text() for s in ("train", "val") if (out / f"{s}.jsonl").exists())

@@ -39,9 +39,10 @@ BUILTINS = {"stdlib-docstrings"}
 class Issues:
     """Bad lines and files: counted by reason, the first ``max_named`` named individually."""
 
-    def __init__(self, strict: bool = False, max_named: int = 200):
+    def __init__(self, strict: bool = False, max_named: int = 200, sink=None):
         self.strict = strict
         self.max_named = max_named
+        self.sink = sink  # called with every issue (prepare writes them to drops.jsonl)
         self.files: Counter = Counter()  # whole files skipped, by reason (line is None)
         self.lines: Counter = Counter()  # single records dropped, by reason
         self.named: list[dict] = []
@@ -52,6 +53,8 @@ class Issues:
             raise HomeforgeError(f"{reason.replace('_', ' ')}: {detail}".rstrip(": "), where=where,
                                  fix="fix or remove this input, or run without --strict to skip and count it")
         (self.files if line is None else self.lines)[reason] += 1
+        if self.sink is not None:
+            self.sink(reason, file, line, detail)
         if len(self.named) < self.max_named:
             self.named.append({"reason": reason, "file": file, "line": line, "detail": detail})
 
@@ -308,7 +311,13 @@ class Reader:
         rec["text"] = text if isinstance(text, str) else str(text)
         if self.kind == "classification":
             label = row.get(self.f.label)
-            if label is None or label == "" or (isinstance(label, float) and label != label):
+            if label is None or (isinstance(label, str) and not label.strip()) or (isinstance(label, float) and label != label):
+                if self.f.missing_label == "error":
+                    raise HomeforgeError(
+                        f"the record at {name}:{line} has no {self.f.label!r} value (kind classification needs a "
+                        "label in every record)", where=f"{name}:{line}",
+                        fix="add the label, point fields.label to the right field, or set fields.missing_label=drop "
+                            "to drop such records (each listed in drops.jsonl)")
                 self.issues.add("missing_label", name, line, f"no {self.f.label!r} value")
                 return None
             rec["label"] = str(label)

@@ -66,51 +66,66 @@ def _dedup_text(rec: dict) -> str:
 
 
 def _process_chunk(recs: list[dict]) -> dict:
-    """Clean, filter, scrub and sign a chunk of raw records (runs in a worker process)."""
-    from homeforge.data.clean import normalize, quality_reason
+    """Clean, scrub, filter and sign a chunk of raw records (runs in a worker process).
+
+    Every record is scrubbed, the dropped ones too: PII counts cover all records read, and
+    the excerpts of dropped records in drops.jsonl carry no detected personal value. The
+    filters measure the text before scrubbing (placeholders would skew the ratios).
+    """
+    from homeforge.data.clean import Drop, check, normalize
     from homeforge.data.dedup import exact_key
+    from homeforge.data.drops import clean_entry
 
     cfg, scrubber, signer = _W["cfg"], _W.get("scrubber"), _W["signer"]
     cc = cfg.clean
-    drops: Counter = Counter()
+    drops: list[dict] = []
     pii: Counter = Counter()
+    labels_in: Counter = Counter()
     lines, exact, sigs = [], [], []
+
+    def scrub(text: str) -> str:
+        if scrubber is None:
+            return text
+        out, c = scrubber.scrub(text)
+        pii.update(c)
+        return out
+
     for raw in recs:
         out: dict = {}
         if "id" in raw:
             out["id"] = raw["id"]
+        label = raw["label"].strip() if "label" in raw else None
+        if label is not None:
+            labels_in[label] += 1
         if "messages" in raw:
             msgs = [{"role": m["role"], "content": normalize(m["content"], cc)} for m in raw["messages"]]
-            reason = quality_reason("\n".join(m["content"] for m in msgs), cc)
-            if reason is None and not any(m["role"] == "assistant" and m["content"] for m in msgs):
-                reason = "empty_assistant"
-            if reason:
-                drops[reason] += 1
+            joined = "\n".join(m["content"] for m in msgs)
+            clean_msgs = [dict(m, content=scrub(m["content"])) for m in msgs]
+            drop = check(joined, cc)
+            if drop is None and not any(m["role"] == "assistant" and m["content"] for m in msgs):
+                drop = Drop("empty_assistant", what="no assistant message with content")
+            if drop:
+                drops.append(clean_entry(raw["_src"], drop, _dedup_text({"messages": clean_msgs}), None, raw.get("id")))
                 continue
-            if scrubber is not None:
-                for m in msgs:
-                    m["content"], c = scrubber.scrub(m["content"])
-                    pii.update(c)
-            out["messages"] = msgs
+            out["messages"] = clean_msgs
         else:
             text = normalize(raw["text"], cc)
-            reason = quality_reason(text, cc)
-            if reason:
-                drops[reason] += 1
+            scrubbed = scrub(text)
+            drop = check(text, cc)
+            if drop:
+                drops.append(clean_entry(raw["_src"], drop, scrubbed, label, raw.get("id")))
                 continue
-            if scrubber is not None:
-                text, c = scrubber.scrub(text)
-                pii.update(c)
-            out["text"] = text
-            if "label" in raw:
-                out["label"] = raw["label"].strip()
+            out["text"] = scrubbed
+            if label is not None:
+                out["label"] = label
         out["source"] = raw["_src"]
         dtext = _dedup_text(out)
         exact.append(exact_key(dtext))
         if signer is not None:
             sigs.append(signer.signature(dtext))
-        lines.append(json.dumps(out, ensure_ascii=False))
-    res = {"lines": lines, "exact": np.asarray(exact, dtype=np.uint64), "drops": drops, "pii": pii}
+        lines.append(json.dumps(out, ensure_ascii=False).encode("utf-8") + b"\n")
+    res = {"lines": lines, "exact": np.asarray(exact, dtype=np.uint64), "drops": drops, "pii": pii,
+           "labels_in": labels_in}
     if signer is not None:
         s = np.stack(sigs) if sigs else np.zeros((0, signer.num_perm), dtype=np.uint32)
         res["sigs"] = s
@@ -226,13 +241,13 @@ class _Progress:
             self.p.update(task, advance=n, info=info)
 
 
-def _read_pass(cfg, files, names, builtins, work: Path, issues, bar, secret) -> dict:
-    """Pass 1: read, clean, filter, scrub, hash; spill survivors to ``work``."""
-    from homeforge.data.dedup import SpillArray
+def _read_pass(cfg, files, names, builtins, work: Path, issues, bar, secret, droplog) -> dict:
+    """Pass 1: read, clean, scrub, filter, hash; spill survivors to ``work``, drops to ``droplog``."""
+    from homeforge.data.dedup import SpillArray, lsh_params
     from homeforge.data.ingest import Reader
 
     reader = Reader(cfg, issues)
-    stats: dict = {"read": 0, "drops": Counter(), "pii": Counter(), "bytes": 0}
+    stats: dict = {"read": 0, "drops": Counter(), "pii": Counter(), "labels_in": Counter(), "bytes": 0}
     total_bytes = sum(_size(p) for p in files)
     task = bar.task("read, clean, scrub", total=total_bytes + len(builtins) or None)
 
@@ -249,34 +264,59 @@ def _read_pass(cfg, files, names, builtins, work: Path, issues, bar, secret) -> 
             bar.advance(task, 1)
 
     near = cfg.dedup.near
-    from homeforge.data.dedup import lsh_params
-
     b = lsh_params(cfg.dedup.threshold, cfg.dedup.num_perm)[0] if near else 1
     exact_f = SpillArray(work / "exact.bin", np.uint64, 1)
+    offsets_f = SpillArray(work / "offsets.bin", np.uint64, 1)  # byte offset of each record in records.jsonl
     # one file per band, so dedup maps one band column at a time (memory stays flat)
     bands_f = [SpillArray(work / f"band{j}.bin", np.uint64, 1) for j in range(b)] if near else None
     sigs_f = SpillArray(work / "sigs.bin", np.uint32, cfg.dedup.num_perm) if near else None
     workers = cfg.workers or os.cpu_count() or 1
     cfg_json = cfg.model_dump(mode="json")
-    with open(work / "records.jsonl", "w", encoding="utf-8") as out:
+    pos = 0
+    with open(work / "records.jsonl", "wb") as out:
         for res in _bounded_map(_process_chunk, _chunks(records(), CHUNK), workers, cfg_json, secret):
             if res["lines"]:
-                out.write("\n".join(res["lines"]) + "\n")
+                offs = np.cumsum([0] + [len(x) for x in res["lines"][:-1]], dtype=np.uint64) + np.uint64(pos)
+                offsets_f.append(offs)
+                blob = b"".join(res["lines"])
+                out.write(blob)
+                pos += len(blob)
             exact_f.append(res["exact"])
             if near:
                 for j, f in enumerate(bands_f):
                     f.append(res["bands"][:, j])
                 sigs_f.append(res["sigs"])
-            stats["drops"].update(res["drops"])
+            for e in res["drops"]:
+                droplog.add(e)
+                stats["drops"][e["reason"]] += 1
             stats["pii"].update(res["pii"])
+            stats["labels_in"].update(res["labels_in"])
             bar.advance(task, 0, info=f"{exact_f.n:,} records kept of {stats['read']:,}")
     stats["n"] = exact_f.n
     stats["exact"] = exact_f.open()[:, 0]
+    stats["offsets"] = offsets_f.open()[:, 0]
     stats["bands"] = [f.open for f in bands_f] if near else None
     stats["sigs"] = sigs_f.rows() if near else None
     stats["tables"] = {name: t.correlated(cfg.report.corr_threshold) for name, t in reader.tables.items()}
     stats["formats"] = dict(reader.formats)
     return stats
+
+
+class _RecordTexts:
+    """The dedup text of record ``i`` of the work file, read by offset (for exact Jaccard checks)."""
+
+    def __init__(self, path: Path, offsets: np.ndarray):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.offsets = offsets
+        self.size = os.fstat(self.fd).st_size
+
+    def __call__(self, i: int) -> str:
+        start = int(self.offsets[i])
+        end = int(self.offsets[i + 1]) if i + 1 < len(self.offsets) else self.size
+        return _dedup_text(json.loads(os.pread(self.fd, end - start, start)))
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def _size(p: Path) -> int:
@@ -286,46 +326,59 @@ def _size(p: Path) -> int:
         return 0
 
 
-def _text_of(rec: dict) -> str:
-    return _dedup_text(rec)
-
-
-def _write_pass(cfg, work: Path, dest: Path | None, roots, exact_dup, sigs, bar) -> dict:
-    """Pass 2: drop duplicates, split, write ``{split}.jsonl`` and ``dedup.jsonl`` (if dest)."""
+def _write_pass(cfg, work: Path, dest: Path | None, roots, exact_dup, sigs, bar, droplog, exact_sim=None) -> dict:
+    """Pass 2: drop duplicates (to ``droplog``, each with the record kept), split, write ``{split}.jsonl`` (if dest)."""
     from homeforge.data.augment import Reservoir
-    from homeforge.data.dedup import similarity
+    from homeforge.data.dedup import EXACT_MARGIN, similarity
+    from homeforge.data.drops import excerpt
 
     n = len(roots)
     idx = np.arange(n)
     has_members = np.zeros(n, dtype=bool)
     has_members[roots[roots != idx]] = True
-    root_src: dict[int, str] = {}
+    root_of: dict[int, tuple[str, str | None]] = {}  # cluster root -> (source, label)
     counts = {s: 0 for s in SPLITS}
     chars = {s: array("q") for s in SPLITS}
     labels = {s: Counter() for s in SPLITS}
     dups = Counter()
+    dup_labels: Counter = Counter()
     reservoir = Reservoir(seed=cfg.augment.seed) if cfg.augment.enabled else None
     files = {}
     if dest is not None:
         files = {s: open(dest / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLITS}
-        dedup_f = open(dest / "dedup.jsonl", "w", encoding="utf-8")
     task = bar.task("split and write", total=n)
     try:
         with open(work / "records.jsonl", encoding="utf-8") as f:
             for i, line in enumerate(f):
                 rec = json.loads(line)
                 if has_members[i]:
-                    root_src[i] = rec["source"]
+                    root_of[i] = (rec["source"], rec.get("label"))
                 r = int(roots[i])
                 if r != i:
                     kind = "exact" if exact_dup[i] else "near"
                     dups[kind] += 1
-                    if dest is not None:
-                        sim = 1.0 if kind == "exact" or sigs is None else round(similarity(sigs, r, i), 3)
-                        dedup_f.write(json.dumps({"dropped": rec["source"], "kept": root_src[r], "kind": kind,
-                                                  "similarity": sim}) + "\n")
+                    e: dict = {"stage": "dedup", "source": rec["source"]}
+                    if "id" in rec:
+                        e["id"] = rec["id"]
+                    e.update({"reason": f"{kind}_duplicate", "kept": root_of[r][0]})
+                    if kind == "near":
+                        thr, how = cfg.dedup.threshold, "estimated"
+                        sim = similarity(sigs, r, i) if sigs is not None else 1.0
+                        if exact_sim is not None and sim < thr + EXACT_MARGIN:
+                            sim, how = exact_sim(r, i), "exact"
+                        sim = round(sim, 3)
+                        e.update({"value": sim, "limit": thr,
+                                  "detail": f"{how} Jaccard similarity {sim:.2f} to {root_of[r][0]} (threshold {thr:.2f}"
+                                            + (")" if sim >= thr else "; joined through a chain of near duplicates)")})
+                    else:
+                        e["detail"] = f"same text as {root_of[r][0]} (ignoring case, punctuation and spacing)"
+                    if "label" in rec:
+                        e["label"], e["kept_label"] = rec["label"], root_of[r][1]
+                        dup_labels[rec["label"]] += 1
+                    e["text"] = excerpt(_dedup_text(rec))
+                    droplog.add(e)
                 else:
-                    text = _text_of(rec)
+                    text = _dedup_text(rec)
                     split = split_of(text, cfg.split.val, cfg.split.test, cfg.split.salt)
                     counts[split] += 1
                     chars[split].append(len(text))
@@ -340,10 +393,8 @@ def _write_pass(cfg, work: Path, dest: Path | None, roots, exact_dup, sigs, bar)
     finally:
         for fh in files.values():
             fh.close()
-        if dest is not None:
-            dedup_f.close()
     return {"counts": counts, "chars": {s: np.asarray(v, dtype=np.int64) for s, v in chars.items()},
-            "labels": labels, "dups": dups, "clusters": int(has_members.sum()),
+            "labels": labels, "dups": dups, "dup_labels": dup_labels, "clusters": int(has_members.sum()),
             "vocab": reservoir.items if reservoir is not None else []}
 
 
@@ -368,104 +419,17 @@ def _augment(cfg, dest: Path, vocab: list[str]) -> int:
     return n
 
 
-def _iter_jsonl(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
+CHAT_MAX_CHARS = 1_000_000
 
 
-def _train_texts(cfg, dest: Path) -> Iterator[str]:
-    for rec in _iter_jsonl(dest / "train.jsonl"):
-        if "messages" in rec:
-            yield "\n".join(m["content"] for m in rec["messages"])
-        else:
-            yield rec["text"]
-
-
-def _get_tokenizer(cfg, dest: Path, console):
-    if cfg.tokenizer.from_dir:
-        from homeforge.models.io import load_tokenizer
-
-        tok = load_tokenizer(cfg.tokenizer.from_dir)
-        if cfg.kind == "chat" and not tok.chat_template:
-            raise HomeforgeError(f"the tokenizer in {cfg.tokenizer.from_dir} has no chat template",
-                                 where=cfg.tokenizer.from_dir, fix="use a chat model directory, or leave tokenizer.from_dir unset")
-        if tok.eos_token_id is None:
-            raise HomeforgeError(f"the tokenizer in {cfg.tokenizer.from_dir} has no EOS token", where=cfg.tokenizer.from_dir,
-                                 fix="use a tokenizer with an eos_token")
-        return tok
-    from homeforge.data.tokenizer import train_bpe
-
-    with console.status(f"training a {cfg.tokenizer.vocab_size}-token byte-level BPE on the train split"):
-        return train_bpe(_train_texts(cfg, dest), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
-
-
-def _batches(it, size):
-    buf = []
-    for x in it:
-        buf.append(x)
-        if len(buf) >= size:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
-
-
-def _tokenize(cfg, tok, dest: Path, counts: dict, label_names: list[str], bar) -> dict:
-    """Pass 3: stream the split files into token shards (text) or tokenized records."""
-    from homeforge.data.shards import ShardWriter, token_dtype
-
-    vocab = len(tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    index = {"format": "packed-tokens-v1" if cfg.kind == "text" else "tokenized-records-v1", "kind": cfg.kind,
-             "dtype": np.dtype(token_dtype(vocab)).name, "vocab_size": vocab, "eos_id": tok.eos_token_id,
-             "pad_id": pad, "splits": {}}
-    if cfg.kind == "classification":
-        index["labels"] = label_names
-        (dest / "labels.json").write_text(json.dumps(label_names, ensure_ascii=False))
-    label_id = {name: i for i, name in enumerate(label_names)}
-    tokens = {}
-    for split in SPLITS:
-        path = dest / f"{split}.jsonl"
-        if not counts.get(split):
-            path.unlink(missing_ok=True)
-            continue
-        n_rec = sum(1 for _ in open(path, encoding="utf-8"))
-        task = bar.task(f"tokenize {split}", total=n_rec)
-        lengths = array("q")
-        if cfg.kind == "text":
-            w = ShardWriter(dest, split, vocab, tok.eos_token_id)
-            for batch in _batches(_iter_jsonl(path), 1000):
-                for ids in tok([r["text"] for r in batch], add_special_tokens=False)["input_ids"]:
-                    w.add(ids)
-                    lengths.append(len(ids))
-                bar.advance(task, len(batch))
-            info = w.close()
-        else:
-            from homeforge.data.chat import tokenize_chat
-
-            n_tok = 0
-            with open(dest / f"{split}.tokens.jsonl", "w", encoding="utf-8") as out:
-                for batch in _batches(_iter_jsonl(path), 500):
-                    if cfg.kind == "chat":
-                        for r in batch:
-                            ids, mask = tokenize_chat(tok, r["messages"], cfg.tokenizer.max_length)
-                            out.write(json.dumps({"input_ids": ids, "loss_mask": mask}) + "\n")
-                            lengths.append(len(ids))
-                    else:
-                        enc = tok([r["text"] for r in batch], add_special_tokens=True, truncation=cfg.tokenizer.max_length is not None,
-                                  max_length=cfg.tokenizer.max_length)["input_ids"]
-                        for r, ids in zip(batch, enc, strict=False):
-                            out.write(json.dumps({"input_ids": ids, "label": label_id[r["label"]]}) + "\n")
-                            lengths.append(len(ids))
-                    bar.advance(task, len(batch))
-            n_tok = int(sum(lengths))
-            info = {"file": f"{split}.tokens.jsonl", "records": len(lengths), "tokens": n_tok}
-        info["jsonl"] = f"{split}.jsonl"
-        index["splits"][split] = info
-        tokens[split] = np.asarray(lengths, dtype=np.int64)
-    (dest / "index.json").write_text(json.dumps(index, indent=2))
-    return {"index": index, "tokens": tokens}
+def _check_bounds(cfg) -> None:
+    """Refuse settings that would tokenize one record whole without a bound (the memory would follow)."""
+    if cfg.kind == "chat" and not 0 < cfg.clean.max_chars <= CHAT_MAX_CHARS:
+        raise HomeforgeError(
+            f"kind=chat needs clean.max_chars between 1 and {CHAT_MAX_CHARS:,} (it is {cfg.clean.max_chars:,}): a "
+            "conversation is rendered and tokenized whole, so its memory grows with its length",
+            fix=f"set clean.max_chars to at most {CHAT_MAX_CHARS:,} (default 200,000); text datasets have no such "
+                "limit (long texts are tokenized piece by piece)")
 
 
 def run(cfg, *, force: bool = False, check_only: bool = False, console=None, output: str | Path | None = None) -> dict:
@@ -473,10 +437,13 @@ def run(cfg, *, force: bool = False, check_only: bool = False, console=None, out
     from rich.console import Console
 
     from homeforge.data import report as rep
-    from homeforge.data.dedup import find_duplicates
+    from homeforge.data import tokenizer as toks
+    from homeforge.data.dedup import find_duplicates, jaccard
+    from homeforge.data.drops import DropLog
     from homeforge.data.ingest import Issues, discover
 
     console = console or Console()
+    _check_bounds(cfg)
     files, builtins, names = discover(cfg.inputs)
     secret = _secret(cfg)
     if cfg.pii.enabled and cfg.pii.patterns:
@@ -497,39 +464,54 @@ def run(cfg, *, force: bool = False, check_only: bool = False, console=None, out
         if plan.up_to_date:
             console.print(f"[green]dataset up to date[/] {out_p} (same inputs and config; --force rebuilds)")
             return {"out": out_p, "report": json.loads((out_p / "report.json").read_text()), "skipped": True}
-    issues = Issues(cfg.strict, cfg.report.max_named_errors)
+    encrypted = bool(cfg.encrypt)  # --encrypt / HOMEFORGE_ENCRYPT set it (config.py, paths.py)
 
     def build(dest: Path | None, work: Path) -> dict:
-        with _Progress(console) as bar:
-            s1 = _read_pass(cfg, files, names, builtins, work, issues, bar, secret)
-            with console.status("finding duplicates"):
-                roots, exact_dup = find_duplicates(s1["n"], s1["exact"] if cfg.dedup.exact else None,
-                                                   s1["bands"], s1["sigs"], cfg.dedup.threshold)
-            try:
-                s2 = _write_pass(cfg, work, dest, roots, exact_dup, s1["sigs"], bar)
-            finally:
-                if s1["sigs"] is not None:
-                    s1["sigs"].close()
-        report = rep.build_report(cfg, files, builtins, issues, s1, s2)
+        droplog = DropLog(work)
+        issues = Issues(cfg.strict, cfg.report.max_named_errors, sink=droplog.ingest)
+        try:
+            with _Progress(console) as bar:
+                s1 = _read_pass(cfg, files, names, builtins, work, issues, bar, secret, droplog)
+                texts = _RecordTexts(work / "records.jsonl", s1["offsets"])
+                d = cfg.dedup
+
+                def exact_sim(a: int, b: int) -> float:
+                    return jaccard(texts(a), texts(b), d.ngram, d.char_ngram)
+
+                try:
+                    with console.status("finding duplicates"):
+                        roots, exact_dup = find_duplicates(
+                            s1["n"], s1["exact"] if d.exact else None, s1["bands"], s1["sigs"], d.threshold,
+                            exact_similarity=exact_sim)
+                    s2 = _write_pass(cfg, work, dest, roots, exact_dup, s1["sigs"], bar, droplog, exact_sim)
+                finally:
+                    texts.close()
+                    if s1["sigs"] is not None:
+                        s1["sigs"].close()
+        finally:
+            droplog.close()
+        report = rep.build_report(cfg, files, builtins, issues, s1, s2, droplog, with_text=not encrypted)
         if cfg.kind == "classification":
             rep.check_labels(cfg, report)
         if sum(s2["counts"].values()) == 0:
             raise HomeforgeError(
                 f"no records survived ({s1['read']} read; dropped: {dict(report['records']['dropped']) or 'none'})",
                 where=", ".join(cfg.inputs),
-                fix="see the reasons above; loosen clean.* filters, check fields.* or the input format",
+                fix="see the reasons in the report (`--check-only` prints it); loosen clean.* filters, check fields.* "
+                    "or the input format",
             )
         if dest is None:
             return report
         if s2["counts"]["train"] == 0:
             raise HomeforgeError("the train split is empty", fix="lower split.val / split.test or add data")
+        droplog.finish(dest)
         if cfg.augment.enabled and cfg.kind != "chat":
             report["augmented"] = _augment(cfg, dest, s2["vocab"])
             s2["counts"]["train"] += report["augmented"]
-        tok = _get_tokenizer(cfg, dest, console)
+        tok = toks.for_dataset(cfg, dest, console)
         tok.save_pretrained(str(dest / "tokenizer"))
         with _Progress(console) as bar:
-            t = _tokenize(cfg, tok, dest, s2["counts"], report.get("labels", {}).get("names", []), bar)
+            t = toks.tokenize_splits(cfg, tok, dest, s2["counts"], report.get("labels", {}).get("names", []), bar, SPLITS)
         rep.add_tokens(report, t["tokens"], len(tok), cfg.tokenizer.from_dir)
         rep.write_report(report, dest)
         return report

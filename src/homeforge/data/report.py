@@ -1,8 +1,11 @@
 """The quality report of `homeforge prepare`: report.json, report.md and PNG plots.
 
-Holds counts only (records in/out, dropped by reason, duplicates, PII by type, label
-balance, lengths, correlated columns) and names of bad files/lines; never a PII value. It
-contains no timings, so the same inputs give byte-identical reports (and dataset hashes).
+Holds counts (records in/out, dropped by reason, duplicates, PII by type over every record
+read, label balance per split and per class, lengths, correlated columns), names of bad
+files/lines, and a few examples per drop reason (source, measured value and, unless the
+dataset is encrypted, an excerpt cut after PII scrubbing: never a detected PII value).
+Every dropped record is listed in drops.jsonl (``data/drops.py``). The report contains no
+timings, so the same inputs give byte-identical reports (and dataset hashes).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ def _length_stats(a: np.ndarray) -> dict:
             "p95": float(q[2]), "max": int(a.max()), "total": int(a.sum())}
 
 
-def build_report(cfg, files, builtins, issues, s1: dict, s2: dict) -> dict:
+def build_report(cfg, files, builtins, issues, s1: dict, s2: dict, droplog, with_text: bool = True) -> dict:
     drops: dict[str, int] = {}
     for src in (issues.lines, s1["drops"]):
         for k, v in src.items():
@@ -50,8 +53,9 @@ def build_report(cfg, files, builtins, issues, s1: dict, s2: dict) -> dict:
                   "checked": n_dedup_in, "exact_duplicates": int(s2["dups"].get("exact", 0)),
                   "near_duplicates": int(s2["dups"].get("near", 0)), "clusters": s2["clusters"],
                   "duplicate_rate": round(n_dups / n_dedup_in, 6) if n_dedup_in else 0.0,
-                  "details": "dedup.jsonl"},
-        "pii": {"enabled": bool(cfg.pii.enabled), "mode": cfg.pii.mode,
+                  "details": "drops.jsonl"},
+        "drops": droplog.summary(with_text),
+        "pii": {"enabled": bool(cfg.pii.enabled), "mode": cfg.pii.mode, "scope": "every record read, kept or dropped",
                 "counts": dict(sorted((k, int(v)) for k, v in s1["pii"].items()))},
         "lengths": {"chars": {s: _length_stats(s2["chars"][s]) for s in SPLITS if s2["counts"][s]}},
         "tabular": {name: pairs for name, pairs in s1["tables"].items() if pairs},
@@ -62,19 +66,49 @@ def build_report(cfg, files, builtins, issues, s1: dict, s2: dict) -> dict:
         report["warnings"].append(f"{sum(issues.files.values())} input file(s) skipped: "
                                   + ", ".join(f"{k} {v}" for k, v in sorted(issues.files.items())) + " (see problems)")
     if cfg.kind == "classification":
-        total = Counter_sum(s2["labels"])
-        names = sorted(total)
-        n = sum(total.values())
-        report["labels"] = {"names": names, "counts": {k: int(total[k]) for k in names},
-                            "by_split": {s: dict(sorted(s2["labels"][s].items())) for s in SPLITS if s2["counts"][s]}}
-        for k in names:
-            if n and total[k] / n < cfg.report.min_class_fraction:
-                report["warnings"].append(f"class {k!r} has only {total[k]} of {n} records "
-                                          f"({total[k] / n:.1%} < report.min_class_fraction={cfg.report.min_class_fraction})")
+        _labels(cfg, report, s1, s2, droplog, with_text)
     for name, pairs in report["tabular"].items():
         for p in pairs:
             report["warnings"].append(f"{name}: columns {p['a']!r} and {p['b']!r} are highly correlated (r={p['r']})")
     return report
+
+
+def _labels(cfg, report: dict, s1: dict, s2: dict, droplog, with_text: bool) -> None:
+    """Label balance per split, what each class lost and why, duplicates whose copies disagree on the label."""
+    total = Counter_sum(s2["labels"])
+    names = sorted(total)
+    n = sum(total.values())
+    lab: dict = {"names": names, "counts": {k: int(total[k]) for k in names},
+                 "by_split": {s: dict(sorted(s2["labels"][s].items())) for s in SPLITS if s2["counts"][s]}}
+    warn = report["warnings"]
+    for k in names:
+        if n and total[k] / n < cfg.report.min_class_fraction:
+            warn.append(f"class {k!r} has only {total[k]} of {n} records "
+                        f"({total[k] / n:.1%} < report.min_class_fraction={cfg.report.min_class_fraction})")
+    by_class = {}
+    for k in sorted(set(s1["labels_in"]) | set(total)):
+        read = int(s1["labels_in"].get(k, 0))
+        dropped = {r: int(v) for r, v in sorted(droplog.by_class.get(k, {}).items())}
+        lost = sum(dropped.values())
+        by_class[k] = {"read": read, "kept": int(total.get(k, 0)), "dropped": dropped,
+                       "lost_fraction": round(lost / read, 4) if read else 0.0}
+        if read and total.get(k, 0) == 0:
+            warn.append(f"class {k!r} lost all its {read} records ({_reasons(dropped)}): it is not in the dataset")
+        elif read and lost / read > cfg.report.max_class_loss:
+            warn.append(f"class {k!r} lost {lost} of its {read} records ({lost / read:.0%} > report.max_class_loss="
+                        f"{cfg.report.max_class_loss}; {_reasons(dropped)})")
+    lab["by_class"] = by_class
+    conf = droplog.conflicting_labels(with_text)
+    lab["conflicting_duplicates"] = conf
+    if conf["count"]:
+        pairs = ", ".join(f"{p['count']}x {p['dropped']!r} dropped for a copy labelled {p['kept']!r}" for p in conf["pairs"][:4])
+        warn.append(f"{conf['count']} duplicate record(s) carried another label than the copy kept ({pairs}); "
+                    "see report.md 'Labels' and drops.jsonl")
+    report["labels"] = lab
+
+
+def _reasons(dropped: dict) -> str:
+    return ", ".join(f"{r} {v}" for r, v in sorted(dropped.items(), key=lambda kv: -kv[1])) or "no drops"
 
 
 def Counter_sum(counters: dict) -> dict:  # noqa: N802
@@ -148,12 +182,14 @@ def render_markdown(report: dict) -> str:
               f"{d['threshold']}) among {d['checked']:,} records: {d['clusters']:,} clusters, duplicate rate "
               f"{d['duplicate_rate']:.2%}. The first copy of each cluster is kept; {d['details']} lists every dropped "
               "record with the one kept instead.", ""]
+    lines += _drops_md(report)
     p = report["pii"]
     lines += ["## Personal data", ""]
     if not p["enabled"]:
         lines += ["PII scrubbing is off.", ""]
     elif p["counts"]:
-        lines += [f"Replaced ({p['mode']}):", "", "| type | count |", "|---|---:|"]
+        lines += [f"Replaced ({p['mode']}), counted over every record read (kept or dropped):", "", "| type | count |",
+                  "|---|---:|"]
         lines += [f"| {k} | {v:,} |" for k, v in p["counts"].items()] + [""]
     else:
         lines += ["None found.", ""]
@@ -166,8 +202,7 @@ def render_markdown(report: dict) -> str:
     lines += ["", "![lengths](lengths.png)", ""]
     if "labels" in report:
         lab = report["labels"]
-        lines += ["## Labels", "", "| label | count |", "|---|---:|"]
-        lines += [f"| {k} | {v:,} |" for k, v in lab["counts"].items()] + ["", "![labels](labels.png)", ""]
+        lines += _labels_md(lab)
     if report["tabular"]:
         lines += ["## Correlated columns", "", "| file | column a | column b | r |", "|---|---|---|---:|"]
         for name, pairs in report["tabular"].items():
@@ -188,16 +223,52 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _plots(report: dict, dest: Path) -> None:
-    import matplotlib
+def _cell(x) -> str:
+    return str(x).replace("|", "/").replace("\n", " ")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _drops_md(report: dict) -> list[str]:
+    d = report["drops"]
+    if not d["examples"]:
+        return []
+    out = ["## Dropped records", "",
+           f"Every dropped record ({d['records']:,}) is listed in {d['file']} with its source, reason and measured "
+           f"value. A few per reason (excerpts {d['excerpts']}):", "",
+           "| reason | source | measured | excerpt |", "|---|---|---|---|"]
+    for reason, ex in d["examples"].items():
+        for e in ex:
+            out.append(f"| {reason} | {_cell(e['source'])} | {_cell(e.get('detail', ''))} | {_cell(e.get('text', ''))} |")
+    return out + [""]
+
+
+def _labels_md(lab: dict) -> list[str]:
+    splits = list(lab["by_split"])
+    out = ["## Labels", "", "| label | " + " | ".join(splits) + " | total | read | lost | lost to |",
+           "|---|" + "---:|" * (len(splits) + 3) + "---|"]
+    for k, c in lab["by_class"].items():
+        per = " | ".join(f"{lab['by_split'][s].get(k, 0):,}" for s in splits)
+        out.append(f"| {_cell(k)} | {per} | {c['kept']:,} | {c['read']:,} | {c['lost_fraction']:.1%} | "
+                   f"{_cell(_reasons(c['dropped']))} |")
+    out += ["", "![labels](labels.png)", ""]
+    conf = lab["conflicting_duplicates"]
+    if conf["count"]:
+        out += [f"Duplicates whose copies carry different labels: {conf['count']:,} (the first copy is kept with its "
+                "label; the others are dropped).", "", "| kept label | dropped label | count |", "|---|---|---:|"]
+        out += [f"| {_cell(p['kept'])} | {_cell(p['dropped'])} | {p['count']:,} |" for p in conf["pairs"]]
+        out += ["", "| dropped | label | kept | label | excerpt |", "|---|---|---|---|---|"]
+        out += [f"| {_cell(e['source'])} | {_cell(e['label'])} | {_cell(e['kept'])} | {_cell(e['kept_label'])} | "
+                f"{_cell(e.get('text', ''))} |" for e in conf["examples"]]
+        out.append("")
+    return out
+
+
+def _plots(report: dict, dest: Path) -> None:
+    from homeforge.figures import figure
 
     hist = report["_hist"]
     units = [u for u in ("chars", "tokens") if hist.get(u)]
-    fig, axes = plt.subplots(1, len(units), figsize=(5 * len(units), 3.5), squeeze=False)
-    for ax, unit in zip(axes[0], units, strict=False):
+    fig, axes = figure(5 * len(units), 3.5, ncols=len(units))
+    for ax, unit in zip(axes if len(units) > 1 else [axes], units, strict=False):
         allv = np.concatenate([a for a in hist[unit].values() if len(a)] or [np.ones(1)])
         bins = np.logspace(0, np.log10(max(10, allv.max() + 1)), 40)
         for s, a in hist[unit].items():
@@ -210,17 +281,17 @@ def _plots(report: dict, dest: Path) -> None:
     fig.suptitle("record lengths")
     fig.tight_layout()
     fig.savefig(dest / "lengths.png", dpi=90, metadata={"Software": None})
-    plt.close(fig)
     if "labels" in report:
         counts = report["labels"]["counts"]
-        fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(counts) + 2), 3.5))
+        fig, ax = figure(max(4, 0.5 * len(counts) + 2), 3.5)
         ax.bar(list(counts), list(counts.values()), color="tab:blue")
         ax.set_ylabel("records")
         ax.set_title("label balance")
-        plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+        for tick in ax.get_xticklabels():
+            tick.set_rotation(45)
+            tick.set_horizontalalignment("right")
         fig.tight_layout()
         fig.savefig(dest / "labels.png", dpi=90, metadata={"Software": None})
-        plt.close(fig)
 
 
 def write_report(report: dict, dest: Path) -> None:

@@ -34,10 +34,22 @@ class ShardWriter:
         self.starts = array("q")  # compact: 8 bytes per document
 
     def add(self, ids: list[int]) -> None:
+        self.start_doc()
+        self.extend(ids)
+        self.end_doc()
+
+    def start_doc(self) -> None:
         self.starts.append(self.n_tokens)
-        arr = np.asarray([*ids, self.eos_id], dtype=self.dtype)
-        self.file.write(arr.tobytes())
-        self.n_tokens += len(arr)
+
+    def extend(self, ids: list[int]) -> None:
+        """Append a piece of the current document (long documents arrive piece by piece)."""
+        if len(ids):
+            self.file.write(np.asarray(ids, dtype=self.dtype).tobytes())
+            self.n_tokens += len(ids)
+
+    def end_doc(self) -> None:
+        self.file.write(np.asarray([self.eos_id], dtype=self.dtype).tobytes())
+        self.n_tokens += 1
 
     def close(self) -> dict:
         self.file.close()
