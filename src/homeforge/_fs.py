@@ -93,6 +93,25 @@ def private_temp_dir(parent: Path, prefix: str) -> Path:
     return tmp
 
 
+def last_line(f) -> bytes | None:
+    """The last non-empty line of an open binary file (reads backwards in blocks)."""
+    f.seek(0, os.SEEK_END)
+    end = f.tell()
+    if end == 0:
+        return None
+    buf = b""
+    pos = end
+    while pos > 0:
+        step = min(65536, pos)
+        pos -= step
+        f.seek(pos)
+        buf = f.read(step) + buf
+        stripped = buf.rstrip(b"\n")
+        if b"\n" in stripped or pos == 0:
+            return stripped.rsplit(b"\n", 1)[-1] if stripped else None
+    return None
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -6,8 +6,14 @@ dir is renamed into place. A reader therefore sees either no artifact or a compl
 ``verify`` re-hashes the files to detect later corruption.
 
 The manifest holds: stage, fingerprint (hash of stage + resolved config + input hashes),
-the resolved config, input hashes, per-file hashes and the artifact's content hash,
-versions, host facts, timings and metrics.
+the resolved config, input hashes and where the inputs were (``input_paths``: absolute, and
+relative to the artifact), per-file hashes and sizes, the artifact's content hash, versions,
+host facts, timings, metrics, the audit log's head when it was made (``audit``), and a
+``seal`` over all of it (``integrity``: digest, and an HMAC when a signing key exists).
+
+With ``encrypt`` the stage writes its files into a private folder in memory-backed storage
+(``scratch.memory_dir``); they are encrypted from there into the temp dir beside the target,
+so plaintext never reaches the output's disk.
 
 A stage starts with ``plan(out, stage=..., config=..., inputs=..., force=..., encrypt=...)``:
 it hashes the inputs, says whether ``out`` is already up to date, and refuses (before any
@@ -31,18 +37,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from homeforge import integrity, scratch
 from homeforge._fs import (
     fsync_tree,
     pid_alive,
-    private_temp_dir,
-    sha256_file,
     sha256_json,
     swap_dir,
 )
 from homeforge.errors import ArtifactError, HomeforgeError
 
-MANIFEST = "homeforge.json"
-FORMAT_VERSION = 1
+MANIFEST = integrity.MANIFEST
+FORMAT_VERSION = 2  # 2: sealed manifests, input_paths, audit anchor (format 1 is still read)
 
 
 # --------------------------------------------------------------------------- hashing
@@ -56,14 +61,12 @@ def hash_tree(root: str | Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[
         if p.is_file():
             rel = p.relative_to(root).as_posix()
             if rel not in exclude:
-                out[rel] = sha256_file(p)
+                out[rel] = integrity.file_digest(p)[0]
     return out
 
 
 def content_hash(files: dict[str, str]) -> str:
-    import hashlib
-
-    return hashlib.sha256("".join(f"{k}\0{v}\n" for k, v in sorted(files.items())).encode()).hexdigest()
+    return integrity.files_hash(files)
 
 
 def hash_input(path: str | Path) -> str:
@@ -75,11 +78,11 @@ def hash_input(path: str | Path) -> str:
         if (p / MANIFEST).is_file():
             return read_manifest(p)["content_hash"]
         return content_hash(hash_tree(p, exclude=()))
-    return sha256_file(p)
+    return integrity.file_digest(p)[0]
 
 
 def fingerprint(stage: str, config: dict, input_hashes: dict[str, str], encrypt: bool = False) -> str:
-    payload = {"stage": stage, "config": config, "inputs": input_hashes, "format": FORMAT_VERSION}
+    payload = {"stage": stage, "config": config, "inputs": input_hashes, "format": 1}  # unchanged by format 2
     if encrypt:
         payload["encrypted"] = True  # a plain artifact is never "up to date" for an encrypted run
     return sha256_json(payload)
@@ -122,8 +125,12 @@ def _user() -> str:
 # --------------------------------------------------------------------------- reading
 
 
-def read_manifest(path: str | Path) -> dict:
-    """Read and sanity-check an artifact's manifest; raise ArtifactError if missing/corrupt."""
+def read_manifest(path: str | Path, check: bool = True) -> dict:
+    """Read and sanity-check an artifact's manifest; raise ArtifactError if missing/corrupt.
+
+    ``check``: also its seal (``integrity.check_seal``): an edited manifest, or with a signing key
+    on this machine one it did not sign, is refused. Only code that decides whether a folder may be
+    replaced reads without it."""
     p = Path(path)
     if not p.exists():
         raise ArtifactError(f"artifact {p} does not exist", fix="check the path, or create it with the stage that makes it")
@@ -143,28 +150,22 @@ def read_manifest(path: str | Path) -> dict:
     for key in ("stage", "fingerprint", "files", "content_hash"):
         if key not in manifest:
             raise ArtifactError(f"the manifest of {p} lacks {key!r}", where=str(mf), fix="re-run the stage with --force")
+    if check:
+        integrity.check_seal(manifest, mf)
     return manifest
 
 
 def verify(path: str | Path, deep: bool = True) -> dict:
-    """Check every file recorded in the manifest: present, same size (and same hash if deep).
+    """Check the manifest's seal and every file it records: present, same size, nothing added (and the same
+    hash if deep; unchanged files come from the verified-hash cache).
 
-    Returns the manifest; raises ArtifactError naming the first problem.
+    Returns the manifest; raises ArtifactError (``integrity.IntegrityError``) naming the first problem.
     """
-    p = Path(path)
+    p = Path(path).absolute()
     manifest = read_manifest(p)
-    files: dict[str, str] = manifest["files"]
-    sizes: dict[str, int] = manifest.get("sizes", {})
-    if content_hash(files) != manifest["content_hash"]:
-        raise ArtifactError(f"the manifest of {p} was edited: its file list does not match its content hash", where=str(p / MANIFEST))
-    for rel, digest in files.items():
-        fp = p / rel
-        if not fp.is_file():
-            raise ArtifactError(f"artifact {p} is incomplete: {rel} is missing", where=str(fp), fix="re-run the stage with --force")
-        if rel in sizes and fp.stat().st_size != sizes[rel]:
-            raise ArtifactError(f"artifact {p} is corrupted: {rel} has the wrong size", where=str(fp), fix="re-run the stage with --force")
-        if deep and sha256_file(fp) != digest:
-            raise ArtifactError(f"artifact {p} is corrupted: {rel} does not match its recorded hash", where=str(fp), fix="re-run the stage with --force")
+    integrity.check_structure(p, manifest)
+    if deep:
+        integrity.Hashing(p, manifest, list(manifest["files"])).start().result()
     return manifest
 
 
@@ -193,7 +194,7 @@ def existing(out: Path) -> tuple[str, str] | None:
     if not any(out.iterdir()):
         return None
     try:
-        m = read_manifest(out)
+        m = read_manifest(out, check=False)
     except ArtifactError:
         return "foreign", f"a folder homeforge did not write ({sum(1 for _ in out.rglob('*'))} entries)"
     return "artifact", f"a `{m.get('stage')}` artifact made {m.get('created', '?')}"
@@ -202,7 +203,7 @@ def existing(out: Path) -> tuple[str, str] | None:
 def _own_artifact(out: Path, stage: str, input_hashes: dict[str, str]) -> bool:
     """``out`` is this stage's artifact of the same inputs (so re-running with another config may replace it)."""
     try:
-        m = read_manifest(out)
+        m = read_manifest(out, check=False)
     except ArtifactError:
         return False
     return m.get("stage") == stage and m.get("inputs") == input_hashes
@@ -266,6 +267,7 @@ class ArtifactWriter:
     config: dict
     inputs: dict[str, str]
     fingerprint: str
+    input_paths: dict[str, dict] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
@@ -280,24 +282,41 @@ class ArtifactWriter:
             self.timings[name] = round(time.perf_counter() - t0, 3)
 
     def manifest(self) -> dict:
+        """The sealed manifest of what is in ``dir`` now."""
         files = hash_tree(self.dir)
         sizes = {rel: (self.dir / rel).stat().st_size for rel in files}
-        return {
+        return integrity.seal({
             "format": FORMAT_VERSION,
             "stage": self.stage,
             "fingerprint": self.fingerprint,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "inputs": self.inputs,
+            "input_paths": self.input_paths,
             "config": self.config,
             "metrics": self.metrics,
             **self.extra,
             "versions": versions(),
             "host": host_facts(),
             "timings": {"total_s": round(time.time() - self.started, 3), **self.timings},
+            "audit": integrity.audit_anchor(),
             "files": files,
             "sizes": sizes,
             "content_hash": content_hash(files),
-        }
+        })
+
+
+def input_locations(out: Path, inputs: dict[str, str | Path]) -> dict[str, dict]:
+    """Where each input was: its absolute path, the same relative to the artifact, and the working directory."""
+    cwd = os.getcwd()
+    locs = {}
+    for name, p in inputs.items():
+        a = Path(p).expanduser().absolute()
+        try:
+            rel = os.path.relpath(a, out)
+        except ValueError:  # another drive (Windows)
+            rel = None
+        locs[name] = {"path": str(a), "from_artifact": rel, "cwd": cwd}
+    return locs
 
 
 @dataclass
@@ -312,6 +331,7 @@ class Plan:
     force: bool = False
     encrypt: bool = False
     moved_aside: Path | None = None  # where a replaced foreign file/folder went (set by write)
+    input_paths: dict[str, dict] = field(default_factory=dict)
 
     @property
     def up_to_date(self) -> bool:
@@ -330,13 +350,31 @@ class Plan:
         check_writable(self.out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(self.out.parent)
-        tmp = private_temp_dir(self.out.parent, self.out.name)
-        writer = ArtifactWriter(out=self.out, dir=tmp, stage=self.stage, config=self.config, inputs=self.inputs,
-                                fingerprint=self.fingerprint)
+        tmp = scratch.private_dir(self.out.parent, self.out.name)
+        build = tmp
+        if key is not None:  # plaintext only in memory-backed storage; encrypted into tmp at the end
+            build = scratch.memory_dir(self.out.name) or tmp
+            if build == tmp:
+                scratch.warn_once("no-scratch", "no memory-backed storage (/dev/shm) for the plaintext of an encrypted "
+                                  f"stage: it is built in {tmp} (mode 700) and removed when the stage ends or, after "
+                                  "a crash, at the next homeforge command; set HOMEFORGE_SCRATCH to a tmpfs to avoid it")
+        writer = ArtifactWriter(out=self.out, dir=build, stage=self.stage, config=self.config, inputs=self.inputs,
+                                fingerprint=self.fingerprint, input_paths=self.input_paths)
         try:
-            yield writer
+            try:
+                yield writer
+            except OSError as exc:
+                if build != tmp and exc.errno == 28:  # ENOSPC in the memory-backed folder
+                    raise HomeforgeError(f"the memory-backed work area {build.parent} is full ({exc.strerror})",
+                                         where=str(build.parent),
+                                         fix="free memory, or set HOMEFORGE_SCRATCH to a larger tmpfs or to a "
+                                             "folder on an encrypted filesystem") from None
+                raise
             if key is not None:
-                writer.extra["encryption"] = atrest.encrypt_tree(tmp, key)
+                writer.extra["encryption"] = atrest.encrypt_tree(build, key, into=tmp)
+                if build != tmp:
+                    scratch.release(build)
+                    writer.dir = tmp
             manifest = writer.manifest()
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
             os.chmod(tmp, 0o755)  # private while it was built; an artifact is readable like any folder
@@ -344,8 +382,11 @@ class Plan:
             if found is not None and found[0] == "foreign":
                 self.moved_aside = self.out.with_name(f"{self.out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
             swap_dir(tmp, self.out, keep_old=self.moved_aside)
+            scratch.unregister(tmp)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if build != tmp:
+                scratch.release(build)
+            scratch.release(tmp)
             raise
 
 
@@ -362,7 +403,8 @@ def plan(
     (unless it is up to date, which the caller then skips)."""
     out_p = Path(out).expanduser().absolute()
     input_hashes = {name: hash_input(p) for name, p in (inputs or {}).items()}
-    p = Plan(out_p, stage, config, input_hashes, fingerprint(stage, config, input_hashes, encrypt), force, encrypt)
+    p = Plan(out_p, stage, config, input_hashes, fingerprint(stage, config, input_hashes, encrypt), force, encrypt,
+             input_paths=input_locations(out_p, inputs or {}))
     if not p.up_to_date:
         check_replaceable(out_p, stage, input_hashes, force)
         check_writable(out_p)

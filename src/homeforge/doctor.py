@@ -77,12 +77,35 @@ def checks(path: str = ".") -> list[tuple[str, str, str, str]]:
                  "" if free_gb > 5 else "free space: checkpoints of a 124M model take ~1.5 GB each"))
     guard = egress.is_installed()
     allowed = f" (also allowed: {', '.join(egress.allowed_hosts())})" if egress.allowed_hosts() else ""
-    rows.append(("network guard", ("on: non-loopback connections are refused and audited" + allowed) if guard else "off",
+    rows.append(("network guard", ("on: non-loopback connections and name lookups are refused before the system "
+                                    "call (audit hook on every Python socket) and audited" + allowed) if guard else "off",
                  "ok" if guard else "warn", "" if guard else "unset HOMEFORGE_ALLOW_NETWORK"))
+    rows.append(("network guard: child processes",
+                 "Python children that import homeforge (torchrun ranks, workers) are guarded; other programs "
+                 "(compilers, llama.cpp, curl, a Python process that does not import homeforge) and native code that "
+                 "opens sockets itself are not stopped by it", "ok" if guard else "warn",
+                 "for a kernel-level boundary run homeforge without a network: `unshare -rn homeforge ...`, a "
+                 "container with --network none, or a firewall"))
+    rows.extend(_leftover_rows(path))
     rows.extend(_security_rows())
     offline = all(os.environ.get(k) == v for k, v in egress.OFFLINE_ENV.items())
     rows.append(("hub offline switches", "set" if offline else "not all set", "ok" if offline else "warn", ""))
     return rows
+
+
+def _leftover_rows(path: str) -> list[tuple[str, str, str, str]]:
+    """Temp folders of killed homeforge processes: removed at this command's start (scratch.clean_leftovers),
+    plus any not registered (an older homeforge) under ``path``."""
+    from pathlib import Path
+
+    from homeforge import artifacts, scratch
+
+    removed = scratch.removed_this_run() + [str(p) for p in artifacts.clean_stale_temps(Path(path).absolute())]
+    if removed:
+        shown = ", ".join(removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
+        return [("crash leftovers", f"removed {len(removed)} temp folder(s) of killed homeforge processes: {shown}",
+                 "warn", "a stage was killed (kill -9, power loss); its partial output (and any plaintext) is now gone")]
+    return [("crash leftovers", "none (temp folders of killed processes are removed at every homeforge start)", "ok", "")]
 
 
 def _security_rows() -> list[tuple[str, str, str, str]]:
@@ -97,6 +120,10 @@ def _security_rows() -> list[tuple[str, str, str, str]]:
                      "ok", "" if k else "for encryption at rest: homeforge keys init, then homeforge --encrypt ..."))
     except HomeforgeError as exc:
         rows.append(("data key", exc.what, "fail", exc.fix or ""))
+    try:
+        audit.default_key()
+    except HomeforgeError as exc:
+        rows.append(("audit key", exc.what, "fail", exc.fix or ""))
     log = audit.default_path()
     signed = audit.audit_key_path().is_file()
     rows.append(("audit log", f"{log} ({'HMAC-signed' if signed else 'hash-chained, unsigned'}, "

@@ -19,6 +19,9 @@ so a test or a parent process can change them; paths are expanded once, here (``
 | HOMEFORGE_ALLOW_NETWORK | switch the egress guard off (1) | off |
 | HOMEFORGE_ALLOW_HOSTS | hosts allowed besides loopback, comma-separated | none |
 | HOMEFORGE_PII_SECRET | pseudonym secret (name configurable: pii.secret_env) | none |
+| HOMEFORGE_VERIFY_CACHE | remember verified file hashes (0 = hash every file on every load) | on |
+| HOMEFORGE_SCRATCH | where an `--encrypt` stage builds its plaintext files (memory-backed) | /dev/shm |
+| HOMEFORGE_AUDIT_PROMPTS | log prompt text verbatim in the audit log (else a hash and a length) | off |
 """
 
 from __future__ import annotations
@@ -85,6 +88,28 @@ def logs_dir() -> Path:
     return home() / "logs"
 
 
+def verify_cache_file() -> Path | None:
+    """The verified-hash cache (``hashcache``); None when ``HOMEFORGE_VERIFY_CACHE=0``."""
+    if (os.environ.get("HOMEFORGE_VERIFY_CACHE") or "").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    return home() / "cache" / "verified-v1.sqlite"
+
+
+def scratch_dir() -> Path | None:
+    """Memory-backed storage for the plaintext of an ``--encrypt`` stage: ``$HOMEFORGE_SCRATCH``, else
+    ``/dev/shm`` when it exists and is writable, else None (no memory-backed storage on this system)."""
+    if given := env_path("HOMEFORGE_SCRATCH"):
+        return given
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
+
+
+def pending_dir() -> Path:
+    """Where every process registers the temp folders it is writing (removed when it finishes; a
+    crashed process's folders are deleted at the next start of any homeforge command)."""
+    return home() / "pending"
+
+
 # --------------------------------------------------------------------------- switches
 
 
@@ -103,6 +128,11 @@ def audit_required() -> bool:
 
 def network_allowed() -> bool:
     return env("HOMEFORGE_ALLOW_NETWORK") == "1"
+
+
+def audit_prompts() -> bool:
+    """``HOMEFORGE_AUDIT_PROMPTS=1``: prompts are logged verbatim (else as sha256 + length)."""
+    return flag("HOMEFORGE_AUDIT_PROMPTS")
 
 
 def allowed_hosts() -> set[str]:

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from homeforge.security import audit
+from homeforge.security import audit, audit_command
 
 KEY = b"k" * 32
 
@@ -221,7 +221,7 @@ def test_command_names_in_command_lines(tmp_path, monkeypatch):
     monkeypatch.setenv("HOMEFORGE_AUDIT_LOG", str(tmp_path / "a.jsonl"))
     monkeypatch.setenv("HOMEFORGE_HOME", str(tmp_path))
     for argv in (["--encrypt", "keys", "rotate", "x"], ["audit", "show", "--user", "bob"], ["train", "-c", "t.yaml"]):
-        with audit.audited_command(argv):
+        with audit_command.audited_command(argv):
             pass
     assert [e["command"] for e in audit.read_entries(tmp_path / "a.jsonl")] == ["keys rotate", "audit show", "train"]
 

@@ -13,6 +13,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from homeforge import integrity
+from homeforge.integrity import IntegrityError
 from homeforge.security import crypto, keys, storage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
@@ -55,8 +57,8 @@ def env(tmp_path_factory):
 
 
 def test_dataset_files_are_encrypted_and_read_back(env):
+    from homeforge.data.dataset import read_jsonl
     from homeforge.data.shards import load_tokens, read_index
-    from homeforge.evaluate.run import read_jsonl
 
     data = env["data"]
     manifest = json.loads((data / "homeforge.json").read_text())
@@ -120,17 +122,21 @@ def test_tampered_or_truncated_model_refused(env, tmp_path):
     raw = bytearray(w.read_bytes())
     raw[len(raw) // 2] ^= 0x40
     w.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="model.safetensors does not match its recorded hash"):
+        load_causal_lm(copy)  # refused by the manifest before decryption
     with pytest.raises(crypto.CryptoError, match="failed authentication"):
-        load_causal_lm(copy)
+        storage.load_safetensors(w)  # and by the cipher itself
     w.write_bytes(bytes(raw[: len(raw) // 3]))
-    with pytest.raises(crypto.CryptoError):
+    with pytest.raises(IntegrityError, match="model.safetensors is truncated"):
         load_causal_lm(copy)
     data = tmp_path / "data"
     shutil.copytree(env["data"], data)
     b = data / "train.bin"
     b.write_bytes(b.read_bytes()[:-5])
-    with pytest.raises(crypto.CryptoError):
+    with pytest.raises(IntegrityError, match="train.bin is truncated"):
         load_tokens(data, "train")
+    with pytest.raises(crypto.CryptoError):
+        crypto.EncryptedArray(b, "uint16")
 
 
 def test_wrong_or_missing_key_refused(env, monkeypatch, tmp_path):
@@ -138,10 +144,11 @@ def test_wrong_or_missing_key_refused(env, monkeypatch, tmp_path):
     from homeforge.models.io import load_causal_lm
 
     monkeypatch.setenv("HOMEFORGE_KEY", "ab" * 32)
-    with pytest.raises(crypto.CryptoError, match="encrypted with key"):
+    with pytest.raises(IntegrityError, match="signed with key") as err:  # the manifest names the other data key first
         load_causal_lm(env["model"])
+    assert "use that key" in err.value.render()
     with pytest.raises(crypto.CryptoError, match="encrypted with key"):
-        load_tokens(env["data"], "train")
+        crypto.EncryptedArray(env["data"] / "train.bin", "uint16")
     monkeypatch.delenv("HOMEFORGE_KEY")
     monkeypatch.setenv("HOMEFORGE_HOME", str(tmp_path / "empty"))
     with pytest.raises(keys.KeyError_, match="no data key"):
@@ -175,7 +182,8 @@ def test_rotation_keeps_everything_readable_under_new_key_only(env, tmp_path, mo
     # the model's config points at the original dataset; point it at the copy for provenance
     mf = json.loads((root / "model" / "homeforge.json").read_text())
     mf["config"]["data"] = str(root / "data")
-    (root / "model" / "homeforge.json").write_text(json.dumps(mf))
+    mf["input_paths"] = {}  # as if made before inputs were located: found through the config
+    (root / "model" / "homeforge.json").write_text(json.dumps(integrity.seal(mf)))  # re-signed with the key
     home = tmp_path / "home"
     (home / "keys").mkdir(parents=True)
     shutil.copy2(keys.default_key_file(), home / "keys" / "data.key")
@@ -209,9 +217,9 @@ def test_rotation_keeps_everything_readable_under_new_key_only(env, tmp_path, mo
     assert any("input 'dataset' is the recorded version" in c.detail for c in checks)
     monkeypatch.setenv("HOMEFORGE_KEY", old.secret.hex())  # the old key no longer opens anything
     with pytest.raises(crypto.CryptoError, match="encrypted with key"):
-        load_tokens(root / "data", "val")
+        crypto.EncryptedArray(root / "data" / "val.bin", "uint16")
     bad = verify_tree(root / "data", decrypt=True)[0]
-    assert not bad.ok and "encrypted with key" in bad.detail
+    assert not bad.ok and "signed with key" in bad.detail  # and its manifest is signed with the new key
 
 
 def test_verify_detects_changed_artifact_and_input(env, tmp_path):
@@ -225,16 +233,18 @@ def test_verify_detects_changed_artifact_and_input(env, tmp_path):
     shutil.copytree(env["model"], model)
     mf = json.loads((model / "homeforge.json").read_text())
     mf["config"]["data"] = str(data)
-    (model / "homeforge.json").write_text(json.dumps(mf))
+    mf["input_paths"] = {}
+    (model / "homeforge.json").write_text(json.dumps(integrity.seal(mf)))  # re-signed by a key holder
     assert CliRunner().invoke(app, ["verify", str(model)]).exit_code == 0
-    # a changed dataset (another version in the same place)
+    # a changed dataset (another version in the same place, properly signed)
     dm = json.loads((data / "homeforge.json").read_text())
     (data / "labels.json").write_text("[]")
     from homeforge import _fs, artifacts
 
     dm["files"]["labels.json"] = _fs.sha256_file(data / "labels.json")
+    dm["sizes"]["labels.json"] = 2
     dm["content_hash"] = artifacts.content_hash(dm["files"])
-    (data / "homeforge.json").write_text(json.dumps(dm))
+    (data / "homeforge.json").write_text(json.dumps(integrity.seal(dm)))
     r = CliRunner().invoke(app, ["verify", str(model)])
     assert r.exit_code == 1, r.output
     from homeforge.security.provenance import verify_tree
@@ -314,7 +324,9 @@ def test_encrypted_classifier_round_trip(env, tmp_path):
     with artifacts.write_artifact(tmp_path / "clf", stage="test", config={}, encrypt=True) as art:
         model.save_pretrained(art.dir)
     assert crypto.is_encrypted(tmp_path / "clf" / "model.safetensors")
-    loaded = storage.load_encrypted_pretrained(AutoModelForSequenceClassification, tmp_path / "clf")
+    from homeforge.models.io import load_classifier
+
+    loaded, _ = load_classifier(tmp_path / "clf", with_tokenizer=False)
     x = torch.randint(1, 64, (2, 7))
     torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits)
 

@@ -45,11 +45,13 @@ def test_keys_init_status_and_audit_lines(home):
     assert json.loads(data_key.read_text())["key"] == secret  # never overwritten
     r3 = run(home, "keys", "status")
     assert r3.returncode == 0 and "data key" in r3.stdout
-    lines = entries(home)
+    created, *lines = entries(home)
+    assert created["event"] == audit.KEY_EVENT and created["key_id"] == json.loads(audit_key.read_text())["key_id"]
     assert [(e["command"], e["outcome"]) for e in lines] == [("keys init", "ok"), ("keys init", "error"),
                                                              ("keys status", "ok")]
     assert lines[1]["exit_code"] == 2 and "already exists" in lines[1]["error"]
-    assert all("mac" in json.loads(x) for x in (home / "audit" / "audit.jsonl").read_text().splitlines()[1:])
+    # the key's creation and everything after it is signed (the first command line included: it ended after it)
+    assert all("mac" in json.loads(x) for x in (home / "audit" / "audit.jsonl").read_text().splitlines())
     r4 = run(home, "audit", "verify")
     assert r4.returncode == 0 and "intact" in r4.stdout and "HMAC signatures checked" in r4.stdout
 

@@ -36,7 +36,7 @@ def _command_lines(home) -> list[dict]:
 
 def test_sigint_interrupts_serve_with_its_command_audit_line(serve_cfg, tmp_path, monkeypatch):
     """Ctrl-C: the server drains, then the command ends as interrupted (in this process, main thread)."""
-    from homeforge.security.audit import audited_command
+    from homeforge.security.audit_command import audited_command
     from homeforge.serve.app import Runner
 
     home = tmp_path / "home"

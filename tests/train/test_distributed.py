@@ -24,7 +24,8 @@ COMMON = ["micro_batch_size=2", "max_steps=6"]
 
 
 def torchrun(out: Path, *overrides: str, resume: Path | None = None) -> list[float]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",  # the worker's folder, and the code under test (PYTHONPATH)
+           "PYTHONPATH": os.pathsep.join(p for p in (str(WORKER.parent), os.environ.get("PYTHONPATH")) if p)}
     if resume is not None:
         env["ENGINE_RESUME"] = str(resume)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

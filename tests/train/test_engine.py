@@ -150,7 +150,7 @@ def test_failed_checkpoint_write_leaves_no_partial_dir(tmp_path, monkeypatch):
     def broken(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck, "save_file", broken)
+    monkeypatch.setattr(ck, "_write_manifest", broken)  # the last step: every data file is already written
     with pytest.raises(OSError, match="disk full"):
         run(tmp_path, "max_steps=4", "eval_every=100")
     assert ck.step_checkpoints(tmp_path) == [] and not list((tmp_path / "checkpoints").glob(".tmp-*"))

@@ -29,19 +29,22 @@ def _root(
                                           help="print the version and exit")] = False,
     encrypt: Annotated[bool, typer.Option("--encrypt", help="encrypt the data files this command writes "
                                           "(needs a data key: `homeforge keys init`)")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="experts: load artifacts without checking them "
+                                            "against their manifests (recorded in the audit log)")] = False,
 ) -> None:
     """Set the offline switches and the egress guard before any command runs."""
-    from homeforge import paths
-    from homeforge.security import audit, egress
+    from homeforge import integrity, paths
+    from homeforge.security import audit_command, egress
 
     if encrypt:
         from homeforge.security import keys
 
         keys.load_key(required=True)  # no key: fail now, before anything is written (in the clear or not)
     ctx.obj = {"encrypt": encrypt}
+    integrity.set_verify(not no_verify, new_command=True)
     egress.set_offline_env()
     if not paths.network_allowed():
-        egress.install(on_refuse=audit.egress_refused)
+        egress.install(on_refuse=audit_command.egress_refused)
 
 
 # the command groups register themselves on `app` when imported
@@ -49,10 +52,13 @@ from homeforge.cli import quickstart, data, train, evaluate, export, serve, tool
 
 
 def main() -> None:
-    from homeforge.security.audit import audited_command
+    from homeforge import scratch
+    from homeforge.cli._common import PROMPT_FLAGS, SECRET_FLAGS
+    from homeforge.security.audit_command import audited_command
 
+    scratch.clean_leftovers()  # temp folders of homeforge processes that were killed (plaintext included)
     try:
-        with audited_command(sys.argv[1:]):  # one audit line per command (security/audit.py)
+        with audited_command(sys.argv[1:], SECRET_FLAGS, PROMPT_FLAGS):  # one audit line per command
             app()
     except HomeforgeError as exc:
         err_console.print(f"[bold red]error:[/] {exc.render()}", highlight=False)

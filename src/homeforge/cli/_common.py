@@ -23,6 +23,11 @@ app.add_typer(keys_app, name="keys")
 audit_app = typer.Typer(help="The tamper-evident audit log: verify, show, prune.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 
+# options whose values the audit log never holds in clear (besides every option named like a secret),
+# and options whose values are prompt text (logged as a hash and a length): security/masking.py
+SECRET_FLAGS = ("--api-key", "-k")
+PROMPT_FLAGS = ("--prompt", "-p", "--system")
+
 # soft_wrap: a message or a command to copy is never split mid-phrase at the terminal width
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)

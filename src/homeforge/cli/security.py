@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -29,11 +30,14 @@ def keys_init(
         homeforge keys init --key-file /secure/homeforge.key
         HOMEFORGE_KEY_FILE=/secure/homeforge.key homeforge --encrypt prepare docs/ -o data
     """
-    from homeforge.security import keys
+    from homeforge import paths
+    from homeforge.security import audit, keys
 
     k = keys.init_key(key_file)
     console.print(f"created data key [bold]{k.key_id}[/] in {k.source} (mode 600)", highlight=False)
-    a = keys.init_audit_key()
+    a = audit.AuditLog(key=None).create_key()  # under the log's lock, logged as a signed line
+    if a is not None and paths.serve_audit_file().is_file():  # the server's log learns of it too
+        audit.AuditLog(paths.serve_audit_file(), key=a.secret).append({"event": audit.KEY_EVENT, "key_id": a.key_id})
     if a is not None:
         console.print(f"created audit-log signing key {a.key_id} in {a.source} (mode 600)", highlight=False)
     console.print("back it up offline: without it, encrypted artifacts cannot be read", highlight=False)
@@ -83,21 +87,40 @@ def keys_rotate(
 @audit_app.command("verify")
 def audit_verify(
     log: Annotated[Path | None, typer.Option(help="audit log (default $HOMEFORGE_AUDIT_LOG or ~/.homeforge/audit/audit.jsonl)")] = None,
+    artifacts_: Annotated[list[Path] | None, typer.Option("--artifacts", help="also check that the log still holds "
+                                                          "the line every artifact under this folder recorded "
+                                                          "(catches lines cut from the end); repeatable")] = None,
 ) -> None:
-    """Check the audit log's hash chain (and HMAC signatures if a data key is set); name the first bad line.
+    """Check the audit log's hash chain and HMAC signatures (every line must be signed once the
+    audit key exists); name the first bad line.
 
-    Exit code 0 = intact, 1 = tampered (edited, deleted, inserted or reordered lines).
+    Exit code 0 = intact, 1 = tampered (edited, deleted, inserted or reordered lines, signatures
+    removed, lines cut from the end that an artifact recorded).
 
     Examples:
 
         homeforge audit verify
+        homeforge audit verify --artifacts homeforge-runs/
         homeforge audit verify --log /var/log/homeforge/audit.jsonl
     """
-    from homeforge.security import audit
+    from homeforge.security import audit, storage
 
     res = audit.verify(log)
     (console if res.ok else err_console).print(res.summary(), highlight=False)
-    if not res.ok:
+    bad = 0
+    for root in artifacts_ or []:
+        for art in storage.find_artifacts(root):
+            try:
+                anchor = json.loads((art / "homeforge.json").read_text(encoding="utf-8")).get("audit")
+            except (OSError, ValueError):
+                continue
+            problem = audit.check_anchor(anchor, where=str(art)) if anchor else None
+            if problem:
+                bad += 1
+                err_console.print(f"[bold red]FAIL[/] {problem}", highlight=False)
+    if artifacts_ and not bad:
+        console.print("every artifact's recorded audit line is in the log, unchanged", highlight=False)
+    if not res.ok or bad:
         raise typer.Exit(1)
 
 
@@ -165,23 +188,46 @@ def audit_prune(
 
 @app.command()
 def verify(
-    artifact: Annotated[Path, typer.Argument(help="artifact directory (dataset, model, ...)")],
+    artifact: Annotated[Path, typer.Argument(help="artifact directory (dataset, model, checkpoint, ...)")],
     decrypt: Annotated[bool, typer.Option("--decrypt", help="also authenticate every encrypted chunk with the data key")] = False,
+    allow_missing_inputs: Annotated[bool, typer.Option("--allow-missing-inputs", help="accept recorded inputs that "
+                                                       "cannot be found (a corpus that was moved)")] = False,
+    adopt: Annotated[bool, typer.Option("--adopt", help="sign the manifests of ARTIFACT (or every artifact under it) "
+                                        "with this machine's key, after re-checking every file: for artifacts made "
+                                        "before the key existed or on another machine")] = False,
 ) -> None:
-    """Re-hash an artifact and the inputs it records (recursively); exit 1 on any mismatch.
+    """Check an artifact's seal, re-hash its files and the inputs it records (recursively, down to the
+    raw documents); exit 1 on any mismatch or missing input.
 
-    Traces a model to the exact dataset version, config and homeforge version that made it.
-    Inputs are looked for where the recorded config points; ones not on this machine are listed.
+    Traces a model to the exact dataset version, config, raw documents and homeforge version
+    that made it. Inputs are looked for relative to the artifact, where the config points, then
+    at their recorded absolute path; one that changed fails, one that cannot be found is
+    "missing" (fails unless --allow-missing-inputs).
 
     Examples:
 
         homeforge verify homeforge-runs/quickstart/model
         homeforge verify runs/clinic/model && homeforge serve runs/clinic/model
         homeforge verify data/clinic --decrypt
+        homeforge verify data/clinic --allow-missing-inputs
+        homeforge verify --adopt homeforge-runs/
     """
     from homeforge.security.provenance import verify_tree
 
-    checks = verify_tree(artifact, decrypt=decrypt)
+    if adopt:
+        from homeforge import integrity
+        from homeforge.security import storage
+
+        found = storage.find_artifacts(artifact)
+        if not found:
+            raise HomeforgeError(f"no artifact (homeforge.json) at or under {artifact}", where=str(artifact),
+                                 fix="pass an artifact directory or a folder holding artifacts")
+        for art in found:
+            sealed = integrity.adopt(art)
+            console.print(f"adopted {art}: every file checked, manifest signed with {sealed['seal']['key']} key "
+                          f"{sealed['seal']['key_id']}", highlight=False)
+        return
+    checks = verify_tree(artifact, decrypt=decrypt, allow_missing=allow_missing_inputs)
     table = Table(title=f"provenance of {artifact}")
     for col in ("", "artifact / input", "stage", "result", "made", "homeforge"):
         table.add_column(col)

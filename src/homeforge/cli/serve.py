@@ -81,7 +81,8 @@ def serve(
 def chat(
     model_dir: Annotated[Path | None, typer.Argument(help="local model directory (omit with --url)")] = None,
     url: Annotated[str | None, typer.Option(help="chat with a running server instead, e.g. http://127.0.0.1:8000")] = None,
-    api_key: Annotated[str | None, typer.Option(envvar="HOMEFORGE_API_KEY", help="API key for --url")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", "-k", envvar="HOMEFORGE_API_KEY",
+                                                help="API key for --url")] = None,
     model: Annotated[str | None, typer.Option(help="model id on the server (default: its first model)")] = None,
     system: Annotated[str | None, typer.Option(help="system prompt")] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="tokens per answer at most")] = 256,

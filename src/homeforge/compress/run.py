@@ -48,29 +48,30 @@ def latency_ms(model, vocab_size: int, batch: int, seq_len: int, repeats: int) -
 
 
 def quality_docs(data: Path, split: str, tok, max_examples: int) -> tuple[list[list[int]], list[str]]:
-    from homeforge.evaluate.run import _text_docs, dataset_kind, read_jsonl, resolve_split
+    from homeforge.data.dataset import DatasetReader
+    from homeforge.evaluate.lm import text_docs
 
-    kind = dataset_kind(data)
+    ds = DatasetReader.open(data)
+    kind = ds.kind
     if kind != "text":
         raise HomeforgeError(f"the compress quality gate of a language model needs a text dataset; {data} is kind "
                              f"{kind!r}", where=str(data), fix="pass --data with a text dataset (e.g. the quickstart's "
                              "data directory or `homeforge prepare` with kind text)")
-    split = resolve_split(data, split)
-    path = data / f"{split}.jsonl"
-    return _text_docs(read_jsonl(path, max_examples), tok, path)
+    split = ds.resolve_split(split)
+    return text_docs(ds.records(split, max_examples), tok, ds.root / f"{split}.jsonl")
 
 
 def quality_records(data: Path, split: str, max_examples: int) -> tuple[list[list[int]], list[int]]:
     """(input_ids, labels) of a classification dataset split, for a classifier's accuracy gate."""
-    from homeforge.evaluate.run import dataset_kind, read_jsonl, resolve_split
+    from homeforge.data.dataset import DatasetReader
 
-    kind = dataset_kind(data)
+    ds = DatasetReader.open(data)
+    kind = ds.kind
     if kind != "classification":
         raise HomeforgeError(f"the quality gate of a classifier needs a classification dataset; {data} is kind "
                              f"{kind!r}", where=str(data), fix="pass --data with the classification dataset it was "
                              "trained for")
-    split = resolve_split(data, split)
-    rows = read_jsonl(data / f"{split}.tokens.jsonl", max_examples)
+    rows = ds.token_records(ds.resolve_split(split), ("input_ids", "label"), limit=max_examples)
     return [r["input_ids"] for r in rows], [int(r["label"]) for r in rows]
 
 
@@ -116,12 +117,12 @@ def measure(model, model_dir: Path, docs, cfg: CompressConfig) -> dict:
 
 
 def _train_texts(data: Path | None, split: str, limit: int = 100_000) -> list[str]:
-    from homeforge.evaluate.run import read_jsonl, resolve_split
+    from homeforge.data.dataset import DatasetReader
 
     if data is None:
         raise HomeforgeError("this method trains on data: pass --data DATASET", fix="e.g. --data runs/quickstart/data")
-    split = resolve_split(data, split) if not (data / f"{split}.jsonl").is_file() else split
-    rows = read_jsonl(data / f"{split}.jsonl", limit)
+    ds = DatasetReader.open(data)
+    rows = ds.records(ds.resolve_split(split), limit)
     return [r["text"] for r in rows if isinstance(r.get("text"), str)]
 
 
@@ -255,7 +256,7 @@ def _run(model_dir: Path, data: Path | None, cfg: CompressConfig, output: Path |
         del model
         with console.status("measuring the compressed model"):
             (art.dir / "homeforge.json").write_text(json.dumps({"quantization": facts.get("quantization")}))
-            small, _ = _load(art.dir, classifier)  # exactly what users will load
+            small, _ = _load(art.dir, classifier, verify=False)  # exactly what users will load (our own temp dir)
             (art.dir / "homeforge.json").unlink()
             after = measure(small, art.dir, docs, cfg)
             if "quantization" in facts:
@@ -288,14 +289,11 @@ def _run(model_dir: Path, data: Path | None, cfg: CompressConfig, output: Path |
     return result
 
 
-def _load(path: Path, classifier: bool):
-    from homeforge.evaluate.run import load_model
-    from homeforge.models.io import load_causal_lm
+def _load(path: Path, classifier: bool, verify: bool = True):
+    from homeforge.models.io import load_model
 
-    if not classifier:
-        return load_causal_lm(path)
-    model, tok = load_model(path, "classification")
-    if model.config.pad_token_id is None:  # HF classifiers refuse batches > 1 without one
+    model, tok = load_model(path, head="classifier" if classifier else "causal", verify=verify)
+    if classifier and model.config.pad_token_id is None:  # HF classifiers refuse batches > 1 without one
         model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return model, tok
 

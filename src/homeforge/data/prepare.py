@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from homeforge import artifacts
+from homeforge import artifacts, paths
 from homeforge.data.tokenizer import batched
 from homeforge.errors import HomeforgeError
 
@@ -507,7 +507,8 @@ def run(cfg, *, force: bool = False, check_only: bool = False, console=None, out
         return report
 
     if check_only:
-        with tempfile.TemporaryDirectory(prefix="homeforge-check-") as work:
+        scratch = paths.scratch_dir() if cfg.encrypt else None  # encrypted data: plaintext work files in memory
+        with tempfile.TemporaryDirectory(prefix="homeforge-check-", dir=scratch) as work:
             report = build(None, Path(work))
         console.print(rep.render_markdown(report), markup=False, highlight=False)
         return {"out": None, "report": report, "skipped": False}

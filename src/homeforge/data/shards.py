@@ -14,8 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from homeforge.errors import ArtifactError
-
 INDEX = "index.json"
 
 
@@ -73,25 +71,14 @@ def write_shards(root: str | Path, splits: dict[str, Iterable[list[int]]], vocab
 
 
 def read_index(root: str | Path) -> dict:
-    p = Path(root) / INDEX
-    if not p.is_file():
-        raise ArtifactError(f"{root} has no token shards ({INDEX} missing)", where=str(root),
-                            fix="point to a dataset made by `homeforge prepare` or `homeforge quickstart`")
-    return json.loads(p.read_text())
+    """The dataset's index, checked against its manifest (``data.dataset.DatasetReader``)."""
+    from homeforge.data.dataset import DatasetReader
+
+    return DatasetReader.open(root).index
 
 
 def load_tokens(root: str | Path, split: str) -> np.ndarray:
-    """Memory-map the packed tokens of ``split`` (read-only)."""
-    index = read_index(root)
-    if split not in index["splits"]:
-        raise ArtifactError(f"dataset {root} has no {split!r} split", where=str(root),
-                            fix=f"available splits: {', '.join(index['splits'])}")
-    info = index["splits"][split]
-    if info["tokens"] == 0:
-        return np.zeros(0, dtype=index["dtype"])
-    path = Path(root) / info["file"]
-    from homeforge.security import crypto
+    """Memory-map the packed tokens of ``split`` (read-only), checked first (``data.dataset.DatasetReader``)."""
+    from homeforge.data.dataset import DatasetReader
 
-    if crypto.is_encrypted(path):  # authenticated on open, decrypted chunk by chunk (security/crypto.py)
-        return crypto.EncryptedArray(path, index["dtype"], length=info["tokens"])
-    return np.memmap(path, dtype=index["dtype"], mode="r", shape=(info["tokens"],))
+    return DatasetReader.open(root).tokens(split)

@@ -139,3 +139,20 @@ def classify(model, inputs: list[list[int]], batch_size: int = 16,
 
 def ppl(nll_sum: float, tokens: int) -> float:
     return math.exp(min(nll_sum / tokens, 50.0)) if tokens else float("nan")
+
+
+def prefix_id(tok) -> int:
+    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+
+def text_docs(rows: list[dict], tok, path) -> tuple[list[list[int]], list[str]]:
+    """Token ids ``[BOS, *text, EOS]`` of text records (and their texts), for perplexity."""
+    from homeforge.errors import HomeforgeError
+
+    texts = [r.get("text") for r in rows]
+    if any(not isinstance(t, str) for t in texts):
+        raise HomeforgeError(f"{path} has records without a 'text' string", where=str(path),
+                             fix="a text dataset's records are {\"text\": ...}; check the dataset kind")
+    enc = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+    start, eos = prefix_id(tok), tok.eos_token_id
+    return [[start, *ids, eos] for ids in enc], texts

@@ -37,44 +37,7 @@ class GateError(HomeforgeError):
 
 # --------------------------------------------------------------------------- dataset
 
-
-def dataset_kind(data: Path) -> str:
-    manifest = artifacts.read_manifest(data)
-    kind = manifest.get("kind")
-    index = data / "index.json"
-    if kind is None and index.is_file():
-        kind = json.loads(index.read_text()).get("kind")
-    return kind or "text"
-
-
-def resolve_split(data: Path, split: str) -> str:
-    if (data / f"{split}.jsonl").is_file():
-        return split
-    if split == "val":  # the default: accept the other usual names of a held-out split
-        for alt in ("validation", "test"):
-            if (data / f"{alt}.jsonl").is_file():
-                return alt
-    have = sorted(p.stem for p in data.glob("*.jsonl") if "." not in p.stem)
-    raise HomeforgeError(f"dataset {data} has no {split!r} split ({split}.jsonl)", where=str(data),
-                         fix=f"pass split=NAME; available: {', '.join(have) or 'none'}")
-
-
-def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
-    from homeforge.security.crypto import open_text  # plain or encrypted (security/crypto.py)
-
-    rows = []
-    with open_text(path) as f:
-        for i, line in enumerate(f):
-            if limit is not None and len(rows) >= limit:
-                break
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise HomeforgeError(f"line {i + 1} of {path} is not valid JSON", where=str(path),
-                                         fix="re-create the dataset with `homeforge prepare`") from None
-    return rows
-
+from homeforge.data.dataset import DatasetReader  # noqa: E402  (the one dataset reader)
 
 # --------------------------------------------------------------------------- models
 
@@ -105,18 +68,7 @@ def load_model(model_dir: Path, kind: str):
 # --------------------------------------------------------------------------- one model
 
 
-def _prefix_id(tok) -> int:
-    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-
-
-def _text_docs(rows: list[dict], tok, path: Path) -> tuple[list[list[int]], list[str]]:
-    texts = [r.get("text") for r in rows]
-    if any(not isinstance(t, str) for t in texts):
-        raise HomeforgeError(f"{path} has records without a 'text' string", where=str(path),
-                             fix="a text dataset's records are {\"text\": ...}; check the dataset kind")
-    enc = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
-    start, eos = _prefix_id(tok), tok.eos_token_id
-    return [[start, *ids, eos] for ids in enc], texts
+_prefix_id, _text_docs = lm.prefix_id, lm.text_docs
 
 
 def _chat_split(rows: list[dict], path: Path) -> list[tuple[list[dict], str]]:
@@ -165,20 +117,21 @@ def _ppl_block(nll: np.ndarray, count: np.ndarray, n_bytes: np.ndarray | None = 
 
 def evaluate_model(model_dir: Path, data: Path, cfg: EvalConfig, console: Console) -> dict:
     """All metrics of one model; ``per_example`` keeps paired per-example values for tests."""
-    kind = dataset_kind(data)
-    split = resolve_split(data, cfg.split)
+    ds = DatasetReader.open(data)
+    kind = ds.kind
+    split = ds.resolve_split(cfg.split)
     model, tok = load_model(model_dir, kind)
     if tok is None:
         raise HomeforgeError(f"{model_dir} has no tokenizer", where=str(model_dir), fix="copy the tokenizer files in")
     path = data / f"{split}.jsonl"
-    rows = read_jsonl(path, cfg.max_examples)
+    rows = ds.records(split, cfg.max_examples)
     if not rows:
         raise HomeforgeError(f"split {split!r} of {data} is empty", where=str(path), fix="evaluate another split")
     res: dict = {"model": str(model_dir), "dataset": str(data), "kind": kind, "split": split, "n_examples": len(rows)}
     per: dict = {}
     t0 = time.perf_counter()
     if kind == "classification":
-        _eval_classification(model, tok, data, split, rows, cfg, console, res, per)
+        _eval_classification(model, tok, ds, split, rows, cfg, console, res, per)
     elif kind in ("text", "chat"):
         _eval_lm(model, tok, kind, path, rows, cfg, console, res, per)
     else:
@@ -315,24 +268,18 @@ def _nll(model, docs, context, stride, batch_size, console, label, prompt_lens=N
     return nll, count
 
 
-def _eval_classification(model, tok, data, split, rows, cfg: EvalConfig, console, res, per) -> None:
-    tok_path = data / f"{split}.tokens.jsonl"
+def _eval_classification(model, tok, ds: DatasetReader, split, rows, cfg: EvalConfig, console, res, per) -> None:
+    tok_path = ds.root / f"{split}.tokens.jsonl"
     if not tok_path.is_file():
-        raise HomeforgeError(f"classification dataset {data} has no {tok_path.name}", where=str(data),
+        raise HomeforgeError(f"classification dataset {ds.root} has no {tok_path.name}", where=str(ds.root),
                              fix="re-create it with `homeforge prepare`")
-    trows = read_jsonl(tok_path, cfg.max_examples)
-    labels_file = data / "labels.json"
+    trows = ds.token_records(split, ("input_ids", "label"), limit=cfg.max_examples)
     n_classes = model.config.num_labels
-    index = json.loads((data / "index.json").read_text()) if (data / "index.json").is_file() else {}
-    if labels_file.is_file():
-        labels = json.loads(labels_file.read_text())
-    elif index.get("labels"):  # `homeforge prepare` keeps the label names in index.json
-        labels = list(index["labels"])
-    else:
-        labels = [str(i) for i in range(n_classes)]
+    labels = ds.labels() or [str(i) for i in range(n_classes)]
     if len(labels) != n_classes:
         raise HomeforgeError(f"the dataset has {len(labels)} labels but the classifier predicts {n_classes}",
-                             where=str(labels_file), fix="evaluate the classifier on the dataset it was trained for")
+                             where=str(ds.root / "labels.json"),
+                             fix="evaluate the classifier on the dataset it was trained for")
     mx = getattr(model.config, "max_position_embeddings", 10**9)
     inputs = [r["input_ids"][-mx:] for r in trows]
     y = np.array([int(r["label"]) for r in trows])

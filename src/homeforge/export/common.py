@@ -116,16 +116,15 @@ def _load_lora(p: Path, base: Path, adapter_cfg: dict) -> Source:
 
     tok_dir = p if tokenizer_dir(p) else base
     try:
-        from peft import PeftModel
+        import peft  # noqa: F401
     except ImportError:
         raise HomeforgeError("merging a LoRA adapter needs peft", fix="pip install 'homeforge[train]'") from None
-    from homeforge.security import storage
+    from homeforge.models.lora import (
+        load_adapter,  # the one adapter loader: verified, plain or encrypted
+    )
 
     base_model_obj, _ = load_causal_lm(base, dtype=torch.float32, with_tokenizer=False, dequantize=True)
-    if storage.has_encrypted_weights(p):  # an encrypted adapter: decrypted in memory (security/storage.py)
-        peft_model = storage.load_encrypted_adapter(base_model_obj, p).eval()
-    else:
-        peft_model = PeftModel.from_pretrained(base_model_obj, str(p), is_trainable=False).eval()
+    peft_model = load_adapter(base_model_obj, p).eval()
     tok = load_tokenizer(tok_dir)
     # the reference keeps the adapter unmerged; the exported model is a merged copy
     import copy

@@ -48,8 +48,10 @@ def load_gguf(path: Path, dtype=None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from homeforge import integrity
     from homeforge.models.io import quiet_transformers
 
+    integrity.check_now(path)  # a GGUF inside a homeforge export is checked against its manifest first
     folder, name = str(path.parent), path.name
     hf_logging.disable_progress_bar()
     try:

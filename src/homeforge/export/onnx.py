@@ -163,6 +163,10 @@ def _ort_optimize(src: Path, dst: Path, level: str) -> None:
 def session(path: Path, threads: int | None = None):
     import onnxruntime as ort
 
+    from homeforge import integrity
+
+    integrity.check_now(path)  # an exported graph is checked against its artifact's manifest before use
+
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # already optimised offline
     so.log_severity_level = 3

@@ -136,17 +136,46 @@ def save_adapter(peft_model, out: str | Path) -> None:
 
 
 def load_adapter(base_model, adapter_dir: str | Path, trainable: bool = False):
-    """Attach a saved adapter to ``base_model``; a clear error if the directory is not one."""
+    """Attach a saved adapter to ``base_model``, its files checked against the artifact's manifest first
+    (``integrity``); encrypted adapter weights are decrypted in memory. A clear error if it is not one."""
     from peft import PeftModel
+
+    from homeforge import integrity
+    from homeforge.security import storage
 
     p = Path(adapter_dir)
     if not (p / "adapter_config.json").is_file():
         raise HomeforgeError(f"{p} is not a LoRA adapter directory (no adapter_config.json)", where=str(p),
                              fix="pass the `adapter` directory written by a `method: lora` training run")
+    with integrity.verified_load(p), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(rank_pattern|alpha_pattern).*")
+        try:
+            if storage.has_encrypted_weights(p):  # an encrypted adapter: decrypted in memory only
+                return _load_encrypted_adapter(base_model, p, trainable)
+            return PeftModel.from_pretrained(base_model, str(p), is_trainable=trainable)
+        except HomeforgeError:
+            raise
+        except Exception as exc:
+            raise HomeforgeError(f"could not load the LoRA adapter in {p}: {type(exc).__name__}: {exc}", where=str(p),
+                                 fix="re-run the training that made it, or pass the base model it was trained on") from None
+
+
+def _load_encrypted_adapter(base_model, p: Path, trainable: bool):
+    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+
     from homeforge.security import storage
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(rank_pattern|alpha_pattern).*")
-        if storage.has_encrypted_weights(p):  # an encrypted adapter: decrypted in memory only
-            return storage.load_encrypted_adapter(base_model, p, trainable)
-        return PeftModel.from_pretrained(base_model, str(p), is_trainable=trainable)
+    config = PeftConfig.from_pretrained(str(p))
+    config.inference_mode = not trainable
+    model = PeftModel(base_model, config)
+    state: dict = {}
+    for f in storage.weight_files(p):
+        state.update(storage.load_safetensors(f))
+    result = set_peft_model_state_dict(model, state)
+    if getattr(result, "unexpected_keys", None):
+        raise HomeforgeError(f"the encrypted adapter in {p} does not match its adapter_config.json "
+                             f"(unexpected {result.unexpected_keys[:3]})", where=str(p),
+                             fix="re-run the training that made it")
+    if not trainable:
+        model.eval()
+    return model

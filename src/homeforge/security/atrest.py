@@ -39,13 +39,27 @@ def load_key_for(encrypt: bool) -> DataKey | None:
     return load_key(required=True) if encrypt else None
 
 
-def encrypt_tree(root: str | Path, key: DataKey) -> dict:
-    """Encrypt every data file under ``root`` in place; returns the manifest's ``encryption`` record."""
+def encrypt_tree(root: str | Path, key: DataKey, into: str | Path | None = None) -> dict:
+    """Encrypt every data file under ``root`` in place, or with ``into`` write the encrypted data files
+    and copies of the others into that folder (``root`` is left as it is: the caller deletes it).
+    Returns the manifest's ``encryption`` record."""
+    import shutil
+
     root = Path(root)
+    dest = Path(into) if into is not None else root
     files = []
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
-        if p.is_file() and not p.name.startswith(".") and should_encrypt(rel):
-            crypto.encrypt_file(p, key)
+        target = dest / rel
+        if p.is_dir():
+            if dest != root:
+                target.mkdir(exist_ok=True)
+            continue
+        if not p.is_file():
+            continue
+        if not p.name.startswith(".") and should_encrypt(rel):
+            crypto.encrypt_file(p, key, dest=target if dest != root else None)
             files.append(rel)
+        elif dest != root:
+            shutil.copyfile(p, target)
     return {"format": FORMAT, "key_id": key.key_id, "files": files}

@@ -4,8 +4,14 @@ Every line carries ``seq`` (1, 2, ...) and ``prev``: the SHA-256 of the previous
 exact bytes (64 zeros for the first line of a log that was never pruned). With a key,
 each line also ends with ``"mac"``: HMAC-SHA256 of the line's bytes before the mac, so a
 person who can write the file but does not hold the key cannot rewrite the chain either.
-A sidecar ``<log>.head`` records the last ``seq`` and line hash, which catches lines
-deleted from the end.
+Once the audit key exists every line must be signed: the key is created under the log's lock
+together with a signed ``audit-key-created`` line (``create_key``), writers read the key under
+the same lock for every line (so no line is written unsigned after it appeared), and ``verify``
+refuses unsigned lines except before that event. A log stripped of its signatures therefore
+reads BROKEN, not "intact without HMAC". A sidecar ``<log>.head`` records the last ``seq``
+and line hash (a missing head is itself an error), and every artifact manifest records the
+log's head when it was made (sealed: ``check_anchor``), so lines cut from the end together
+with ``.head`` still contradict the artifacts made after them.
 
 ``verify`` re-walks the chain and names the first bad line (edited, deleted, inserted or
 reordered lines all break ``prev`` or ``seq``). ``prune`` drops lines older than the
@@ -22,6 +28,7 @@ API (stable; the server writes per-request lines through it)::
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import getpass
 import hashlib
@@ -36,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from homeforge import paths
-from homeforge._fs import flock
+from homeforge._fs import flock, last_line
 from homeforge.errors import HomeforgeError
+from homeforge.security.masking import is_secret_name, mask_args  # noqa: F401  (their home; kept importable here)
 
 GENESIS = "0" * 64
 DEFAULT_RETENTION_DAYS = 183  # at least six months
@@ -93,48 +101,6 @@ def _parse_time(value: str) -> dt.datetime:
     return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
 
 
-# --------------------------------------------------------------------------- masking
-
-
-_SECRET_PARTS = {"key", "token", "secret", "password", "passwd", "pass", "credential", "credentials", "auth",
-                 "apikey", "pwd"}
-
-
-def is_secret_name(name: str) -> bool:
-    """``--api-key``, ``--token``, ``serve.auth.token``, ``--password``: yes; ``--key-file``, ``--max-new-tokens``: no."""
-    parts = [x for x in re.split(r"[-_.]+", name.lower().lstrip("-")) if x]
-    if not parts or parts[-1] in ("file", "path", "dir", "id", "name", "env", "command"):
-        return False
-    return any(x in _SECRET_PARTS for x in parts)
-
-
-def mask_args(argv: list[str]) -> list[str]:
-    """Replace the values of secret-looking options and KEY=VALUE overrides by ``***``.
-
-    ``--api-key X``, ``--api-key=X``, ``serve.auth.token=X``, ``--password X`` are masked;
-    ``--key-file PATH`` is not (a path is not a secret).
-    """
-    out: list[str] = []
-    mask_next = False
-    for arg in argv:
-        if mask_next:
-            out.append("***")
-            mask_next = False
-            continue
-        if arg.startswith("-") and "=" in arg:
-            name, _ = arg.split("=", 1)
-            out.append(f"{name}=***" if is_secret_name(name) else arg)
-        elif arg.startswith("--"):
-            out.append(arg)
-            mask_next = is_secret_name(arg)
-        elif "=" in arg and not arg.startswith("-"):
-            name, _ = arg.split("=", 1)
-            out.append(f"{name}=***" if is_secret_name(name.rsplit(".", 1)[-1]) else arg)
-        else:
-            out.append(arg)
-    return out
-
-
 # --------------------------------------------------------------------------- writing
 
 
@@ -160,23 +126,7 @@ def _split_mac(line: bytes) -> tuple[bytes, str | None]:
     return line[: m.start()] + b"}", m.group(1).decode()
 
 
-def _last_line(f) -> bytes | None:
-    """The last non-empty line of an open binary file (reads backwards in blocks)."""
-    f.seek(0, os.SEEK_END)
-    end = f.tell()
-    if end == 0:
-        return None
-    buf = b""
-    pos = end
-    while pos > 0:
-        step = min(65536, pos)
-        pos -= step
-        f.seek(pos)
-        buf = f.read(step) + buf
-        stripped = buf.rstrip(b"\n")
-        if b"\n" in stripped or pos == 0:
-            return stripped.rsplit(b"\n", 1)[-1] if stripped else None
-    return None
+_last_line = last_line
 
 
 def audit_key_path() -> Path:
@@ -188,6 +138,8 @@ def default_key() -> bytes | None:
     """The audit log's HMAC key, if one was created (``homeforge keys init``); else None (chain only).
 
     It is its own key, not the data key, so rotating the data key never invalidates old lines.
+    A key file others can read is refused like the data key (``HOMEFORGE_KEY_INSECURE_OK=1``
+    accepts it with a warning): a key that exists but cannot be trusted never turns signing off.
     """
     path = audit_key_path()
     if not path.is_file():
@@ -197,12 +149,17 @@ def default_key() -> bytes | None:
     return keys.read_key_file(path).secret
 
 
+KEY_EVENT = "audit-key-created"
+
+
 class AuditLog:
     """Append-only, hash-chained JSONL log; safe across threads and processes (flock)."""
 
     def __init__(self, path: str | Path | None = None, key: bytes | None | str = "default", fsync: bool = True):
         self.path = Path(path) if path is not None else default_path()
-        self.key = default_key() if key == "default" else key
+        self._key_spec = key  # "default": the audit key file, read under the log's lock for every line
+        if key == "default":
+            default_key()  # a key file that cannot be trusted fails now, before the command runs
         self.fsync = fsync
         with _locks_guard:
             self._lock = _locks.setdefault(str(self.path.absolute()), threading.Lock())
@@ -211,47 +168,76 @@ class AuditLog:
     def head_path(self) -> Path:
         return self.path.with_name(self.path.name + ".head")
 
+    @property
+    def key(self) -> bytes | None:
+        return default_key() if self._key_spec == "default" else self._key_spec
+
     def append(self, record: dict[str, Any]) -> dict:
         """Append one record (``time``, ``user``, ``pid`` added when missing); return the entry."""
+        entry = self._entry(record)
+        try:
+            with self._locked() as f:
+                self._append_locked(f, entry, self.key)  # the key as it is now, under the lock
+        except OSError as exc:
+            raise AuditError(f"cannot write the audit log {self.path}: {exc.strerror or exc}", where=str(self.path),
+                             fix="make the directory writable, or set HOMEFORGE_AUDIT_LOG to a writable file") from None
+        return entry
+
+    def create_key(self):
+        """Create the audit key (if there is none) under this log's lock and log its creation as a signed line.
+
+        A writer that started before reads the key under the same lock for its next line, so
+        no unsigned line can follow the key's creation. Returns the new key, or None if one existed."""
+        from homeforge.security import keys
+
+        with self._locked() as f:
+            created = keys.init_audit_key()
+            if created is not None:
+                self._append_locked(f, self._entry({"event": KEY_EVENT, "key_id": created.key_id}), created.secret)
+        return created
+
+    @staticmethod
+    def _entry(record: dict[str, Any]) -> dict[str, Any]:
         entry: dict[str, Any] = {"seq": 0, "prev": GENESIS, "time": now_iso(), "user": current_user(), "pid": os.getpid()}
         for k, v in record.items():
             if k in ("seq", "prev", "mac"):
                 raise AuditError(f"audit record field {k!r} is reserved", fix="rename the field")
             entry[k] = v
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            with self._lock, open(self.path, "a+b") as f:
-                os.chmod(self.path, 0o600) if f.tell() == 0 else None
-                flock(f, True)
-                try:
-                    last = _last_line(f)
-                    if last is not None:
-                        try:
-                            prev_entry = json.loads(last)
-                            entry["seq"] = int(prev_entry["seq"]) + 1
-                        except (ValueError, KeyError, TypeError):
-                            raise AuditError(f"the audit log {self.path} ends with a corrupted line",
-                                             where=str(self.path),
-                                             fix="run `homeforge audit verify` to see where; keep the file as evidence "
-                                                 "and start a new log with HOMEFORGE_AUDIT_LOG") from None
-                        entry["prev"] = _line_hash(last)
-                        if prev_entry.get("event") == "retention-checkpoint" and f.tell() == len(last) + 1:
-                            entry["prev"] = prev_entry["prev"]  # a checkpoint stands for the dropped lines
-                    else:
-                        entry["seq"] = 1
-                    line = _encode(entry, self.key)
-                    f.seek(0, os.SEEK_END)
-                    f.write(line + b"\n")
-                    f.flush()
-                    if self.fsync:
-                        os.fsync(f.fileno())
-                    self._write_head(entry["seq"], _line_hash(line))
-                finally:
-                    flock(f, False)
-        except OSError as exc:
-            raise AuditError(f"cannot write the audit log {self.path}: {exc.strerror or exc}", where=str(self.path),
-                             fix="make the directory writable, or set HOMEFORGE_AUDIT_LOG to a writable file") from None
         return entry
+
+    @contextlib.contextmanager
+    def _locked(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with self._lock, open(self.path, "a+b") as f:
+            os.chmod(self.path, 0o600) if f.tell() == 0 else None
+            flock(f, True)
+            try:
+                yield f
+            finally:
+                flock(f, False)
+
+    def _append_locked(self, f, entry: dict[str, Any], key: bytes | None) -> None:
+        last = _last_line(f)
+        if last is not None:
+            try:
+                prev_entry = json.loads(last)
+                entry["seq"] = int(prev_entry["seq"]) + 1
+            except (ValueError, KeyError, TypeError):
+                raise AuditError(f"the audit log {self.path} ends with a corrupted line", where=str(self.path),
+                                 fix="run `homeforge audit verify` to see where; keep the file as evidence "
+                                     "and start a new log with HOMEFORGE_AUDIT_LOG") from None
+            entry["prev"] = _line_hash(last)
+            if prev_entry.get("event") == "retention-checkpoint" and f.tell() == len(last) + 1:
+                entry["prev"] = prev_entry["prev"]  # a checkpoint stands for the dropped lines
+        else:
+            entry["seq"] = 1
+        line = _encode(entry, key)
+        f.seek(0, os.SEEK_END)
+        f.write(line + b"\n")
+        f.flush()
+        if self.fsync:
+            os.fsync(f.fileno())
+        self._write_head(entry["seq"], _line_hash(line), key)
 
     def check(self) -> None:
         """Raise AuditError if the log cannot take another line (unwritable, or a corrupted last line)."""
@@ -276,8 +262,8 @@ class AuditLog:
                                  fix="run `homeforge audit verify` to see where; keep the file as evidence "
                                      "and start a new log with HOMEFORGE_AUDIT_LOG") from None
 
-    def _write_head(self, seq: int, digest: str) -> None:
-        head = _encode({"seq": seq, "hash": digest}, self.key)
+    def _write_head(self, seq: int, digest: str, key: bytes | None) -> None:
+        head = _encode({"seq": seq, "hash": digest}, key)
         tmp = self.head_path.with_name(self.head_path.name + f".tmp-{os.getpid()}-{threading.get_ident()}")
         with open(tmp, "wb") as f:
             f.write(head + b"\n")
@@ -336,11 +322,14 @@ def verify(path: str | Path | None = None, key: bytes | None | str = "default") 
         if not isinstance(entry, dict) or "seq" not in entry or "prev" not in entry:
             return VerifyResult(False, n, lineno, "not an audit entry (no seq/prev): inserted by hand?")
         if mac is not None:
-            seen_mac = True
             if k is not None and not hmac.compare_digest(mac, _mac(k, body)):
                 return VerifyResult(False, n, lineno, "HMAC signature does not match: the line was edited or forged")
+            if k is not None and not seen_mac and n > 1 and entry.get("event") != KEY_EVENT:
+                return VerifyResult(False, n, lineno, f"the {n - 1} unsigned lines before this one are not followed by "
+                                    "the signed creation of the audit key: signatures were removed from them")
+            seen_mac = True
         elif k is not None and seen_mac:
-            return VerifyResult(False, n, lineno, "unsigned line in a signed log: inserted without the key")
+            return VerifyResult(False, n, lineno, "unsigned line in a signed log: inserted or rewritten without the key")
         if n == 1 and entry.get("event") == "retention-checkpoint":
             checkpoint = entry
             prev, expected_seq = entry["prev"], int(entry["seq"])
@@ -361,7 +350,13 @@ def verify(path: str | Path | None = None, key: bytes | None | str = "default") 
         recent[int(entry["seq"])] = last_hash
         if len(recent) > 8:
             recent.pop(min(recent))
+    if k is not None and n and not seen_mac:
+        return VerifyResult(False, n, 1, "no line is signed although the audit key exists: the signatures were "
+                            "removed and the chain recomputed (the key's creation is always a signed line)")
     head_p = p.with_name(p.name + ".head")
+    if n and not head_p.is_file():
+        return VerifyResult(False, n, n, f"the head record {head_p.name} is missing: lines may have been deleted from "
+                            "the end together with it")
     if head_p.is_file():
         head_line = head_p.read_bytes().strip()
         body, mac = _split_mac(head_line)
@@ -369,8 +364,8 @@ def verify(path: str | Path | None = None, key: bytes | None | str = "default") 
             head = json.loads(head_line)
         except json.JSONDecodeError:
             return VerifyResult(False, n, n, "the head record (.head file) is corrupted")
-        if mac is not None and k is not None and not hmac.compare_digest(mac, _mac(k, body)):
-            return VerifyResult(False, n, n, "the head record's HMAC does not match: it was forged")
+        if k is not None and (mac is None or not hmac.compare_digest(mac, _mac(k, body))):
+            return VerifyResult(False, n, n, "the head record's HMAC is missing or does not match: it was forged")
         lagging = isinstance(head.get("seq"), int) and head["seq"] < expected_seq - 1 and \
             recent.get(head["seq"]) == head.get("hash")  # a crash between a line and its head write
         if not lagging and (head.get("seq") != expected_seq - 1 or
@@ -486,123 +481,49 @@ def prune(path: str | Path | None = None, keep_days: int | None = None, key: byt
             os.chmod(tmp, 0o600)
             os.replace(tmp, p)
             if drop == len(lines):  # everything dropped: the head now points at the checkpoint
-                log._write_head(cp["seq"], cp["prev"])
+                log._write_head(cp["seq"], cp["prev"], k)
             return n_dropped
         finally:
             flock(f, False)
 
 
-# --------------------------------------------------------------------------- commands
+# --------------------------------------------------------------------------- anchors in manifests
 
 
-def _path_candidates(argv: list[str]) -> list[str]:
-    out = []
-    for arg in argv:
-        value = arg.split("=", 1)[1] if "=" in arg else arg
-        if value and not value.startswith("-") and ("/" in value or os.path.exists(value)):
-            out.append(value)
-    return out
+def check_anchor(anchor: dict, where: str = "") -> str | None:
+    """A problem if the audit line a (sealed) manifest recorded as the log's head is gone or changed, else None.
 
-
-def _hash_of(path: str) -> str | None:
-    from homeforge import artifacts
-
-    p = Path(path)
-    try:
-        if p.is_dir() and (p / artifacts.MANIFEST).is_file():
-            return artifacts.read_manifest(p)["content_hash"]
-        if p.is_file() and p.stat().st_size <= 256 << 20:
-            return "sha256:" + artifacts.sha256_file(p)
-    except (OSError, HomeforgeError):
+    Lines cut from the end of the log, even together with ``.head``, contradict every artifact
+    made after them. An anchor in another log than this machine's is not checked."""
+    log = Path(str(anchor.get("log", "")))
+    if log.absolute() != default_path().absolute() and not log.is_file():
         return None
-    return None
+    if not log.is_file():
+        return f"the audit log {log} is gone, but {where or 'this artifact'} was made when it held {anchor.get('seq')} lines"
+    seq, digest = anchor.get("seq"), anchor.get("hash")
+    last_seq = 0
+    for _, line in _iter_lines(log):
+        try:
+            e = json.loads(line)
+            s_ = int(e["seq"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if e.get("event") == "retention-checkpoint" and s_ >= (seq or 0):
+            return None  # the line was pruned: the checkpoint vouches for it
+        if s_ == seq:
+            if _line_hash(line) != digest:
+                return (f"audit log line {seq} is not the one {where or 'this artifact'} recorded when it was made: "
+                        "the log was rewritten")
+            return None
+        last_seq = s_
+    return (f"the audit log ends at line {last_seq}, but {where or 'this artifact'} was made when it held {seq} lines: "
+            "lines were deleted from its end")
 
 
 _command_notes: dict[str, Any] = {}
 
 
 def note_command(**fields: Any) -> None:
-    """Add fields to this process's command audit line (e.g. the signal that stopped a server)."""
+    """Add fields to this process's command audit line (e.g. the signal that stopped a server;
+    written by ``audit_command.audited_command``)."""
     _command_notes.update(fields)
-
-
-class audited_command:  # noqa: N801 - used as a context manager
-    """Append one ``command`` line per CLI invocation: who, what (masked), inputs/outputs, outcome.
-
-    Inputs are the hashes of the artifacts/files named on the command line before it runs;
-    outputs are the artifacts named on it that were created or changed by it. A log that
-    cannot be written is a warning, unless ``HOMEFORGE_AUDIT_REQUIRED=1`` (then the
-    command fails before doing anything).
-    """
-
-    def __init__(self, argv: list[str]):
-        self.argv = list(argv)
-        self.skip = not argv or any(a in ("-h", "--help", "--version") for a in argv)
-        self.log: AuditLog | None = None
-        self.before: dict[str, str | None] = {}
-
-    def __enter__(self):
-        if self.skip:
-            return self
-        import time
-
-        self.t0 = time.perf_counter()
-        self.before = {p: _hash_of(p) for p in _path_candidates(self.argv)}
-        try:
-            self.log = AuditLog()
-            self.log.check()  # fail (HOMEFORGE_AUDIT_REQUIRED=1) or warn before the command runs
-        except HomeforgeError as exc:
-            self.log = None
-            self._fail_open(exc)
-        return self
-
-    def _fail_open(self, exc: Exception) -> None:
-        if paths.audit_required():
-            raise exc if isinstance(exc, HomeforgeError) else AuditError(str(exc))
-        import sys
-
-        print(f"warning: the audit log could not be written: {exc}", file=sys.stderr)
-
-    def __exit__(self, exc_type, exc, tb):
-        if self.skip or self.log is None:
-            return False
-        import time
-
-        if exc_type is None or (exc_type is SystemExit and exc.code in (0, None)):
-            outcome, code, error = "ok", 0, None
-        elif exc_type is SystemExit and exc.code == 130:  # Ctrl-C, as the CLI framework reports it
-            outcome, code, error = "interrupted", 130, None
-        elif exc_type is SystemExit:
-            outcome, code, error = "error", exc.code if isinstance(exc.code, int) else 1, None
-        elif exc_type is KeyboardInterrupt:
-            outcome, code, error = "interrupted", 130, None
-        elif isinstance(exc, HomeforgeError):
-            outcome, code, error = "error", exc.exit_code, exc.what
-        else:
-            outcome, code, error = "crash", 1, f"{exc_type.__name__}: {exc}"
-        after = {p: _hash_of(p) for p in _path_candidates(self.argv)}
-        inputs = {p: h for p, h in self.before.items() if h is not None}
-        outputs = {p: h for p, h in after.items() if h is not None and h != self.before.get(p)}
-        i = next((j for j, a in enumerate(self.argv) if not a.startswith("-")), len(self.argv))
-        command = self.argv[i] if i < len(self.argv) else ""
-        sub = [a for a in self.argv[i + 1 : i + 2] if not a.startswith("-")]
-        record = {"event": "command", "command": " ".join([command, *sub]) if command in ("keys", "audit", "config") else command,
-                  "args": mask_args(self.argv), "cwd": os.getcwd(), "inputs": inputs, "outputs": outputs,
-                  "outcome": outcome, "exit_code": code, "duration_s": round(time.perf_counter() - self.t0, 3)}
-        if error:
-            record["error"] = error[:500]
-        record.update({k: v for k, v in _command_notes.items() if k not in record})
-        _command_notes.clear()
-        try:
-            self.log.append(record)
-        except HomeforgeError as e:
-            self._fail_open(e)
-        return False
-
-
-def egress_refused(host: str, port, what: str) -> None:
-    """The egress guard's ``on_refuse`` callback: one audit line per refused connection."""
-    import sys
-
-    AuditLog().append({"event": "egress-refused", "host": host, "port": port, "what": what,
-                       "command": " ".join(mask_args(sys.argv[1:3]))})

@@ -209,12 +209,18 @@ def write_encrypted(path: str | Path, data: bytes | Iterable[bytes], key: DataKe
             w.write(block)
 
 
-def encrypt_file(path: str | Path, key: DataKey | None = None, chunk_size: int = DEFAULT_CHUNK) -> None:
-    """Encrypt a plain file in place (streamed; atomic replace). Already-encrypted files are left alone."""
+def encrypt_file(path: str | Path, key: DataKey | None = None, chunk_size: int = DEFAULT_CHUNK,
+                 dest: str | Path | None = None) -> None:
+    """Encrypt a plain file in place, or into ``dest`` (streamed; atomic replace). Already-encrypted
+    files are left alone (or copied to ``dest`` as they are)."""
     p = Path(path)
     if is_encrypted(p) or is_encrypted_log(p):
+        if dest is not None:
+            import shutil
+
+            shutil.copyfile(p, dest)
         return
-    with open(p, "rb") as src, EncryptedWriter(p, key, chunk_size) as w:
+    with open(p, "rb") as src, EncryptedWriter(dest if dest is not None else p, key, chunk_size) as w:
         while block := src.read(1 << 20):
             w.write(block)
 

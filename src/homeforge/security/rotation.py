@@ -46,6 +46,11 @@ def rotate_data_key(roots: list[Path], *, force: bool = False, keep_old: bool = 
         n = storage.rotate_artifact(art, old, new)
         total += n
         say(f"{art}: {n} files re-encrypted under {new.key_id}")
+    signer = storage.seal_key_after_rotation(new)
+    resealed = sum(storage.reseal(a, old.key_id, signer) for root in roots for a in storage.find_artifacts(root)
+                   if a not in found)
+    if resealed:
+        say(f"{resealed} other artifacts signed with the old key re-signed with {signer.kind} key {signer.key_id}")
     for root in roots:  # checkpoints, logs and other encrypted files outside artifacts
         n = storage.rotate_loose_files(root, old, new, skip=found)
         total += n

@@ -22,7 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
-from homeforge import artifacts
+from homeforge import artifacts, integrity
 from homeforge._fs import fsync_tree, swap_dir
 from homeforge.errors import HomeforgeError
 from homeforge.security import crypto
@@ -43,8 +43,11 @@ def decrypted_tokenizer_dir(path: str | Path):
         return
     import tempfile
 
+    from homeforge import scratch
+
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     tmp = Path(tempfile.mkdtemp(prefix="homeforge-tok-", dir=base))  # mode 0700
+    scratch.register(tmp)  # removed at the next homeforge start if this process is killed
     try:
         for f in p.iterdir():
             if f.is_file() and (f.name in TOKENIZER_FILES or f.suffix in (".json", ".jinja", ".txt", ".model")):
@@ -55,7 +58,7 @@ def decrypted_tokenizer_dir(path: str | Path):
                     out.write(crypto.read_bytes(f))
         yield tmp
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        scratch.release(tmp)
 
 
 def load_safetensors(path: str | Path, device: str = "cpu") -> dict:
@@ -100,59 +103,6 @@ def has_encrypted_weights(model_dir: str | Path) -> bool:
     return any(crypto.is_encrypted(p) for p in weight_files(model_dir))
 
 
-def load_encrypted_pretrained(auto_cls, model_dir: str | Path, dtype=None):
-    """Build ``auto_cls`` (e.g. AutoModelForCausalLM) from config.json and load decrypted weights.
-
-    The plaintext weights exist only in memory; nothing is written to disk.
-    """
-    import torch
-    from transformers import AutoConfig
-
-    p = Path(model_dir)
-    config = AutoConfig.from_pretrained(str(p), local_files_only=True)
-    model = auto_cls.from_config(config, dtype=dtype or torch.float32)
-    state: dict = {}
-    for f in weight_files(p):
-        state.update(load_safetensors(f))
-    result = model.load_state_dict(state, strict=False)
-    model.tie_weights()
-    tied = {n for n, _ in model.named_parameters()}  # after tying, shared weights appear once
-    missing = [k for k in result.missing_keys if k in tied and not _is_tied(model, k)]
-    if missing or result.unexpected_keys:
-        raise HomeforgeError(f"the encrypted weights in {p} do not match its config.json "
-                             f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})", where=str(p),
-                             fix="re-run the stage that made the model")
-    return model.to(dtype or torch.float32).eval()
-
-
-def _is_tied(model, name: str) -> bool:
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return (out is not None and inp is not None and out.weight is inp.weight
-            and name.endswith("weight") and "lm_head" in name)
-
-
-def load_encrypted_adapter(base_model, adapter_dir: str | Path, trainable: bool = False):
-    """``PeftModel.from_pretrained`` for an adapter whose weights are encrypted (decrypted in memory)."""
-    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
-
-    p = Path(adapter_dir)
-    config = PeftConfig.from_pretrained(str(p))
-    config.inference_mode = not trainable
-    model = PeftModel(base_model, config)
-    state: dict = {}
-    for f in weight_files(p):
-        state.update(load_safetensors(f))
-    result = set_peft_model_state_dict(model, state)
-    if getattr(result, "unexpected_keys", None):
-        raise HomeforgeError(f"the encrypted adapter in {p} does not match its adapter_config.json "
-                             f"(unexpected {result.unexpected_keys[:3]})", where=str(p),
-                             fix="re-run the training that made it")
-    if not trainable:
-        model.eval()
-    return model
-
-
 # --------------------------------------------------------------------------- rotation
 
 
@@ -189,6 +139,7 @@ def rotate_artifact(path: str | Path, old: DataKey, new: DataKey) -> int:
         manifest.update(files=files, sizes={rel: (tmp / rel).stat().st_size for rel in files},
                         content_hash=artifacts.content_hash(files), rotations=rotations,
                         encryption={**enc, "key_id": new.key_id})
+        manifest = integrity.seal(manifest, seal_key_after_rotation(new))
         (tmp / artifacts.MANIFEST).write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
         fsync_tree(tmp)
         swap_dir(tmp, p)
@@ -198,18 +149,40 @@ def rotate_artifact(path: str | Path, old: DataKey, new: DataKey) -> int:
         raise
 
 
-def find_encrypted_artifacts(root: str | Path) -> list[Path]:
-    """Artifact directories under ``root`` (inclusive) whose manifest records encryption."""
+def seal_key_after_rotation(new: DataKey) -> integrity.SealKey:
+    """The key manifests are signed with once ``new`` replaces the data key: the audit key if there is one."""
+    audit = [k for k in integrity.local_keys() if k.kind == "audit"]
+    return audit[0] if audit else integrity.SealKey("data", new.key_id, new.secret)
+
+
+def find_artifacts(root: str | Path, encrypted_only: bool = False) -> list[Path]:
+    """Artifact directories under ``root`` (inclusive); only those whose manifest records encryption if asked."""
     root = Path(root)
     found = []
     for mf in sorted([root / artifacts.MANIFEST, *root.rglob(artifacts.MANIFEST)]):
         if mf.is_file() and ".tmp-" not in str(mf) and ".old-" not in str(mf):
             try:
-                if json.loads(mf.read_text(encoding="utf-8")).get("encryption"):
+                if not encrypted_only or json.loads(mf.read_text(encoding="utf-8")).get("encryption"):
                     found.append(mf.parent)
             except (OSError, json.JSONDecodeError):
                 continue
     return sorted(set(found))
+
+
+def find_encrypted_artifacts(root: str | Path) -> list[Path]:
+    """Artifact directories under ``root`` (inclusive) whose manifest records encryption."""
+    return find_artifacts(root, encrypted_only=True)
+
+
+def reseal(path: Path, old_key_id: str, new: integrity.SealKey) -> bool:
+    """Re-sign a manifest signed with ``old_key_id`` (the data key being retired) with ``new``."""
+    from homeforge._fs import atomic_write_text
+
+    m = artifacts.read_manifest(path)
+    if (m.get("seal") or {}).get("key_id") != old_key_id or new.key_id == old_key_id:
+        return False
+    atomic_write_text(path / artifacts.MANIFEST, json.dumps(integrity.seal(m, new), indent=2, default=str))
+    return True
 
 
 def rotate_loose_files(root: str | Path, old: DataKey, new: DataKey, skip: list[Path] = ()) -> int:

@@ -6,17 +6,23 @@ Layout of ``RUN/checkpoints/step-00000100/`` (``best/`` is the same)::
     trainer.pt          optimizer, lr scheduler, grad scaler, run state (step, data position, ...)
     rng-rank{R}.pt      python / numpy / torch (/ cuda) RNG states of every rank
     config.yaml         the resolved training config
-    meta.json           step, samples, losses, config hash, world size (written last)
+    meta.json           step, samples, losses, config hash, world size
+    homeforge.json      the checkpoint's own manifest (written last): every file above hashed,
+                        the config, sealed like an artifact's (``integrity``)
 
-A checkpoint is built in ``.tmp-NAME`` and renamed into place, so a crash leaves either
-the old set or the new one, never a half-written directory; ``meta.json`` marks a
-complete one. Model and optimizer states go through ``torch.distributed.checkpoint``'s
-full-state-dict helpers, so one code path serves a single process, DDP and FSDP2.
+A checkpoint is built in a private (0700) ``.tmp-NAME`` and renamed into place, so a crash
+leaves either the old set or the new one, never a half-written directory. With ``encrypt``
+every data file is encrypted from memory (nothing of it is written in the clear). Resuming
+and reading a checkpoint's config or weights check every file against its manifest first: a
+flipped byte, a deleted RNG file or an edited config.yaml is refused with the file named.
+Model and optimizer states go through ``torch.distributed.checkpoint``'s full-state-dict
+helpers, so one code path serves a single process, DDP and FSDP2.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -27,10 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import save_file
 
+from homeforge import integrity, scratch
 from homeforge._fs import fsync_dir, fsync_tree, sha256_json, swap_dir
 from homeforge.errors import HomeforgeError
+
+MANIFEST = integrity.MANIFEST
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
 # settings that may change between an interrupted run and its resumption
@@ -99,6 +107,20 @@ def is_complete(path: Path) -> bool:
     return (path / "meta.json").is_file() and (path / "trainer.pt").is_file()
 
 
+def verify_checkpoint(path: Path, rels: list[str] | None = None) -> dict | None:
+    """Check a checkpoint (or some of its files) against its manifest before use; its manifest or None
+    with ``--no-verify``. A checkpoint without a manifest (older homeforge) is refused."""
+    if not integrity.verify_enabled():
+        integrity.note_skipped(path)  # for the command's audit line
+        return None
+    if not (path / MANIFEST).is_file():
+        raise HomeforgeError(f"checkpoint {path} has no manifest ({MANIFEST}): it was written by an older homeforge, "
+                             "or the manifest was deleted, so its files cannot be checked", where=str(path),
+                             fix="start the run again, or accept it unchecked with `homeforge --no-verify train "
+                                 "--resume ...` (recorded in the audit log)")
+    return integrity.check_now(path, rels)
+
+
 def step_checkpoints(run_dir: Path) -> list[Path]:
     """Complete step checkpoints in the order they were written, oldest first.
 
@@ -140,9 +162,28 @@ def trainable_names(model: torch.nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+def _writer(encrypt: bool):
+    """``write(path, data: bytes)``: plain, or encrypted from memory (no plaintext on disk)."""
+    if not encrypt:
+        return lambda path, data: Path(path).write_bytes(data)
+    from homeforge.security import crypto, keys
+
+    key = keys.load_key(required=True)
+    return lambda path, data: crypto.write_encrypted(path, data, key)
+
+
+def _torch_bytes(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def save_checkpoint(run_dir: Path, name: str, *, model: torch.nn.Module, optimizer, trainer: dict, config: dict,
                     meta: dict, rank: int = 0, world: int = 1, barrier=lambda: None) -> Path | None:
     """Write checkpoint ``name`` atomically; every rank must call it (collectives inside)."""
+    from safetensors.torch import save
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -155,38 +196,57 @@ def save_checkpoint(run_dir: Path, name: str, *, model: torch.nn.Module, optimiz
     osd = get_optimizer_state_dict(model, optimizer, options=opts)
     root = checkpoint_dir(run_dir)
     final = root / name
-    tmp = root / f".tmp-{name}"
+    tmp = root / f".tmp-{name}"  # one name every rank knows
+    encrypt = bool(config.get("encrypt"))
+    write = _writer(encrypt)
     if rank == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(mode=0o700)
+        os.chmod(tmp, 0o700)
+        scratch.register(tmp)
     barrier()
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    write(tmp / f"rng-rank{rank}.pt", _torch_bytes(rng_state()))
     barrier()
     if rank != 0:
         barrier()
         return None
     try:
         weights = {k: v.detach().contiguous() for k, v in msd.items() if k in names}
-        save_file(weights, str(tmp / "model.safetensors"))
-        torch.save({**trainer, "optimizer": osd}, tmp / "trainer.pt")
+        write(tmp / "model.safetensors", save(weights))
+        write(tmp / "trainer.pt", _torch_bytes({**trainer, "optimizer": osd}))
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         meta = {**meta, "name": name, "world_size": world, "config_hash": config_hash(config),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        if config.get("encrypt"):  # weights, optimizer, RNG state encrypted
-            from homeforge.security import atrest, keys
-
-            atrest.encrypt_tree(tmp, keys.load_key(required=True))
+        _write_manifest(tmp, config, meta, encrypt)
+        os.chmod(tmp, 0o755)
         fsync_tree(tmp)
         swap_dir(tmp, final)  # only "best" is ever replaced
         fsync_dir(root)
+        scratch.unregister(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        scratch.release(tmp)
         raise
     finally:
         barrier()
     return final
+
+
+def _write_manifest(tmp: Path, config: dict, meta: dict, encrypt: bool) -> None:
+    """The checkpoint's own sealed manifest: every file hashed, the config and the run state it holds."""
+    from homeforge.artifacts import ArtifactWriter
+
+    w = ArtifactWriter(out=tmp, dir=tmp, stage="checkpoint", config=config, inputs={}, fingerprint=meta["config_hash"])
+    w.metrics = {k: meta.get(k) for k in ("step", "samples", "loss", "best_val")}
+    w.extra["checkpoint"] = {"name": meta["name"], "world_size": meta["world_size"]}
+    if encrypt:
+        from homeforge.security import atrest, keys
+
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.iterdir() if atrest.should_encrypt(p.name))
+        w.extra["encryption"] = {"format": atrest.FORMAT, "key_id": keys.load_key(required=True).key_id, "files": files}
+    (tmp / MANIFEST).write_text(json.dumps(w.manifest(), indent=2, default=str), encoding="utf-8")
 
 
 def prune(run_dir: Path, keep: int) -> None:
@@ -204,6 +264,7 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer, rank: int 
 
     from homeforge.security.storage import load_safetensors, torch_load  # plain or encrypted files
 
+    verify_checkpoint(path)  # every file, before any of it is used
     weights = load_safetensors(path / "model.safetensors")
     missing = sorted(set(trainable_names(model)) - set(weights))
     if missing:
@@ -226,13 +287,25 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
 
     from homeforge.security.storage import load_safetensors  # plain or encrypted files
 
+    verify_checkpoint(path, ["model.safetensors"])
     set_model_state_dict(model, load_safetensors(path / "model.safetensors"),
                          options=StateDictOptions(full_state_dict=True, strict=False))
 
 
+def read_manifest_of(path: Path) -> dict | None:
+    """A checkpoint's manifest as written (checked by ``verify_checkpoint``), None if it has none."""
+    try:
+        return json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def read_meta(path: Path) -> dict:
+    verify_checkpoint(path, ["meta.json"])
     return json.loads((path / "meta.json").read_text(encoding="utf-8"))
 
 
 def read_config(path: Path) -> dict:
+    """The config a checkpoint was written with (checked against its manifest: an edited copy is refused)."""
+    verify_checkpoint(path, ["config.yaml"])
     return yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))

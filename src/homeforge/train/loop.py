@@ -90,6 +90,7 @@ from homeforge.train.checkpoint import (
     load_weights,
     prune,
     read_config,
+    read_manifest_of,
     read_meta,
     save_checkpoint,
 )
@@ -184,6 +185,7 @@ class RunState:
     stop_reason: str = ""  # max_steps | time budget | early stopping
     elapsed_s: float = 0.0  # wall-clock seconds of training so far (all sessions of a resumed run)
     final_weights: str = "last"  # "best" when early stopping restored the best checkpoint
+    resumed: list[dict] = field(default_factory=list)  # checkpoints this run continued from (lineage)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "history"}
@@ -359,6 +361,8 @@ def save_final_model(task: TrainTask, model, cfg: TrainConfig, run_dir: Path, st
             shutil.copy2(run_dir / "loss.png", art.dir / "loss.png")
             art.metrics = {**final_metrics(state), **extra_metrics}
             art.extra.update(kind=task.info.get("kind", "causal-lm"), method=cfg.method, task=task.info)
+            if state.resumed:  # the config recorded is the one used: resume refuses any other (checkpoint.py)
+                art.extra["resumed_from"] = state.resumed
         final.to(info.device)
     info.barrier()
     return out
@@ -514,6 +518,9 @@ def restore(path: Path, model, opt, sched, scaler, state: RunState, config: dict
     for k, v in trainer["state"].items():
         setattr(state, k, v)
     state.stop_reason = ""
+    manifest = read_manifest_of(path)
+    state.resumed = [*state.resumed, {"checkpoint": str(path), "step": state.step,
+                                      "content_hash": (manifest or {}).get("content_hash")}]
 
 
 def diverged(loss: float | str, state: RunState, last_ckpt: Path | None) -> TrainingDiverged:

@@ -177,38 +177,9 @@ def build_task(cfg, data_dir):
 
 
 def _load_base_classifier(model_dir: Path, id2label: dict, label2id: dict):
-    """A classifier on a local checkpoint: its body's weights, a new head (plain or encrypted weights)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    """A classifier on a local checkpoint: its body's weights, a new head (``models.io.load_model``)."""
+    from homeforge.models.io import load_model
 
-    from homeforge.compress.quantize import read_quantization
-    from homeforge.models.io import quiet_transformers
-    from homeforge.security import storage
-
-    if qinfo := read_quantization(model_dir):
-        raise HomeforgeError(f"{model_dir} is a quantized model ({qinfo.get('method')}); it cannot be trained further",
-                             where=str(model_dir),
-                             fix="train from the full-precision model it was compressed from, or write dequantized "
-                                 f"fp32 weights first: homeforge export {model_dir} --format hf")
     labels = {"num_labels": len(id2label), "id2label": id2label, "label2id": label2id}
-    if storage.has_encrypted_weights(model_dir):  # decrypted in memory only
-        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, **labels)
-        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
-        state: dict = {}
-        for f in storage.weight_files(model_dir):
-            state.update(storage.load_safetensors(f))
-        result = model.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if k.split(".")[0] not in ("score", "classifier")
-                   and ".pooler." not in k]
-        if missing:
-            raise HomeforgeError(f"the weights in {model_dir} do not fit a sequence classifier of its architecture "
-                                 f"(missing {missing[:3]})", where=str(model_dir),
-                                 fix="pass a complete causal LM or encoder directory")
-        return model
-    try:
-        with quiet_transformers():  # "newly initialized: score.weight" is expected here
-            return AutoModelForSequenceClassification.from_pretrained(
-                str(model_dir), local_files_only=True, dtype=torch.float32, ignore_mismatched_sizes=True, **labels)
-    except (OSError, ValueError, KeyError) as exc:
-        raise HomeforgeError(f"could not load {model_dir} as a sequence classifier: {exc}", where=str(model_dir),
-                             fix="pass a Hugging Face model directory (a causal LM or an encoder)") from None
+    model, _ = load_model(model_dir, head="classifier", config_updates=labels, new_head=True, with_tokenizer=False)
+    return model

@@ -7,7 +7,6 @@ Datasets follow the layout of docs/DEVELOPING.md (``index.json`` with ``kind`` a
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ class Dataset:
     kind: str
     tokenizer: Any
     dropped: dict[str, int] = field(default_factory=dict)  # records dropped by reason, per split
+    reader: Any = None  # the data.dataset.DatasetReader every file is read (and checked) through
 
     @property
     def vocab_size(self) -> int:
@@ -44,62 +44,31 @@ class Dataset:
 
 
 def open_dataset(data_dir: str | Path | None, method: str) -> Dataset:
-    """Open a dataset artifact and check that its kind suits ``method``."""
-    from homeforge.data.shards import read_index
-    from homeforge.models.io import load_tokenizer
+    """Open a dataset artifact (``data.dataset.DatasetReader``) and check that its kind suits ``method``."""
+    from homeforge.data.dataset import DatasetReader
 
     if data_dir is None:
         raise HomeforgeError(f"method {method!r} needs a dataset and train.data is not set",
                              fix="pass --data DIR (a directory made by `homeforge prepare`) or set train.data")
-    root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise HomeforgeError(f"dataset directory {root} does not exist", where=str(root),
-                             fix="make it with `homeforge prepare`, or correct train.data")
-    if (root / "homeforge.json").is_file():
-        from homeforge.artifacts import verify
-
-        verify(root, deep=False)
-    index = read_index(root)
-    kind = index.get("kind", "text")
+    reader = DatasetReader.open(data_dir)
+    kind = reader.kind
     allowed = METHOD_KINDS[method]
     if kind not in allowed:
         raise HomeforgeError(
-            f"dataset {root} is of kind {kind!r} but method {method!r} trains on {' or '.join(allowed)} data",
-            where=str(root / "index.json"),
+            f"dataset {reader.root} is of kind {kind!r} but method {method!r} trains on {' or '.join(allowed)} data",
+            where=str(reader.root / "index.json"),
             fix=f"use method {KIND_HINT.get(kind, '?')} for {kind} data, or prepare the data with "
                 f"kind={allowed[0]}",
         )
-    tok_dir = root / "tokenizer"
-    if not tok_dir.is_dir():
-        raise HomeforgeError(f"dataset {root} has no tokenizer/ directory", where=str(root),
-                             fix="re-run `homeforge prepare`; the tokenizer used for the data is stored with it")
-    return Dataset(root=root, index=index, kind=kind, tokenizer=load_tokenizer(tok_dir))
+    return Dataset(root=reader.root, index=reader.index, kind=kind, tokenizer=reader.tokenizer, reader=reader)
 
 
 def read_token_records(ds: Dataset, split: str, fields: tuple[str, ...]) -> list[dict]:
     """Records of ``{split}.tokens.jsonl`` (chat: input_ids + loss_mask; classification: input_ids + label)."""
-    path = ds.root / f"{split}.tokens.jsonl"
-    if not path.is_file():
-        raise HomeforgeError(f"dataset {ds.root} has no {split!r} split ({path.name} missing)", where=str(ds.root),
-                             fix=f"splits listed in index.json: {', '.join(ds.index.get('splits', {})) or '(none)'}")
-    out = []
-    from homeforge.security.crypto import open_text  # plain or encrypted (security/crypto.py)
+    from homeforge.data.dataset import DatasetReader
 
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise HomeforgeError(f"line {lineno} is not valid JSON: {exc.msg}", where=f"{path}:{lineno}",
-                                     fix="re-run `homeforge prepare` to rebuild the dataset") from None
-            missing = [k for k in fields if k not in rec]
-            if missing:
-                raise HomeforgeError(f"line {lineno} lacks {', '.join(missing)}", where=f"{path}:{lineno}",
-                                     fix=f"each line needs {', '.join(fields)}; re-run `homeforge prepare`")
-            out.append(rec)
-    return out
+    reader = ds.reader or DatasetReader(ds.root, ds.index, None)  # a Dataset made by hand: no manifest to check
+    return reader.token_records(split, fields)
 
 
 def check_token_range(ds: Dataset, max_id: int, n_embeddings: int, where: str) -> None:

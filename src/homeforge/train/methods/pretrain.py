@@ -25,17 +25,16 @@ from homeforge.train.methods.common import (
 
 def text_sources(cfg, ds):
     """(train, val) window sources over the packed shards (val is None without a val split)."""
-    from homeforge.data.shards import load_tokens
     from homeforge.train.data import WindowSource
 
-    train_tokens = load_tokens(ds.root, "train")
+    train_tokens = ds.reader.tokens("train")
     if len(train_tokens) <= cfg.seq_len:
         raise HomeforgeError(f"the train split has {len(train_tokens)} tokens, fewer than one sequence of "
                              f"seq_len={cfg.seq_len}", where=str(ds.root), fix="lower train.seq_len or add data")
     train = WindowSource(train_tokens, cfg.seq_len, seed=cfg.seed, shuffle=True)
     val = None
     if ds.has_split("val"):
-        val_tokens = load_tokens(ds.root, "val")
+        val_tokens = ds.reader.tokens("val")
         if len(val_tokens) > cfg.seq_len:
             val = WindowSource(val_tokens, cfg.seq_len, seed=cfg.seed, shuffle=False)
     return train, val
