@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -51,3 +53,47 @@ def logits(model, ids):
 
     with torch.no_grad():
         return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+# --------------------------------------------------------------------------- llama.cpp
+
+_UNREACHABLE = ("Could not find a version", "No matching distribution", "Failed to establish", "Name or service",
+                "Temporary failure", "Network is unreachable", "ConnectionError", "Max retries")
+
+
+@pytest.fixture(scope="session")
+def llamacpp_source() -> Path:
+    """llama.cpp's source tree (convert_hf_to_gguf.py, conversion/, gguf-py/) from the llama-cpp-python sdist.
+
+    Found where homeforge looks for llama.cpp (HOMEFORGE_LLAMACPP or ~/.cache/homeforge/llamacpp);
+    else the sdist is fetched there with pip (once) and the converter's files taken out of it.
+    Skipped only when the package index cannot be reached.
+    """
+    import subprocess
+    import sys
+    import tarfile
+
+    from homeforge import paths
+    from homeforge.export import llamacpp
+
+    found = llamacpp.source_dir()
+    if found is not None:
+        return found
+    root = paths.llamacpp_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    sdists = sorted(root.glob("llama_cpp_python-*.tar.gz"))
+    if not sdists:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+                            "-d", str(root), "llama-cpp-python"], capture_output=True, text=True, timeout=1200)
+        sdists = sorted(root.glob("llama_cpp_python-*.tar.gz"))
+        if r.returncode != 0 or not sdists:
+            if any(s in r.stderr for s in _UNREACHABLE):
+                pytest.skip(f"the package index is unreachable, cannot fetch llama-cpp-python: {r.stderr.strip()[-300:]}")
+            pytest.fail(f"pip could not fetch the llama-cpp-python sdist: {r.stderr.strip()[-1000:]}")
+    wanted = ("/vendor/llama.cpp/convert_hf_to_gguf.py", "/vendor/llama.cpp/conversion/", "/vendor/llama.cpp/gguf-py/")
+    with tarfile.open(sdists[-1]) as tar:
+        members = [m for m in tar.getmembers() if any(w in m.name for w in wanted)]
+        tar.extractall(root, members=members, filter="data")
+    found = llamacpp.source_dir()
+    assert found is not None, f"no convert_hf_to_gguf.py in {sdists[-1]}"
+    return found

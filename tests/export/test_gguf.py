@@ -72,7 +72,10 @@ def test_gguf_reads_back_with_right_tensors_shapes_types_and_metadata(exports, l
     assert field("llama.context_length") == 256
     assert field("general.file_type") == {"f32": 0, "f16": 1, "q8_0": 7}[outtype]
     assert field("tokenizer.ggml.model") == "gpt2"
-    assert field("tokenizer.ggml.pre") == "gpt2"
+    # llama.cpp's name for GPT-2's byte-level regex (what `homeforge prepare` trains); "gpt2" is refused
+    assert field("tokenizer.ggml.pre") == "gpt-2"
+    assert field("llama.attention.key_length") == field("llama.attention.value_length") == 16
+    assert field("tokenizer.ggml.add_bos_token") is False and field("tokenizer.ggml.add_eos_token") is False
     tokens = field("tokenizer.ggml.tokens")
     assert len(tokens) == cfg.vocab_size
     assert tokens[tok.eos_token_id] == "<|endoftext|>"

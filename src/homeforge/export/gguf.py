@@ -30,7 +30,9 @@ from homeforge.export import common
 
 SUPPORTED = {"llama": "LlamaForCausalLM (the built-in presets, Llama, SmolLM, Mistral-style)",
              "qwen2": "Qwen2ForCausalLM"}
-# tokenizers' pre-tokenizer split regexes -> llama.cpp's `tokenizer.ggml.pre` names
+# a tokenizer llama.cpp's converter does not know by its hash (pretok.KNOWN) is named by what its
+# pre-tokenizer does: the Split regex of Qwen2 / Llama 3, GPT-2's ByteLevel regex (every
+# tokenizer `homeforge prepare` trains: data/tokenizer.py), SmolLM's single digits before it
 _PRE_BY_REGEX: dict[str, str] = {}
 
 
@@ -80,7 +82,7 @@ def check_supported(config, tokenizer) -> None:
     if arch == "qwen2" and getattr(config, "use_sliding_window", False):
         problems.append("sliding-window attention")
     try:
-        _pre_tokenizer(tokenizer)
+        pre_tokenizer(tokenizer)
     except HomeforgeError as exc:
         problems.append(exc.what)
     if problems:
@@ -98,28 +100,47 @@ def _tokenizer_json(tokenizer) -> dict:
     return json.loads(backend.to_str())
 
 
-def _pre_tokenizer(tokenizer) -> str:
-    """llama.cpp's name of this tokenizer's pre-tokenizer (gpt2, qwen2, llama-bpe)."""
+def pre_tokenizer(tokenizer) -> str:
+    """llama.cpp's name for this tokenizer's pre-tokenizer (``tokenizer.ggml.pre``).
+
+    First the way llama.cpp's converter chooses it (the hash of the tokenizer's encoding of a
+    fixed text, looked up in the converter's table: pretok.py); for a tokenizer it does not
+    know, by the pre-tokenizer's definition: GPT-2's byte-level regex -> ``gpt-2``, single
+    digits then GPT-2's regex -> ``smollm``, Qwen2's / Llama 3's split regex -> ``qwen2`` /
+    ``llama-bpe``. Anything else is refused rather than written with a name that would make
+    llama.cpp split the text differently.
+    """
+    from homeforge.export import pretok
+
     tj = _tokenizer_json(tokenizer)
     model = tj.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise HomeforgeError(f"the tokenizer is {model.get('type')!r}{' with byte fallback' if model.get('byte_fallback') else ''}, "
                              "not a byte-level BPE")
+    if name := pretok.known_name(tokenizer):
+        return name
     pre = tj.get("pre_tokenizer") or {}
     items = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in items]
-    if kinds == ["ByteLevel"] and items[0].get("use_regex", True):
-        return "gpt2"
+    if kinds[-1:] == ["ByteLevel"] and items[-1].get("use_regex", True) and not items[-1].get("add_prefix_space"):
+        if len(kinds) == 1:
+            return "gpt-2"
+        if kinds == ["Digits", "ByteLevel"] and items[0].get("individual_digits"):
+            return "smollm"
     if kinds == ["Split", "ByteLevel"] and not items[1].get("use_regex", True):
         regex = items[0].get("pattern", {}).get("Regex")
         name = _pre_names().get(regex)
         if name:
             return name
     raise HomeforgeError(f"the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds))}) is not one llama.cpp knows "
-                         "(GPT-2, Qwen2 or Llama-3 byte-level BPE)")
+                         "(GPT-2, SmolLM, Qwen2 or Llama-3 byte-level BPE, or a tokenizer llama.cpp's converter "
+                         "recognises)")
 
 
 # --------------------------------------------------------------------------- tokenizer
+
+# the special tokens whose ids llama.cpp's converter writes (gguf.SpecialVocab; "cls" has no GGUF key)
+SPECIAL_IDS = ("bos", "eos", "unk", "sep", "pad", "mask")
 
 
 def tokenizer_metadata(tokenizer, vocab_size: int) -> dict[str, Any]:
@@ -139,10 +160,11 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict[str, Any]:
         tokens[idx] = text
         token_types[idx] = int(types.get(idx, gguf.TokenType.NORMAL))
     merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"].get("merges", [])]
-    ids = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")}
-    return {"model": "gpt2", "pre": _pre_tokenizer(tokenizer), "tokens": tokens, "token_types": token_types,
+    ids = {name: getattr(tokenizer, f"{name}_token_id", None) for name in SPECIAL_IDS}
+    return {"model": "gpt2", "pre": pre_tokenizer(tokenizer), "tokens": tokens, "token_types": token_types,
             "merges": merges, "ids": ids, "chat_template": common.chat_template(tokenizer),
-            "add_bos": bool(getattr(tokenizer, "add_bos_token", False))}
+            "add_bos": bool(getattr(tokenizer, "add_bos_token", False)),
+            "add_eos": bool(getattr(tokenizer, "add_eos_token", False))}
 
 
 # --------------------------------------------------------------------------- tensors
@@ -205,6 +227,7 @@ def write_gguf(model, tokenizer, path: Path, outtype: str, name: str, progress=N
     config = model.config
     arch = config.model_type
     w = gguf.GGUFWriter(str(path), arch, use_temp_file=False)
+    w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
     w.add_string("general.source.homeforge_version", __version__)
     w.add_context_length(int(config.max_position_embeddings))
@@ -217,9 +240,8 @@ def write_gguf(model, tokenizer, path: Path, outtype: str, name: str, progress=N
     w.add_rope_freq_base(_rope_theta(config))
     head_dim = _head_dim(config)
     w.add_rope_dimension_count(head_dim)
-    if head_dim * config.num_attention_heads != config.hidden_size:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_vocab_size(int(config.vocab_size))
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
@@ -232,10 +254,11 @@ def write_gguf(model, tokenizer, path: Path, outtype: str, name: str, progress=N
     w.add_token_list(tm["tokens"])
     w.add_token_types(tm["token_types"])
     w.add_token_merges(tm["merges"])
-    for key, adder in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("pad", w.add_pad_token_id)):
-        if tm["ids"][key] is not None:
-            adder(int(tm["ids"][key]))
+    for key, token_id in tm["ids"].items():  # tokenizer.ggml.{bos,eos,unknown,...}_token_id, as the converter
+        if token_id is not None:
+            getattr(w, f"add_{key}_token_id")(int(token_id))
     w.add_add_bos_token(tm["add_bos"])
+    w.add_add_eos_token(tm["add_eos"])
     if tm["chat_template"]:
         w.add_chat_template(tm["chat_template"])
 
