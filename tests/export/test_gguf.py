@@ -203,7 +203,16 @@ def test_import_rejects_a_file_that_is_not_gguf(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_parity_line_prints_the_tolerance_as_given():
+    from homeforge.export.common import parity_line
+
+    line = parity_line("parity_int8", {"max_rel_error": 0.2, "tolerance": 0.25, "top1_agreement": 0.9})
+    assert "(tolerance 0.25)" in line and "2e-01" not in line
+    assert "(tolerance 0.0001)" in parity_line("p", {"max_rel_error": 0.0, "tolerance": 1e-4, "top1_agreement": 1.0})
+
+
 def test_cli_export_gguf_and_import(llama_dir, tmp_path):
+    import os
     import subprocess
     import sys
 
@@ -212,9 +221,39 @@ def test_cli_export_gguf_and_import(llama_dir, tmp_path):
                         str(tmp_path / "g")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "g" / "model-f16.gguf").is_file()
+    no_llamacpp = {**os.environ, "HOMEFORGE_LLAMACPP": str(tmp_path / "no-llamacpp"), "PATH": os.path.dirname(exe)}
     r = subprocess.run([exe, "import", str(tmp_path / "g" / "model-f16.gguf"), "-o", str(tmp_path / "i")],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env=no_llamacpp)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "i" / "model.safetensors").is_file()
+    said = " ".join(r.stdout.split())
+    assert "only the dequantized round trip was checked" in said and "not parity with the runtime" in said, said
+    runtime = json.loads((tmp_path / "i" / "homeforge.json").read_text())["metrics"]["parity_llamacpp"]
+    assert runtime == {"checked": False, "reason": "no llama.cpp build found (HOMEFORGE_LLAMACPP, docs/export.md)"}
     r = subprocess.run([exe, "export", str(tmp_path / "nope"), "--format", "gguf"], capture_output=True, text=True)
     assert r.returncode == 2 and "does not exist" in " ".join(r.stderr.split()) and "Traceback" not in r.stderr
+
+
+def _with_pre(tok, pre):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    backend.pre_tokenizer = pre
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def test_pre_tokenizer_named_as_llama_cpp_names_it(tiny_tokenizer, monkeypatch):
+    from tokenizers import pre_tokenizers as pt
+
+    from homeforge.export import pretok
+    from homeforge.export.gguf import pre_tokenizer
+
+    assert pre_tokenizer(tiny_tokenizer) == "gpt-2"  # GPT-2's regex: what `homeforge prepare` trains
+    smol = _with_pre(tiny_tokenizer, pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)]))
+    assert pre_tokenizer(smol) == "smollm"  # SmolLM: single digits, then GPT-2's regex
+    # a tokenizer the converter's table knows is named by its hash, whatever its definition says
+    monkeypatch.setitem(pretok.KNOWN, pretok.check_hash(smol), "some-known-name")
+    assert pre_tokenizer(smol) == "some-known-name"
+    with pytest.raises(HomeforgeError, match="not one llama.cpp knows"):
+        pre_tokenizer(_with_pre(tiny_tokenizer, pt.Sequence([pt.Whitespace(), pt.ByteLevel(use_regex=False)])))
