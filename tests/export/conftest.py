@@ -48,6 +48,52 @@ def qwen2_dir(tiny_tokenizer, tmp_path_factory):
     return out
 
 
+def _moe_dir(tok, tmp_path_factory, name, cfg):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from homeforge.models.io import save_model_dir
+
+    torch.manual_seed(2)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    out = tmp_path_factory.mktemp(name) / "model"
+    save_model_dir(model, tok, out)
+    return out
+
+
+def _tiny(tok) -> dict:
+    return dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.05,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+@pytest.fixture(scope="package")
+def qwen2moe_dir(tiny_tokenizer, tmp_path_factory):
+    """Qwen2-MoE: 4 routed experts (top 2) and a gated shared expert in every layer."""
+    from transformers import Qwen2MoeConfig
+
+    cfg = Qwen2MoeConfig(**_tiny(tiny_tokenizer), num_key_value_heads=2, intermediate_size=128, moe_intermediate_size=32,
+                         shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2)
+    return _moe_dir(tiny_tokenizer, tmp_path_factory, "qwen2moe", cfg)
+
+
+@pytest.fixture(scope="package")
+def deepseek_v3_dir(tiny_tokenizer, tmp_path_factory):
+    """DeepSeek-V3: MLA (q/kv LoRA ranks, rope/nope split), one dense layer then MoE with a shared expert.
+
+    ``scoring_func`` is what DeepSeek-V3's own config.json says (transformers' config class
+    drops it); llama.cpp's converter needs it to write the sigmoid router.
+    """
+    from transformers import DeepseekV3Config
+
+    cfg = DeepseekV3Config(**_tiny(tiny_tokenizer), num_key_value_heads=4, intermediate_size=128,
+                           moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                           n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=48, kv_lora_rank=32,
+                           qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=24)
+    cfg.scoring_func = "sigmoid"
+    return _moe_dir(tiny_tokenizer, tmp_path_factory, "deepseek_v3", cfg)
+
+
 def logits(model, ids):
     import torch
 

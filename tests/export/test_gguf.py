@@ -257,3 +257,26 @@ def test_pre_tokenizer_named_as_llama_cpp_names_it(tiny_tokenizer, monkeypatch):
     assert pre_tokenizer(smol) == "some-known-name"
     with pytest.raises(HomeforgeError, match="not one llama.cpp knows"):
         pre_tokenizer(_with_pre(tiny_tokenizer, pt.Sequence([pt.Whitespace(), pt.ByteLevel(use_regex=False)])))
+
+
+@pytest.mark.parametrize("fixture,arch", [("qwen2moe_dir", "qwen2moe"), ("deepseek_v3_dir", "deepseek2")])
+def test_moe_models_export_with_experts_and_mla(request, fixture, arch, tmp_path):
+    """Qwen2-MoE and DeepSeek-V3 go out as llama.cpp's qwen2moe / deepseek2 (tensor layout: test_llamacpp_oracle)."""
+    from gguf import GGUFReader
+
+    src = request.getfixturevalue(fixture)
+    for outtype, max_rel in (("f32", 1e-5), ("q8_0", 0.1)):  # q8_0 measured: 0.015 (qwen2moe), 0.022 (deepseek)
+        out = _export(src, tmp_path / outtype, f"gguf.outtype={outtype}")
+        m = json.loads((out / "homeforge.json").read_text())["metrics"]
+        assert m["parity"]["passed"] and m["parity"]["tokenizer_equal"], m["parity"]
+        assert m["parity"]["max_rel_error"] <= max_rel and "mapped back" in m["parity"]["loader"]
+        reader = GGUFReader(str(out / f"model-{outtype}.gguf"))
+        assert reader.fields["general.architecture"].contents() == arch
+        types = {t.name: t.tensor_type.name for t in reader.tensors}
+        assert types["blk.1.ffn_gate_inp.weight"] == "F32"  # the router stays f32, as llama.cpp's converter keeps it
+        if outtype == "q8_0":
+            assert types["blk.1.ffn_up_exps.weight"] == "Q8_0"
+    if arch == "deepseek2":
+        assert {"blk.0.attn_k_b.weight", "blk.0.attn_v_b.weight", "blk.1.exp_probs_b.bias", "blk.0.ffn_up.weight"} <= set(types)
+        assert reader.fields["deepseek2.expert_gating_func"].contents() == 2  # sigmoid
+        assert reader.fields["deepseek2.attention.head_count_kv"].contents() == 1  # MLA as MQA

@@ -22,7 +22,7 @@ from homeforge.export.gguf import pre_tokenizer, write_gguf
 OUTTYPES = ("f32", "f16", "q8_0")
 # descriptive keys llama.cpp does not read for inference (name, size label): free to differ
 DESCRIPTIVE = {"general.name", "general.size_label", "general.basename", "general.finetune", "general.version"}
-MODELS = ("llama_dir", "qwen2_dir")
+MODELS = ("llama_dir", "qwen2_dir", "qwen2moe_dir", "deepseek_v3_dir")
 
 
 def _fields(reader) -> dict:
