@@ -280,3 +280,26 @@ def test_moe_models_export_with_experts_and_mla(request, fixture, arch, tmp_path
         assert {"blk.0.attn_k_b.weight", "blk.0.attn_v_b.weight", "blk.1.exp_probs_b.bias", "blk.0.ffn_up.weight"} <= set(types)
         assert reader.fields["deepseek2.expert_gating_func"].contents() == 2  # sigmoid
         assert reader.fields["deepseek2.attention.head_count_kv"].contents() == 1  # MLA as MQA
+
+
+def test_import_keeps_the_gguf_pre_tokenizer(llama_dir, tiny_tokenizer, tmp_path):
+    """A `smollm` GGUF (single digits split) imports with that split; transformers' loader alone merges digits."""
+    from tokenizers import pre_tokenizers as pt
+    from transformers import AutoTokenizer
+
+    from homeforge.export.gguf import write_gguf
+
+    model, _ = load_causal_lm(llama_dir)
+    smol = _with_pre(tiny_tokenizer, pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)]))
+    for name in ("eos_token", "bos_token", "pad_token"):
+        setattr(smol, name, getattr(tiny_tokenizer, name))
+    (tmp_path / "g").mkdir()
+    assert write_gguf(model, smol, tmp_path / "g" / "m.gguf", "f32", "smol")["pre"] == "smollm"
+    text = "items 12345 and 6789 of x1y22"
+    want = smol(text, add_special_tokens=False)["input_ids"]
+    plain = AutoTokenizer.from_pretrained(str(tmp_path / "g"), gguf_file="m.gguf").backend_tokenizer.pre_tokenizer
+    assert len(plain.pre_tokenize_str(" 12345")) == 1  # transformers' GGUF loader alone keeps the digits together
+    out = import_gguf(tmp_path / "g" / "m.gguf", tmp_path / "imported", load_config(ImportConfig, overrides=["llamacpp_tokens=0"]))
+    _, itok = load_causal_lm(out)
+    assert itok(text, add_special_tokens=False)["input_ids"] == want
+    assert len(itok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(" 12345")) == 6  # " ", then one per digit

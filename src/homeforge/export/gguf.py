@@ -37,12 +37,10 @@ _PRE_BY_REGEX: dict[str, str] = {}
 
 
 def _pre_names() -> dict[str, str]:
-    if not _PRE_BY_REGEX:
-        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as qwen2
+    from homeforge.export import pretok
 
-        llama3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-        _PRE_BY_REGEX.update({qwen2: "qwen2", llama3: "llama-bpe"})
+    if not _PRE_BY_REGEX:
+        _PRE_BY_REGEX.update({pretok.qwen2_regex(): "qwen2", pretok.LLAMA3_REGEX: "llama-bpe"})
     return _PRE_BY_REGEX
 
 

@@ -72,6 +72,7 @@ def load_gguf(path: Path, dtype=None):
         raise HomeforgeError(f"transformers cannot load {path}: {exc}", where=str(path),
                              fix="import supports the architectures transformers' GGUF loader knows (llama, qwen2, "
                              "mistral, gemma, phi3, ...) in f32/f16/bf16 and the q4/q5/q6/q8 quantizations") from None
+    _keep_pre_tokenizer(path, tok)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = dtype or torch.float32
@@ -84,6 +85,20 @@ def load_gguf(path: Path, dtype=None):
     if config.tie_word_embeddings:
         plain.tie_weights()
     return plain.eval(), tok
+
+
+def _keep_pre_tokenizer(path: Path, tok) -> None:
+    """Give the tokenizer the split the GGUF names (``tokenizer.ggml.pre``): transformers' loader
+    ignores it (SmolLM2's ``smollm`` splits single digits; it would merge them)."""
+    from gguf import GGUFReader
+
+    from homeforge.export import pretok
+
+    field = GGUFReader(str(path)).fields.get("tokenizer.ggml.pre")
+    pre = pretok.definition(field.contents()) if field is not None else None
+    backend = getattr(tok, "backend_tokenizer", None)
+    if pre is not None and backend is not None:
+        backend.pre_tokenizer = pre
 
 
 def import_gguf(gguf_file: str | Path, out: str | Path | None, cfg, *, force: bool = False, console=None) -> Path:

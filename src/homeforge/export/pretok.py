@@ -116,6 +116,38 @@ KNOWN: dict[str, str] = {
 }
 
 
+# the split regex of Llama 3's tokenizer (llama.cpp: llama-bpe); Qwen2's is transformers' PRETOKENIZE_REGEX
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def qwen2_regex() -> str:
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    return PRETOKENIZE_REGEX
+
+
+def definition(name: str):
+    """A ``tokenizers`` pre-tokenizer that splits text as llama.cpp's pre-tokenizer ``name`` does, or None.
+
+    The inverse of ``gguf.pre_tokenizer``'s behaviour mapping, for the names it writes:
+    transformers' GGUF tokenizer loader ignores ``tokenizer.ggml.pre`` and always uses GPT-2's
+    split, so an imported SmolLM2 would merge digits that llama.cpp keeps apart.
+    """
+    from tokenizers import Regex
+    from tokenizers import pre_tokenizers as pt
+
+    if name == "gpt-2":
+        return pt.ByteLevel(add_prefix_space=False, use_regex=True)
+    if name == "smollm":
+        return pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False, use_regex=True)])
+    regex = {"qwen2": qwen2_regex, "llama-bpe": lambda: LLAMA3_REGEX, "llama3": lambda: LLAMA3_REGEX}.get(name)
+    if regex is None:
+        return None
+    return pt.Sequence([pt.Split(Regex(regex()), behavior="isolated"),
+                        pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
 def check_hash(tokenizer) -> str:
     """The converter's hash of this tokenizer: ``sha256(str(tokenizer.encode(CHECK_TEXT)))``."""
     return sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
