@@ -303,3 +303,76 @@ def test_import_keeps_the_gguf_pre_tokenizer(llama_dir, tiny_tokenizer, tmp_path
     _, itok = load_causal_lm(out)
     assert itok(text, add_special_tokens=False)["input_ids"] == want
     assert len(itok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(" 12345")) == 6  # " ", then one per digit
+
+
+# Ollama's Modelfile grammar (docs/modelfile.md in ollama/ollama): `INSTRUCTION arguments`, one per
+# line, `#` comments; arguments a word, a "quoted string" or a """multi-line string"""
+OLLAMA_INSTRUCTIONS = {"FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "ADAPTER", "LICENSE", "MESSAGE", "REQUIRES"}
+OLLAMA_PARAMETERS = {"mirostat", "mirostat_eta", "mirostat_tau", "num_ctx", "repeat_last_n", "repeat_penalty",
+                     "temperature", "seed", "stop", "num_predict", "top_k", "top_p", "min_p"}
+# the template variables Ollama documents (.System, .Prompt, .Response, .Messages[].Role/.Content, .Tools)
+OLLAMA_FIELDS = {".System", ".Prompt", ".Response", ".Messages", ".Role", ".Content", ".Tools"}
+
+
+def _parse_modelfile(text: str) -> list[tuple[str, str]]:
+    import re
+
+    out, i = [], 0
+    lines = text.split("\n")
+    while i < len(lines):
+        line = lines[i].strip()
+        i += 1
+        if not line or line.startswith("#"):
+            continue
+        instr, _, rest = line.partition(" ")
+        assert instr.upper() in OLLAMA_INSTRUCTIONS, f"unknown instruction {instr!r}"
+        if rest.lstrip().startswith('"""'):
+            body = rest.lstrip()[3:]
+            while '"""' not in body:
+                assert i < len(lines), 'unterminated """'
+                body += "\n" + lines[i]
+                i += 1
+            value, _, after = body.partition('"""')
+            assert not after.strip(), f"text after the closing quotes: {after!r}"
+        else:
+            value = rest.strip()
+            assert value, f"{instr} without an argument"
+            if value.startswith('"'):
+                assert re.fullmatch(r'"(?:[^"\\]|\\.)*"', value) or instr.upper() == "PARAMETER", value
+        out.append((instr.upper(), value))
+    return out
+
+
+def _check_go_template(tmpl: str) -> None:
+    import re
+
+    depth = 0
+    for action in re.findall(r"\{\{-?\s*(.*?)\s*-?\}\}", tmpl, flags=re.S):
+        word = action.split()[0] if action.split() else ""
+        if word in ("if", "range", "with", "define", "block"):
+            depth += 1
+        elif word == "end":
+            depth -= 1
+            assert depth >= 0, "{{ end }} without an opening action"
+        for field in re.findall(r"(?<![\w)])\.[A-Z]\w*", action):
+            assert field in OLLAMA_FIELDS, f"{field} is not an Ollama template variable"
+    assert depth == 0, "an {{ if/range }} is not closed"
+    assert tmpl.count("{{") == tmpl.count("}}")
+
+
+def test_modelfile_follows_ollama_grammar(exports):
+    parsed = _parse_modelfile((exports["q8_0"] / "Modelfile").read_text())
+    assert [v for k, v in parsed if k == "FROM"] == ["./model-q8_0.gguf"]
+    for k, v in parsed:
+        if k == "PARAMETER":
+            name, _, value = v.partition(" ")
+            assert name in OLLAMA_PARAMETERS and value, v
+            if name == "stop":
+                assert value.startswith('"') and value.endswith('"'), value
+        if k == "TEMPLATE":
+            _check_go_template(v)
+    assert sum(k == "TEMPLATE" for k, _ in parsed) == 1
+    with pytest.raises(AssertionError):  # the checker can fail
+        _check_go_template("{{ if .System }}{{ .System }}")
+    with pytest.raises(AssertionError):
+        _parse_modelfile('FROM ./x.gguf\nTEMPLATE """{{ .Prompt }}')
