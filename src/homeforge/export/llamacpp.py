@@ -66,13 +66,14 @@ class LlamaServer:
     """``llama-server`` on one GGUF file, on 127.0.0.1, for the duration of a ``with`` block."""
 
     def __init__(self, gguf_file: Path, *, threads: int = 2, ctx: int = 2048, exe: Path | None = None,
-                 timeout: float = 120.0):
+                 timeout: float = 120.0, kv_f32: bool = False):
         self.exe = exe or binary("llama-server")
         if self.exe is None:
             raise HomeforgeError("llama-server was not found", where=str(paths.llamacpp_dir()),
                                  fix="build llama.cpp once (docs/export.md, 'Checking with llama.cpp') or set "
                                  "HOMEFORGE_LLAMACPP to a llama.cpp build")
         self.file, self.threads, self.ctx, self.timeout = Path(gguf_file), threads, ctx, timeout
+        self.kv = ["-ctk", "f32", "-ctv", "f32"] if kv_f32 else []  # llama.cpp's KV cache is f16 by default
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
@@ -82,7 +83,7 @@ class LlamaServer:
         self.log = open(self.file.parent / f".{self.file.name}.llama-server.log", "w+b")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [str(self.exe), "-m", str(self.file), "--host", "127.0.0.1", "--port", str(port), "-t", str(self.threads),
-             "-c", str(self.ctx), "-np", "1", "--no-webui"],
+             "-c", str(self.ctx), "-np", "1", "--no-webui", *self.kv],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
@@ -133,22 +134,21 @@ class LlamaServer:
 
 
 def hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
-    """transformers' greedy continuation (no EOS stop) and the log-softmax at each generated position."""
+    """transformers' greedy continuation (no EOS stop) and the log-softmax at each generated position.
+
+    The whole sequence is run at every step (no KV cache): slower, but independent of the
+    cache API of the transformers version, and these are short checks.
+    """
     import torch
 
     seq = list(ids)
     logps = []
     with torch.no_grad():
-        past = None
-        x = torch.tensor([seq])
         for _ in range(n):
-            out = model(input_ids=x, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            lp = torch.log_softmax(out.logits[0, -1].float(), -1).numpy()
-            nxt = int(lp.argmax())
+            logits = model(input_ids=torch.tensor([seq])).logits[0, -1].float()
+            lp = torch.log_softmax(logits, -1).numpy()
             logps.append(lp)
-            seq.append(nxt)
-            x = torch.tensor([[nxt]])
+            seq.append(int(lp.argmax()))
     return seq[len(ids):], logps
 
 
@@ -165,14 +165,14 @@ def runtime_parity(server: LlamaServer, model, prompts: list[list[int]], n: int 
         ref, ref_lp = hf_greedy(model, ids, n)
         free = server.greedy(ids, n)["tokens"]
         same = next((i for i, (a, b) in enumerate(zip(ref, free, strict=False)) if a != b), min(len(ref), len(free)))
-        agree, diff = [], 0.0
+        agree, diffs = [], []
         for i in range(n):
             step = server.greedy(ids + ref[:i], 1, n_probs, cache=True)
             agree.append(step["tokens"][0] == ref[i])
-            for tid, lp in step["top"][0] if step["top"] else []:
-                diff = max(diff, abs(float(ref_lp[i][tid]) - lp))
+            diffs.append(max((abs(float(ref_lp[i][tid]) - lp) for tid, lp in (step["top"][0] if step["top"] else [])),
+                             default=0.0))
         per_prompt.append({"identical_prefix": same, "of": n, "top1_agreement": float(np.mean(agree)),
-                           "max_logprob_diff": diff})
+                           "max_logprob_diff": max(diffs), "logprob_diffs": [round(d, 5) for d in diffs]})
     return {"runtime": "llama.cpp (llama-server)", "tokens_per_prompt": n, "prompts": per_prompt,
             "identical_prefix_min": min(p["identical_prefix"] for p in per_prompt),
             "all_identical": all(p["identical_prefix"] == n for p in per_prompt),
