@@ -217,7 +217,8 @@ def main() -> None:
 
 def print_parity(label: str, res: dict) -> None:
     print(f"  {label:22s} identical greedy prefix {[p['identical_prefix'] for p in res['prompts']]} of 32, "
-          f"top-1 agreement {res['top1_agreement']:.3f}, max |d logprob| {res['max_logprob_diff']:.3g}")
+          f"top-1 agreement {res['top1_agreement']:.3f}, max |d logprob| {res['max_logprob_diff']:.3g}, "
+          f"top-1 differences that are not near-ties: {res['disagreements_not_ties']}")
 
 
 def tiny_archs(args) -> None:
