@@ -173,7 +173,7 @@ def main() -> None:
             path = exports[label]["dir"] / exports[label]["metrics"]["gguf"]["file"]
             server = llamacpp.LlamaServer(path, threads=args.threads, ctx=max(2048, prompt_len + new_tokens + 8))
             servers.append(server.__enter__())
-            print_parity(label, llamacpp.runtime_parity(server, model, prompts, n=32))
+            print_parity(label, llamacpp.runtime_parity(server, model, prompts, n=32, eog=llamacpp.eog_ids(tok)))
             variants[f"llama.cpp {label[5:]} (our GGUF)"] = lambda s=server: s.greedy(ids, new_tokens)["tokens"]
 
     def prefill_torch():
@@ -269,7 +269,7 @@ def tiny_archs(args) -> None:
             out = run_export(src, root / f"{arch}-{outtype}", load_config(ExportConfig, overrides=[
                 "format=gguf", f"gguf.outtype={outtype}"]))
             with llamacpp.LlamaServer(out / f"model-{outtype}.gguf", threads=args.threads) as server:
-                res = llamacpp.runtime_parity(server, model, prompts, n=32)
+                res = llamacpp.runtime_parity(server, model, prompts, n=32, eog=llamacpp.eog_ids(tok))
                 t_llama, t_torch = [], []
                 for _ in range(args.rounds or 5):
                     t0 = time.perf_counter()

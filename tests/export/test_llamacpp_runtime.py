@@ -31,7 +31,7 @@ def _run(model_dir, tmp_path, outtype):
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     # f32 files run with an f32 KV cache (llama.cpp's default is f16, which rounds K and V)
     with llamacpp.LlamaServer(out / f"model-{outtype}.gguf", threads=2, kv_f32=outtype == "f32") as server:
-        parity = llamacpp.runtime_parity(server, model, prompts, n=32)
+        parity = llamacpp.runtime_parity(server, model, prompts, n=32, eog=llamacpp.eog_ids(tok))
         tokenized = {t: (server.tokenize(t), tok(t, add_special_tokens=False)["input_ids"]) for t in TOKENIZER_TEXTS}
     print(outtype, json.dumps({k: v for k, v in parity.items() if k != "prompts"}),
           [p["identical_prefix"] for p in parity["prompts"]])

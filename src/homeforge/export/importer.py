@@ -163,7 +163,7 @@ def _llamacpp_parity(path: Path, model, tok, cfg) -> dict:
         return {"checked": False, "reason": "no llama.cpp build found (HOMEFORGE_LLAMACPP, docs/export.md)"}
     prompts = common.parity_ids(tok, cfg.parity.texts)
     with llamacpp.LlamaServer(path) as server:
-        res = llamacpp.runtime_parity(server, model, prompts, n=cfg.llamacpp_tokens)
+        res = llamacpp.runtime_parity(server, model, prompts, n=cfg.llamacpp_tokens, eog=llamacpp.eog_ids(tok))
         samples = list(cfg.parity.texts)
         res["tokenizer_equal"] = all(server.tokenize(t) == tok(t, add_special_tokens=False)["input_ids"]
                                      for t in samples)

@@ -133,11 +133,25 @@ class LlamaServer:
         return {"tokens": [int(t) for t in r["tokens"]], "top": top, "timings": r.get("timings", {})}
 
 
-def hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
-    """transformers' greedy continuation (no EOS stop) and the log-softmax at each generated position.
+# end-of-generation tokens llama.cpp recognises by their text (llama-vocab.cpp); with ignore_eos
+# it never generates them, so the transformers side must not either
+EOG_TEXTS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>", "<|eom_id|>",
+             "<EOT>", "</s>")
 
-    The whole sequence is run at every step (no KV cache): slower, but independent of the
-    cache API of the transformers version, and these are short checks.
+
+def eog_ids(tokenizer) -> set[int]:
+    """The end-of-generation token ids llama.cpp's ``ignore_eos`` suppresses, for this tokenizer."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    return ids | {vocab[t] for t in EOG_TEXTS if t in vocab}
+
+
+def hf_greedy(model, ids: list[int], n: int, suppress: set[int] | None = None) -> tuple[list[int], list[np.ndarray]]:
+    """transformers' greedy continuation and the log-softmax at each generated position.
+
+    ``suppress``: token ids never generated (their logits -inf), as llama.cpp's ``ignore_eos``
+    does with the end-of-generation tokens. The whole sequence is run at every step (no KV
+    cache): slower, but independent of the cache API of the transformers version.
     """
     import torch
 
@@ -146,13 +160,16 @@ def hf_greedy(model, ids: list[int], n: int) -> tuple[list[int], list[np.ndarray
     with torch.no_grad():
         for _ in range(n):
             logits = model(input_ids=torch.tensor([seq])).logits[0, -1].float()
+            if suppress:
+                logits[list(suppress)] = float("-inf")
             lp = torch.log_softmax(logits, -1).numpy()
             logps.append(lp)
             seq.append(int(lp.argmax()))
     return seq[len(ids):], logps
 
 
-def runtime_parity(server: LlamaServer, model, prompts: list[list[int]], n: int = 32, n_probs: int = 8) -> dict:
+def runtime_parity(server: LlamaServer, model, prompts: list[list[int]], n: int = 32, n_probs: int = 8,
+                   eog: set[int] | None = None) -> dict:
     """Compare llama.cpp with a transformers model on token-id prompts, greedy, ``n`` tokens each.
 
     Per prompt: the identical-token prefix of the two free-running greedy continuations; then,
@@ -161,11 +178,13 @@ def runtime_parity(server: LlamaServer, model, prompts: list[list[int]], n: int 
     the largest |log-probability difference| over llama.cpp's top ``n_probs`` tokens, and how
     many different top-1 tokens are *not* near-ties (transformers' own gap between the two
     tokens larger than twice that position's log-prob difference): a correct file can differ
-    at a near-tie through float rounding alone; it should not differ anywhere else.
+    at a near-tie through float rounding alone; it should not differ anywhere else. ``eog``:
+    the end-of-generation ids (``eog_ids``), suppressed on the transformers side because
+    llama.cpp runs with ``ignore_eos`` to give ``n`` tokens.
     """
     per_prompt = []
     for ids in prompts:
-        ref, ref_lp = hf_greedy(model, ids, n)
+        ref, ref_lp = hf_greedy(model, ids, n, suppress=eog)
         free = server.greedy(ids, n)["tokens"]
         same = next((i for i, (a, b) in enumerate(zip(ref, free, strict=False)) if a != b), min(len(ref), len(free)))
         agree, diffs, untied = [], [], 0
