@@ -191,8 +191,8 @@ def runtime_parity(server: LlamaServer, model, prompts: list[list[int]], n: int 
         for i in range(n):
             step = server.greedy(ids + ref[:i], 1, n_probs, cache=True)
             agree.append(step["tokens"][0] == ref[i])
-            diffs.append(max((abs(float(ref_lp[i][tid]) - lp) for tid, lp in (step["top"][0] if step["top"] else [])),
-                             default=0.0))
+            top = [(tid, lp) for tid, lp in (step["top"][0] if step["top"] else []) if tid not in (eog or ())]
+            diffs.append(max((abs(float(ref_lp[i][tid]) - lp) for tid, lp in top), default=0.0))
             if not agree[-1]:  # a different top-1 is a near-tie if transformers' own top-2 are closer than the error
                 gap = float(ref_lp[i][ref[i]] - ref_lp[i][step["tokens"][0]])
                 untied += gap > 2 * diffs[-1]
