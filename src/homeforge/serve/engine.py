@@ -104,9 +104,9 @@ class TorchBackend(Backend):
     """A transformers causal LM with a ``DynamicCache``."""
 
     def __init__(self, model):
-        from transformers import DynamicCache
-
         import inspect
+
+        from transformers import DynamicCache
 
         self.model = model
         self._cache_cls = DynamicCache
