@@ -45,6 +45,36 @@ def supports(model) -> bool:
         all(hasattr(layer, a) for a in ("input_layernorm", "post_attention_layernorm", "mlp"))
 
 
+def _fuse(layer):
+    """One weight for q/k/v and one for gate/up, when they are plain linears (not quantized).
+
+    The modules' own weights become views of the fused ones, so memory does not grow and
+    the transformers model (used for embeddings and the generic path) stays intact.
+    """
+    a, mlp = layer.self_attn, layer.mlp
+    lins = [a.q_proj, a.k_proj, a.v_proj]
+    mlp_lins = [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)]
+    if not all(type(m) is torch.nn.Linear for m in lins + mlp_lins) or not hasattr(mlp, "act_fn"):
+        return None
+    with torch.no_grad():
+        sizes = [m.out_features for m in lins]
+        out = []
+        for group in (lins, mlp_lins):
+            w = torch.cat([m.weight for m in group])
+            b = torch.cat([m.bias for m in group]) if all(m.bias is not None for m in group) else None
+            if b is None and any(m.bias is not None for m in group):
+                return None
+            at = 0
+            for m in group:
+                n = m.out_features
+                m.weight.data = w[at:at + n]
+                if b is not None:
+                    m.bias.data = b[at:at + n]
+                at += n
+            out += [w, b]
+    return out[0], out[1], sizes, out[2], out[3], mlp.act_fn
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
@@ -66,6 +96,7 @@ class SlotLM:
         self.max_context = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
         self.vocab_size = int(cfg.vocab_size)
         self.dtype = self.embed.weight.dtype
+        self.fused = [_fuse(layer) for layer in self.layers]
         self.slots = slots
         self.capacity = 0
         self.k = self.v = torch.empty(0)
@@ -137,7 +168,10 @@ class SlotLM:
         p = torch.tensor(positions)
         x = self.embed(torch.tensor(ids).unsqueeze(1))
         rows = torch.arange(n)
-        mask = None if n == 1 else (torch.arange(top).unsqueeze(0) <= p.unsqueeze(1)).view(n, 1, 1, top)
+        mask = None
+        if n > 1:  # additive, built once per step (a boolean mask is converted in every layer)
+            mask = torch.zeros(n, 1, 1, top, dtype=self.dtype).masked_fill_(
+                (torch.arange(top).unsqueeze(0) > p.unsqueeze(1)).view(n, 1, 1, top), float("-inf"))
 
         def write(cache, i, new):
             cache[i, rows, :, p] = new[:, :, 0]
@@ -151,11 +185,15 @@ class SlotLM:
         cos, sin = self.rotary(x, pos)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for i, layer in enumerate(self.layers):
-            a = layer.self_attn
+            a, fused = layer.self_attn, self.fused[i]
             h = layer.input_layernorm(x)
-            q = a.q_proj(h).view(b, t, -1, hd)
-            k = a.k_proj(h).view(b, t, -1, hd)
-            v = a.v_proj(h).view(b, t, -1, hd).transpose(1, 2)
+            if fused is not None:
+                q, k, v = F.linear(h, fused[0], fused[1]).split(fused[2], dim=-1)
+                q, k, v = q.view(b, t, -1, hd), k.view(b, t, -1, hd), v.reshape(b, t, -1, hd).transpose(1, 2)
+            else:
+                q = a.q_proj(h).view(b, t, -1, hd)
+                k = a.k_proj(h).view(b, t, -1, hd)
+                v = a.v_proj(h).view(b, t, -1, hd).transpose(1, 2)
             if self.qk_norm:
                 q, k = a.q_norm(q), a.k_norm(k)
             q = _rope(q.transpose(1, 2), cos, sin)
@@ -164,7 +202,12 @@ class SlotLM:
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal and t > 1,
                                                scale=a.scaling, enable_gqa=True)
             x = x + a.o_proj(o.transpose(1, 2).reshape(b, t, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            h = layer.post_attention_layernorm(x)
+            if fused is not None:
+                gate, up = F.linear(h, fused[3], fused[4]).chunk(2, dim=-1)
+                x = x + layer.mlp.down_proj(fused[5](gate) * up)
+            else:
+                x = x + layer.mlp(h)
         x = self.norm(x[:, -1:] if last_only else x)
         return self.lm_head(x).float()
 
