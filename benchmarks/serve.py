@@ -287,12 +287,17 @@ async def level(base: str, prompts: list[str], clients: int, per_client: int, ma
 
 
 def greedy_text(base: str, prompt: str, n: int = 32) -> str:
+    """The streamed text of one greedy completion (every server here streams)."""
     import httpx
 
-    r = httpx.post(base + "/v1/completions", json={"prompt": prompt, "max_tokens": n, "temperature": 0,
-                                                   "ignore_eos": True}, timeout=120)
-    r.raise_for_status()
-    return r.json()["choices"][0]["text"]
+    text = ""
+    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                text += "".join(c.get("text") or "" for c in json.loads(line[6:]).get("choices") or [])
+    return text
 
 
 # --------------------------------------------------------------------------- main

@@ -167,14 +167,17 @@ class SlotLM:
         self.reserve(top)
         p = torch.tensor(positions)
         x = self.embed(torch.tensor(ids).unsqueeze(1))
-        rows = torch.arange(n)
+        kvh, cap = self.kv_heads, self.capacity
+        # where each row's new key/value goes in a layer's [slots * kv_heads * capacity, head_dim] view
+        flat = ((torch.arange(n) * (kvh * cap)).unsqueeze(1) + torch.arange(kvh).unsqueeze(0) * cap
+                + p.unsqueeze(1)).view(-1)
         mask = None
         if n > 1:  # additive, built once per step (a boolean mask is converted in every layer)
             mask = torch.zeros(n, 1, 1, top, dtype=self.dtype).masked_fill_(
                 (torch.arange(top).unsqueeze(0) > p.unsqueeze(1)).view(n, 1, 1, top), float("-inf"))
 
         def write(cache, i, new):
-            cache[i, rows, :, p] = new[:, :, 0]
+            cache[i].view(-1, self.head_dim).index_copy_(0, flat, new.reshape(-1, self.head_dim))
             return cache[i, :n, :, :top]
 
         return self._run(x, p.unsqueeze(1), write, mask, causal=False, last_only=True)[:, -1]
