@@ -214,14 +214,15 @@ def start(kind: str, target: Path, threads: int, parallel: int, ctx: int) -> tup
         cmd = [sys.executable, __file__, "--naive-server", str(target), "--port", str(port),
                "--threads", str(threads)]
         ready = "/ready"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = open(cache_dir() / f"{kind}.log", "w")  # a pipe nobody reads would fill and block a chatty server
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     import httpx
 
     deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{kind} server exited: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"{kind} server exited: {Path(log.name).read_text()[-2000:]}")
         try:
             if httpx.get(base + ready, timeout=1).status_code == 200:
                 return proc, base
@@ -266,7 +267,8 @@ async def one_request(client, base: str, prompt: str, max_tokens: int) -> tuple[
 async def level(base: str, prompts: list[str], clients: int, per_client: int, max_tokens: int) -> dict:
     import httpx
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=httpx.Limits(max_connections=clients + 4)) as c:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)) as c:
+        # no keep-alive: llama-server closes idle connections, which a pooled client would reuse and fail on
         await one_request(c, base, prompts[0], 2)  # warm-up
         results: list[tuple[float, float, int]] = []
 

@@ -75,6 +75,41 @@ def _fuse(layer):
     return out[0], out[1], sizes, out[2], out[3], mlp.act_fn
 
 
+class _Packed:
+    """A linear whose weight oneDNN has reordered once for its blocked kernels.
+
+    Measured on the 2-core CPU here (SmolLM2-135M shapes, fp32): 2.0-3.3x faster than
+    ``F.linear`` (MKL) at 16-60 rows, about equal at 1 row, for the same fp32 math (the
+    results differ from MKL's only in summation order). The reordered copy costs the
+    memory of the weight once more.
+    """
+
+    __slots__ = ("w", "b")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
+        self.w = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+        self.b = None if bias is None else bias.detach()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), self.w, self.b, "none", [], "")
+        return y.view(*shape[:-1], y.shape[-1])
+
+
+def _packable(*mods) -> bool:
+    return all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 for m in mods) and \
+        torch.backends.mkldnn.is_available()
+
+
+def _linear(weight, bias, pack: bool, rows: int):
+    if pack:
+        try:
+            return _Packed(weight, bias, rows)
+        except (RuntimeError, AttributeError):  # no oneDNN in this torch build: plain linear
+            pass
+    return lambda x: F.linear(x, weight, bias)
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
@@ -83,7 +118,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 class SlotLM:
     """The model's forward over a slot KV cache. Not thread-safe: one engine thread owns it."""
 
-    def __init__(self, model, slots: int, capacity: int = 128):
+    def __init__(self, model, slots: int, capacity: int = 128, packed: bool = True):
         self.model = model
         cfg = model.config
         base = model.model
@@ -97,6 +132,20 @@ class SlotLM:
         self.vocab_size = int(cfg.vocab_size)
         self.dtype = self.embed.weight.dtype
         self.fused = [_fuse(layer) for layer in self.layers]
+        # per layer: q/k/v, o, gate/up, down as callables (oneDNN-packed where possible), or None for the modules
+        self.mats: list = []
+        for layer, fused in zip(self.layers, self.fused, strict=True):
+            a, mlp = layer.self_attn, layer.mlp
+            if fused is None:
+                self.mats.append(None)
+                continue
+            pack = packed and _packable(a.o_proj, mlp.down_proj)
+            self.mats.append((_linear(fused[0], fused[1], pack, slots), _linear(a.o_proj.weight, a.o_proj.bias, pack, slots),
+                              _linear(fused[3], fused[4], pack, slots),
+                              _linear(mlp.down_proj.weight, mlp.down_proj.bias, pack, slots)))
+        head = self.lm_head
+        self.head = _linear(head.weight, head.bias, packed and _packable(head), slots) \
+            if type(head) is torch.nn.Linear else head
         self.slots = slots
         self.capacity = 0
         self.k = self.v = torch.empty(0)
@@ -188,10 +237,10 @@ class SlotLM:
         cos, sin = self.rotary(x, pos)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for i, layer in enumerate(self.layers):
-            a, fused = layer.self_attn, self.fused[i]
+            a, fused, mats = layer.self_attn, self.fused[i], self.mats[i]
             h = layer.input_layernorm(x)
             if fused is not None:
-                q, k, v = F.linear(h, fused[0], fused[1]).split(fused[2], dim=-1)
+                q, k, v = mats[0](h).split(fused[2], dim=-1)
                 q, k, v = q.view(b, t, -1, hd), k.view(b, t, -1, hd), v.reshape(b, t, -1, hd).transpose(1, 2)
             else:
                 q = a.q_proj(h).view(b, t, -1, hd)
@@ -204,15 +253,15 @@ class SlotLM:
             keys, values = write(self.k, i, k), write(self.v, i, v)
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal and t > 1,
                                                scale=a.scaling, enable_gqa=True)
-            x = x + a.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+            x = x + (mats[1] if mats else a.o_proj)(o.transpose(1, 2).reshape(b, t, -1))
             h = layer.post_attention_layernorm(x)
             if fused is not None:
-                gate, up = F.linear(h, fused[3], fused[4]).chunk(2, dim=-1)
-                x = x + layer.mlp.down_proj(fused[5](gate) * up)
+                gate, up = mats[2](h).chunk(2, dim=-1)
+                x = x + mats[3](fused[5](gate) * up)
             else:
                 x = x + layer.mlp(h)
         x = self.norm(x[:, -1:] if last_only else x)
-        return self.lm_head(x).float()
+        return self.head(x).float()
 
 
 # --------------------------------------------------------------------------- prefix cache
