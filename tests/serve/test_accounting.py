@@ -114,7 +114,7 @@ def test_generation_errors_are_charged_and_audited(serve_cfg, tmp_path):
         eng = state.engine
         if isinstance(eng, SlotEngine):  # the lean engine runs the model itself: fail its passes
             lm = eng.lm
-            lm.prefill, lm.decode = failing(lm.prefill), failing(lm.decode)
+            lm.prefill, lm.prefill_rows, lm.decode = failing(lm.prefill), failing(lm.prefill_rows), failing(lm.decode)
         else:
             real = eng.backend
 
@@ -130,7 +130,7 @@ def test_generation_errors_are_charged_and_audited(serve_cfg, tmp_path):
         assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
         _settled(state)
         if isinstance(eng, SlotEngine):
-            del lm.prefill, lm.decode
+            del lm.prefill, lm.prefill_rows, lm.decode
         else:
             eng.backend = real
         spent = sum(n for _, n in state.limiter._tokens[store.verify(token).id])

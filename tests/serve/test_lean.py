@@ -144,6 +144,7 @@ def test_cache_grows_by_doubling_and_rows_keep_their_keys():
 
 
 def test_a_failing_prefill_fails_only_its_request():
+    """A batched prefill that fails is retried one request at a time: only the bad one fails."""
     model = tiny("llama")
     eng = SlotEngine(TorchBackend(model), Tok(), max_batch_size=4)
     real = eng.lm.prefill
@@ -153,7 +154,13 @@ def test_a_failing_prefill_fails_only_its_request():
             raise RuntimeError("simulated failure")
         return real(slot, ids, start, last_only)
 
-    eng.lm.prefill = flaky
+    def flaky_rows(base, prompts):
+        if any(len(p) == 3 for p in prompts):
+            raise RuntimeError("simulated failure")
+        return real_rows(base, prompts)
+
+    real_rows = eng.lm.prefill_rows
+    eng.lm.prefill, eng.lm.prefill_rows = flaky, flaky_rows
     eng.start()
     try:
         bad, good = Collector(), Collector()

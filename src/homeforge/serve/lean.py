@@ -209,6 +209,25 @@ class SlotLM:
         return self._run(x, pos, write, mask, causal=not start, last_only=last_only)[0]
 
     @torch.inference_mode()
+    def prefill_rows(self, base: int, prompts: list[list[int]]) -> torch.Tensor:
+        """Prompts (from position 0) into slots ``base..`` in one batched pass -> last-token logits [k, V].
+
+        Right-padded to the longest: with causal attention a real token never sees the padding
+        after it, and the padding's cache entries are overwritten by the decode steps.
+        """
+        k, t = len(prompts), max(len(p) for p in prompts)
+        self.reserve(t)
+        x = self.embed(torch.tensor([p + [0] * (t - len(p)) for p in prompts]))
+        pos = torch.arange(t).unsqueeze(0).expand(k, t)
+
+        def write(cache, i, new):
+            cache[i, base:base + k, :, :t] = new
+            return cache[i, base:base + k, :, :t]
+
+        pick = torch.tensor([len(p) - 1 for p in prompts])
+        return self._run(x, pos, write, None, causal=True, last_only=False, pick=pick)[:, 0]
+
+    @torch.inference_mode()
     def decode(self, ids: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each of rows (= slots) 0..n-1 at its own position -> logits [n, V]."""
         n = len(ids)
@@ -231,7 +250,7 @@ class SlotLM:
 
         return self._run(x, p.unsqueeze(1), write, mask, causal=False, last_only=True)[:, -1]
 
-    def _run(self, x, pos, write, mask, causal: bool, last_only: bool) -> torch.Tensor:
+    def _run(self, x, pos, write, mask, causal: bool, last_only: bool, pick=None) -> torch.Tensor:
         b, t = x.shape[:2]
         hd = self.head_dim
         cos, sin = self.rotary(x, pos)
@@ -260,6 +279,8 @@ class SlotLM:
                 x = x + mats[3](fused[5](gate) * up)
             else:
                 x = x + layer.mlp(h)
+        if pick is not None:  # each row's own last position
+            x = x[torch.arange(b), pick].unsqueeze(1)
         x = self.norm(x[:, -1:] if last_only else x)
         return self.head(x).float()
 
@@ -287,8 +308,11 @@ class PrefixCache:
         self.hits = 0
         self.reused = 0  # prompt tokens not recomputed
 
-    def load(self, lm: SlotLM, slot: int, ids: list[int]) -> int:
-        """Put the longest cached head of ``ids`` into ``slot``; -> the number of positions filled."""
+    def match(self, ids: list[int]) -> int:
+        """How many leading positions of ``ids`` ``load`` would fill (0 below ``MIN``)."""
+        return self._best(ids)[0]
+
+    def _best(self, ids: list[int]) -> tuple[int, tuple | None]:
         best, key = 0, None
         for k in self.entries:
             n = min(len(k), len(ids) - 1)
@@ -297,7 +321,12 @@ class PrefixCache:
                 i += 1
             if i > best:
                 best, key = i, k
-        if best < self.MIN:
+        return (best, key) if best >= self.MIN else (0, None)
+
+    def load(self, lm: SlotLM, slot: int, ids: list[int]) -> int:
+        """Put the longest cached head of ``ids`` into ``slot``; -> the number of positions filled."""
+        best, key = self._best(ids)
+        if not best:
             return 0
         keys, values = self.entries[key]
         self.entries.move_to_end(key)
@@ -339,6 +368,7 @@ class SlotEngine(Engine):
         self._lm: SlotLM | None = None
         self._pre: GenRequest | None = None  # the request being prefilled (in the spare slot)
         self._pre_done = 0  # its prompt positions already in the cache
+        self._solo = 0  # the next requests are prefilled one by one (after a batched prefill failed)
 
     @property
     def lm(self) -> SlotLM:
@@ -347,20 +377,29 @@ class SlotEngine(Engine):
             self.prefix = PrefixCache(self.prefix.budget)
         return self._lm
 
+    GROUP_TOKENS = 4096  # padded prompt tokens of one batched prefill
+
     def _admit(self) -> None:
-        budget = self.prefill_chunk
-        while budget > 0:
+        budget = self.prefill_chunk if self.running else None  # nothing to interleave with: no limit
+        while budget is None or budget > 0:
             if self._pre is None:
-                if len(self.running) >= self.max_batch_size:
+                free = self.max_batch_size - len(self.running)
+                if free <= 0:
                     return
+                group = self._group(free, budget)
+                if group:  # short plain prompts: prefilled together, straight into their batch rows
+                    used = self._prefill_group(group)
+                    budget = None if budget is None else budget - used
+                    continue
                 with self._cv:
                     if not self.waiting:
                         return
                     req = self.waiting.popleft()
+                self._solo = max(0, self._solo - 1)
                 if req.cancelled:
                     self._finish(req, "cancelled")
                     continue
-                self._pre = req
+                self._pre = req  # one prompt through the spare slot: long (chunked), echo, or a cached head
                 self._pre_done = 0 if req.echo_logprobs else self.prefix.load(self.lm, self.max_batch_size,
                                                                                req.prompt_ids)
             req = self._pre
@@ -369,10 +408,54 @@ class SlotEngine(Engine):
                 self._finish(req, "cancelled")
                 continue
             try:
-                budget -= self._prefill_some(req, budget)
+                used = self._prefill_some(req, budget or len(req.prompt_ids))
+                budget = None if budget is None else budget - used
             except Exception as exc:  # this request fails alone; the running batch is untouched
                 self._pre = None
                 self._finish(req, "error", error=f"{type(exc).__name__}: {exc}")
+
+    def _group(self, free: int, budget: int | None) -> list[GenRequest]:
+        """Waiting requests, in order, that can be prefilled together now."""
+        group, cancelled, longest = [], [], 0
+        with self._cv:
+            while self.waiting and len(group) < free and not self._solo:
+                r = self.waiting[0]
+                if r.cancelled:
+                    cancelled.append(self.waiting.popleft())
+                    continue
+                n = len(r.prompt_ids)
+                width = max(longest, n) * (len(group) + 1)
+                if r.echo_logprobs or self.prefix.match(r.prompt_ids) or width > self.GROUP_TOKENS or \
+                        (budget is not None and width > budget):
+                    break
+                group.append(self.waiting.popleft())
+                longest = max(longest, n)
+        for r in cancelled:
+            self._finish(r, "cancelled")
+        return group
+
+    def _prefill_group(self, group: list[GenRequest]) -> int:
+        base = len(self.running)
+        try:
+            logits = self.lm.prefill_rows(base, [r.prompt_ids for r in group])
+        except Exception:  # run them one by one, so that only a request that fails alone fails
+            with self._cv:
+                self.waiting.extendleft(reversed(group))
+            self._solo = len(group)
+            return 0
+        keep = list(range(base))
+        for j, r in enumerate(group):
+            r._pos = len(r.prompt_ids)
+            self.prefix.store(self.lm, base + j, r.prompt_ids)
+            if r.max_tokens == 0:
+                self._finish(r, "length")
+            elif not self._take(r, logits[j]):
+                keep.append(base + j)
+        self.running = self.running + group
+        if len(keep) < len(self.running):
+            self._select(keep)
+        self.max_batch_seen = max(self.max_batch_seen, len(self.running))
+        return max(len(r.prompt_ids) for r in group) * len(group)
 
     def _prefill_some(self, req: GenRequest, budget: int) -> int:
         """Prefill the next chunk of ``req``'s prompt; when complete, pick its first token and join."""
