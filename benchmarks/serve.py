@@ -353,6 +353,7 @@ def main() -> None:
     docs = stdlib_docstrings(400_000)
     prompts = [" ".join(d.split()[: s["prompt_words"]]) for d in docs if len(d.split()) >= s["prompt_words"]][:64]
     ctx = max(len(tok(p)["input_ids"]) for p in prompts) + s["max_tokens"] + 16
+    load_before = os.getloadavg()[0]
     servers = {k: start(k, targets[k], args.threads, parallel, ctx) for k in kinds}
     rows: dict = {}
     try:
@@ -374,16 +375,17 @@ def main() -> None:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    report(args, s, kinds, rows, peaks, texts, model_dir)
+    report(args, s, kinds, rows, peaks, texts, model_dir, (load_before, os.getloadavg()[0]))
 
 
-def report(args, s: dict, kinds: list[str], rows: dict, peaks: dict, texts: dict, model_dir: Path) -> None:
+def report(args, s: dict, kinds: list[str], rows: dict, peaks: dict, texts: dict, model_dir: Path,
+           load: tuple[float, float]) -> None:
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in rows.items()}
     peer = "llama.cpp" if "llama.cpp" in kinds else ("naive" if "naive" in kinds else None)
     print()
     print(f"model {model_dir.name} ({args.precision}), {s['max_tokens']} new tokens per request, greedy, "
-          f"{args.threads} threads per server, medians of {s['rounds']} rounds; load average before: "
-          f"{os.getloadavg()[0]:.2f}")
+          f"{args.threads} threads per server, medians of {s['rounds']} rounds; 1-minute load average "
+          f"{load[0]:.2f} before, {load[1]:.2f} after ({os.cpu_count()} CPUs)")
     cols = " | ".join(f"{k} tok/s" for k in kinds)
     head = f"| clients | {cols} |" + (f" ratio vs {peer} |" if peer else "") + \
         "".join(f" {k} p50 / p99 s | {k} TTFT p50 / p99 s |" for k in kinds)

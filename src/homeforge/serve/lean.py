@@ -380,16 +380,17 @@ class SlotEngine(Engine):
     GROUP_TOKENS = 4096  # padded prompt tokens of one batched prefill
 
     def _admit(self) -> None:
-        budget = self.prefill_chunk if self.running else None  # nothing to interleave with: no limit
-        while budget is None or budget > 0:
+        # prompt tokens to spend before the next decode step: a burst of arrivals is spread over a few
+        # steps, so first tokens come out early and the batch does not finish (and re-fill) in lockstep
+        budget = self.prefill_chunk
+        while budget > 0:
             if self._pre is None:
                 free = self.max_batch_size - len(self.running)
                 if free <= 0:
                     return
                 group = self._group(free, budget)
                 if group:  # short plain prompts: prefilled together, straight into their batch rows
-                    used = self._prefill_group(group)
-                    budget = None if budget is None else budget - used
+                    budget -= self._prefill_group(group)
                     continue
                 with self._cv:
                     if not self.waiting:
@@ -408,13 +409,12 @@ class SlotEngine(Engine):
                 self._finish(req, "cancelled")
                 continue
             try:
-                used = self._prefill_some(req, budget or len(req.prompt_ids))
-                budget = None if budget is None else budget - used
+                budget -= self._prefill_some(req, budget)
             except Exception as exc:  # this request fails alone; the running batch is untouched
                 self._pre = None
                 self._finish(req, "error", error=f"{type(exc).__name__}: {exc}")
 
-    def _group(self, free: int, budget: int | None) -> list[GenRequest]:
+    def _group(self, free: int, budget: int) -> list[GenRequest]:
         """Waiting requests, in order, that can be prefilled together now."""
         group, cancelled, longest = [], [], 0
         with self._cv:
@@ -425,8 +425,7 @@ class SlotEngine(Engine):
                     continue
                 n = len(r.prompt_ids)
                 width = max(longest, n) * (len(group) + 1)
-                if r.echo_logprobs or self.prefix.match(r.prompt_ids) or width > self.GROUP_TOKENS or \
-                        (budget is not None and width > budget):
+                if r.echo_logprobs or self.prefix.match(r.prompt_ids) or width > min(budget, self.GROUP_TOKENS):
                     break
                 group.append(self.waiting.popleft())
                 longest = max(longest, n)
