@@ -53,6 +53,8 @@ class TrackingConfig(Section):
     tensorboard: bool = Field(True, description="write TensorBoard event files to RUN/tensorboard")
     mlflow: bool = Field(False, description="log to a local MLflow store")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite:///RUN/mlflow.db; never a remote server)")
+    mlflow_log_model: bool = Field(False, description="also copy the final model into the MLflow run's artifacts "
+                                   "(the resolved config, metrics, plots and the model manifest always are)")
     experiment: str = Field("homeforge", description="MLflow experiment name")
     run_name: str | None = Field(None, description="run name (default: the output directory name)")
 
