@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from homeforge.serve.auth import ApiKey, KeyStore, RateLimiter
-from homeforge.serve.lean import SlotEngine
+from homeforge.serve.lean_engine import SlotEngine
 
 from .conftest import running_server
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from homeforge.serve.engine import Delta, Finish, GenRequest, QueueFull, TorchBackend
-from homeforge.serve.lean import SlotEngine
+from homeforge.serve.lean_engine import SlotEngine
 
 PROMPTS = ["Return the number of", "This module provides", "Raise ValueError if the argument is not a",
            "x", "The quick brown fox jumps over the lazy dog and", "def"]

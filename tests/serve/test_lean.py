@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from homeforge.serve.engine import Delta, Finish, GenRequest, TorchBackend
-from homeforge.serve.lean import SlotEngine, SlotLM, supports
+from homeforge.serve.lean import SlotLM, supports
+from homeforge.serve.lean_engine import SlotEngine
 
 
 class Collector:

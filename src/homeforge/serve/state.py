@@ -79,7 +79,8 @@ def load_model(cfg: ServeConfig):
 def make_engine(cfg: ServeConfig, backend, tok) -> Engine:
     """The lean slot engine where the model supports it (``cfg.engine``), else the generic one."""
     from homeforge.serve.engine import Engine, TorchBackend
-    from homeforge.serve.lean import SlotEngine, supports
+    from homeforge.serve.lean import supports
+    from homeforge.serve.lean_engine import SlotEngine
 
     kw = dict(max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue, max_context=cfg.max_context)
     lean = isinstance(backend, TorchBackend) and supports(backend.model)
