@@ -136,9 +136,26 @@ def test_unknown_model_is_not_found(srv):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "tiny-llama" in err.value.details()
 
 
-def test_calls_are_audited_and_counted_like_http(srv):
+def _slow_decode(monkeypatch, seconds: float) -> None:
+    """Each decode step takes ``seconds`` longer, so a cancel reaches the server before a tiny model
+    (200 tokens in a few ms) has finished: the test is about what happens on cancel."""
+    from homeforge.serve.engine import Engine
+    from homeforge.serve.lean_engine import SlotEngine
+
+    for cls in (Engine, SlotEngine):
+        step = cls.__dict__["_decode_step"]
+
+        def slow(self, _step=step):
+            time.sleep(seconds)
+            return _step(self)
+
+        monkeypatch.setattr(cls, "_decode_step", slow)
+
+
+def test_calls_are_audited_and_counted_like_http(srv, monkeypatch):
     out = pieces(srv.stub.Complete(pb.CompletionRequest(prompt="def", max_tokens=5, ignore_eos=True),
                                    metadata=auth(srv.keys["user"])))
+    _slow_decode(monkeypatch, 0.01)
     # a client that cancels mid-stream: charged and audited with what it got
     call = srv.stub.Complete(pb.CompletionRequest(prompt="def", max_tokens=200, ignore_eos=True),
                              metadata=auth(srv.keys["user"]))
