@@ -422,6 +422,21 @@ def _check_bounds(cfg) -> None:
                 "limit (long texts are tokenized piece by piece)")
 
 
+def dataset_plan(cfg, *, force: bool = False, output: str | Path | None = None, found=None,
+                 secret: bytes | None = None) -> artifacts.Plan:
+    """The dataset artifact's plan (``plan.up_to_date`` says whether `prepare` would skip): the same
+    inputs, config and fingerprint ``run`` uses. ``found``/``secret``: already discovered by the caller."""
+    from homeforge.data.ingest import discover
+
+    files, builtins, names = found if found is not None else discover(cfg.inputs)
+    if found is None:
+        secret = _secret(cfg)
+    conf = _fingerprint_config(cfg, secret, builtins)
+    inputs = _input_paths(cfg, files, names)
+    out = Path(output or cfg.output_dir).expanduser()
+    return artifacts.plan(out, stage="prepare", config=conf, inputs=inputs, force=force, encrypt=cfg.encrypt)
+
+
 def run(cfg, *, force: bool = False, check_only: bool = False, console=None, output: str | Path | None = None) -> dict:
     """Run the stage; returns {"out", "report", "skipped"}. ``check_only`` writes nothing."""
     from rich.console import Console
@@ -445,11 +460,9 @@ def run(cfg, *, force: bool = False, check_only: bool = False, console=None, out
             except re.error as exc:
                 raise HomeforgeError(f"pii.patterns.{name} is not a valid regular expression ({exc})",
                                      fix="correct the pattern (Python `re` syntax)") from None
-    conf = _fingerprint_config(cfg, secret, builtins)
-    inputs = _input_paths(cfg, files, names)
     out = Path(output or cfg.output_dir).expanduser()
     if not check_only:
-        plan = artifacts.plan(out, stage="prepare", config=conf, inputs=inputs, force=force, encrypt=cfg.encrypt)
+        plan = dataset_plan(cfg, force=force, output=out, found=(files, builtins, names), secret=secret)
         out_p = plan.out
         if plan.up_to_date:
             console.print(f"[green]dataset up to date[/] {out_p} (same inputs and config; --force rebuilds)")
