@@ -9,6 +9,9 @@ those functions make (``dataset_plan``, ``model_up_to_date``, ``report_plan``,
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,9 +176,41 @@ def _baseline(pipe: Pipeline) -> Path | None:
 # --------------------------------------------------------------------------- running
 
 
+STAGE_NAMES = {"prepare": "prepare", "eval": "eval", "compress": "compress"}
+
+
+@contextlib.contextmanager
+def _replacing(out: Path, stage: str):
+    """Let a stage replace its own out-of-date artifact in the workdir (its command would refuse one made from
+    other inputs): it is moved aside (``.NAME.tmp-PID-stale``: removed after a crash by the next writer there),
+    deleted when the new one is in place, put back if the stage wrote nothing. Anything else stays refused."""
+    found = artifacts.existing(out)
+    aside = None
+    if found is not None and found[0] == "artifact":
+        if artifacts.read_manifest(out, check=False).get("stage") == stage:
+            aside = out.with_name(f".{out.name}.tmp-{os.getpid()}-stale")
+            os.replace(out, aside)
+    try:
+        yield
+    finally:
+        if aside is not None:
+            if out.exists():
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                os.replace(aside, out)
+
+
 def run(pipe: Pipeline, name: str, console: Console) -> None:
     """Run one stage through its library function (each skips itself when up to date)."""
     cfg = configs(pipe, name)
+    if name in ("prepare", "eval", "compress", "export"):
+        stage = f"export-{cfg.format}" if name == "export" else STAGE_NAMES[name]
+        with _replacing(output(pipe, name), stage):
+            return _run(pipe, name, cfg, console)
+    return _run(pipe, name, cfg, console)
+
+
+def _run(pipe: Pipeline, name: str, cfg, console: Console) -> None:
     if name == "prepare":
         from homeforge.data.prepare import run as prepare
 
