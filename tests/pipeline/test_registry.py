@@ -36,6 +36,8 @@ def test_register_promote_refuse_rollback(two_models):
     lin = shown["lineage"]
     assert lin["inputs"]["dataset"] and lin["code"]["homeforge"] and lin["config"]["max_steps"] == 60
     assert lin["privacy"] == {"dp": False} and shown["eval"]["metrics"]["ppl"] > 1
+    d = hf(tmp, "registry", "diff", "docs@1", "docs@champion").stdout
+    assert "max_steps" in d and "ppl" in d and "eval_every" in d
     assert "version 1" in hf(tmp, "registry", "rollback", "docs").stdout
     assert json.loads(hf(tmp, "registry", "show", "docs", "--json").stdout)["version"] == 1
     # every change is in the audit log

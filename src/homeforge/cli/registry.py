@@ -156,3 +156,41 @@ def rollback(name: Annotated[str, typer.Argument(help="registry name")],
 
     res = Registry().rollback(name, alias)
     console.print(f"{name}@{alias} -> version {res['version']} (was {res['previous']})", highlight=False)
+
+
+@registry_app.command("diff")
+def diff(a: Annotated[str, typer.Argument(help="NAME@VERSION or NAME@ALIAS")],
+         b: Annotated[str, typer.Argument(help="NAME@VERSION or NAME@ALIAS")]) -> None:
+    """Two versions side by side: the config keys, inputs and metrics that differ.
+
+    Examples:
+
+        homeforge registry diff docs@champion docs@candidate
+        homeforge registry diff docs@1 docs@3
+    """
+    from homeforge.registry.store import Registry
+    from homeforge.train.checkpoint import _flat
+
+    reg = Registry()
+    ra, rb = reg.resolve(a), reg.resolve(b)
+    table = Table(title=f"{a} (version {ra.version['version']}) vs {b} (version {rb.version['version']})")
+    for col in ("", "key", a, b):
+        table.add_column(col)
+    la, lb = ra.version["lineage"], rb.version["lineage"]
+    ea, eb = ra.version.get("eval", {}), rb.version.get("eval", {})
+    for section, da, db in (("config", la["config"], lb["config"]), ("inputs", la["inputs"], lb["inputs"]),
+                            ("code", la["code"], lb["code"]), ("train metrics", la["metrics"], lb["metrics"]),
+                            ("eval", {"data": ea.get("data"), **ea.get("metrics", {})},
+                             {"data": eb.get("data"), **eb.get("metrics", {})})):
+        fa, fb = _flat(da or {}), _flat(db or {})
+        for k in sorted(set(fa) | set(fb)):
+            if fa.get(k) != fb.get(k):
+                table.add_row(section, k, _short(fa.get(k)), _short(fb.get(k)))
+    console.print(table)
+
+
+def _short(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    s = str(v)
+    return s[:16] if isinstance(v, str) and len(s) == 64 else s[:60]
