@@ -461,7 +461,9 @@ def run(cfg, *, force: bool = False, check_only: bool = False, console=None, out
                 raise HomeforgeError(f"pii.patterns.{name} is not a valid regular expression ({exc})",
                                      fix="correct the pattern (Python `re` syntax)") from None
     out = Path(output or cfg.output_dir).expanduser()
-    if not check_only:
+    if check_only:
+        _input_paths(cfg, files, names)  # a missing terms / synonyms / tokenizer folder is said all the same
+    else:
         plan = dataset_plan(cfg, force=force, output=out, found=(files, builtins, names), secret=secret)
         out_p = plan.out
         if plan.up_to_date:

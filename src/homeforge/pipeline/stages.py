@@ -125,7 +125,10 @@ def status(pipe: Pipeline, name: str) -> Status:
             return Status(False, "up to date (same dataset and config)")
         ck = resumable(cfg)
         model = output(pipe, name) / "model"
-        why = "no model yet" if not model.exists() else "dataset or config changed"
+        why = "no model yet"
+        if model.exists():
+            inputs = {"dataset": artifacts.hash_input(cfg.data)} if cfg.data else {}
+            why = _why(artifacts.Plan(model, "train", {}, inputs, ""))
         return Status(True, why + (f"; resumes from checkpoint {ck.name}" if ck else ""))
     if name == "eval":
         from homeforge.evaluate.run import report_plan
