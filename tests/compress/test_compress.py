@@ -17,6 +17,7 @@ from homeforge.compress import prune, quantize
 from homeforge.compress import run as C
 from homeforge.config import CompressConfig, load_config
 from homeforge.errors import HomeforgeError
+from homeforge.models import quantized
 from homeforge.models.io import load_causal_lm
 from homeforge.train.methods import compression as train
 
@@ -92,7 +93,7 @@ def test_quantized_artifact_loads_and_matches(method, trained, tiny_dataset, tmp
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
     assert (out / "compress.md").read_text().count("|") > 10
     assert (out / "compress.png").read_bytes()[:4] == b"\x89PNG"
-    plain = quantize.load_quantized(out, q, dequantize=True)  # for exporters: ordinary Linear layers
+    plain = quantized.load_quantized(out, q, dequantize=True)  # for exporters: ordinary Linear layers
     assert type(plain.model.layers[0].mlp.up_proj) is torch.nn.Linear and type(plain.lm_head) is torch.nn.Linear
     with torch.no_grad():
         c = plain(input_ids=x).logits
@@ -266,5 +267,5 @@ def test_gpu_path_without_torchao_falls_back_with_a_warning(trained, monkeypatch
     model, _ = load_causal_lm(trained, with_tokenizer=False)
     before = model.model.layers[0].mlp.up_proj.weight.clone()
     with pytest.warns(UserWarning, match="torchao is not installed"):
-        quantize._torchao_quantize(model, "int8-weight-only", 64)
+        quantized._torchao_quantize(model, "int8-weight-only", 64)
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, before)

@@ -9,7 +9,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from homeforge.security import crypto, keys
+from homeforge.security import crypto, encrypted_array, keys
 from homeforge.security.crypto import CryptoError
 
 
@@ -139,19 +139,19 @@ def test_encrypted_array(tmp_path, key):
     tokens = np.arange(30_000, dtype=np.uint16)
     p = tmp_path / "train.bin"
     crypto.write_encrypted(p, tokens.tobytes(), key, chunk_size=4096)
-    arr = crypto.EncryptedArray(p, np.uint16, length=30_000, key=key, cache_chunks=2)
+    arr = encrypted_array.EncryptedArray(p, np.uint16, length=30_000, key=key, cache_chunks=2)
     assert len(arr) == 30_000
     for s, e in ((0, 10), (2040, 2060), (4095, 8200), (29_990, 30_000), (100, 100)):
         np.testing.assert_array_equal(arr[s:e], tokens[s:e])
     assert arr[-1] == 29_999 and arr[5] == 5
     np.testing.assert_array_equal(np.asarray(arr), tokens)
     with pytest.raises(CryptoError, match="not 29999 tokens"):
-        crypto.EncryptedArray(p, np.uint16, length=29_999, key=key)
+        encrypted_array.EncryptedArray(p, np.uint16, length=29_999, key=key)
     raw = bytearray(p.read_bytes())
     raw[-100] ^= 1
     p.write_bytes(bytes(raw))
     with pytest.raises(CryptoError):  # refused on open, before any token is used
-        crypto.EncryptedArray(p, np.uint16, key=key)
+        encrypted_array.EncryptedArray(p, np.uint16, key=key)
 
 
 def test_streaming_memory_is_flat(tmp_path, key):

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from homeforge import integrity
 from homeforge.integrity import IntegrityError
-from homeforge.security import crypto, keys, storage
+from homeforge.security import crypto, encrypted_array, keys, storage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 
@@ -70,7 +70,7 @@ def test_dataset_files_are_encrypted_and_read_back(env):
     assert first and all("text" in r for r in first)
     assert first[0]["text"][:30].encode() not in (data / "train.jsonl").read_bytes()  # no plaintext on disk
     tokens = load_tokens(data, "train")
-    assert isinstance(tokens, crypto.EncryptedArray)
+    assert isinstance(tokens, encrypted_array.EncryptedArray)
     assert len(tokens) == read_index(data)["splits"]["train"]["tokens"]
     # the same tokens as a plain re-encode of the records
     from homeforge.models.io import load_tokenizer
@@ -136,7 +136,7 @@ def test_tampered_or_truncated_model_refused(env, tmp_path):
     with pytest.raises(IntegrityError, match="train.bin is truncated"):
         load_tokens(data, "train")
     with pytest.raises(crypto.CryptoError):
-        crypto.EncryptedArray(b, "uint16")
+        encrypted_array.EncryptedArray(b, "uint16")
 
 
 def test_wrong_or_missing_key_refused(env, monkeypatch, tmp_path):
@@ -148,7 +148,7 @@ def test_wrong_or_missing_key_refused(env, monkeypatch, tmp_path):
         load_causal_lm(env["model"])
     assert "use that key" in err.value.render()
     with pytest.raises(crypto.CryptoError, match="encrypted with key"):
-        crypto.EncryptedArray(env["data"] / "train.bin", "uint16")
+        encrypted_array.EncryptedArray(env["data"] / "train.bin", "uint16")
     monkeypatch.delenv("HOMEFORGE_KEY")
     monkeypatch.setenv("HOMEFORGE_HOME", str(tmp_path / "empty"))
     with pytest.raises(keys.KeyError_, match="no data key"):
@@ -217,7 +217,7 @@ def test_rotation_keeps_everything_readable_under_new_key_only(env, tmp_path, mo
     assert any("input 'dataset' is the recorded version" in c.detail for c in checks)
     monkeypatch.setenv("HOMEFORGE_KEY", old.secret.hex())  # the old key no longer opens anything
     with pytest.raises(crypto.CryptoError, match="encrypted with key"):
-        crypto.EncryptedArray(root / "data" / "val.bin", "uint16")
+        encrypted_array.EncryptedArray(root / "data" / "val.bin", "uint16")
     bad = verify_tree(root / "data", decrypt=True)[0]
     assert not bad.ok and "signed with key" in bad.detail  # and its manifest is signed with the new key
 

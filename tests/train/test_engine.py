@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -199,6 +200,16 @@ def test_mlflow_sqlite_store_read_back(tmp_path):
     history = client.get_metric_history(run_info.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
     assert history[-1].value == pytest.approx(state.history[-1]["loss"], rel=1e-6)
+    # artifacts: under the run's own directory, read back through MLflow's own client
+    run_id = run_info.info.run_id
+    names = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "metrics.jsonl"} <= names, names
+    assert run_info.info.artifact_uri.startswith((tmp_path / "mlflow-artifacts").as_uri())
+    local = Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path / "dl")))
+    assert yaml.safe_load(local.read_text())["optim"]["lr"] == 0.003
+    metrics = Path(client.download_artifacts(run_id, "metrics.jsonl", str(tmp_path / "dl")))
+    assert metrics.read_bytes() == (tmp_path / "metrics.jsonl").read_bytes()
+    assert not (Path.cwd() / "mlruns").exists()
 
 
 def test_mlflow_remote_uri_refused(tmp_path):

@@ -39,7 +39,7 @@ def serve(
     """Serve a model with an OpenAI-compatible API: continuous batching, streaming, keys, metrics, audit.
 
     Routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings,
-    /v1/classifications (classifier models), /health, /ready, /metrics, /admin/reload.
+    /v1/classifications (classifier models), /health, /ready, /metrics, /openapi.json, /admin/reload.
     With API keys present (`homeforge keys add`), every route but /health and /ready needs
     `Authorization: Bearer KEY`. A non-loopback --host is refused without keys.
     Ctrl-C / SIGTERM finishes the requests in flight, then exits.

@@ -13,8 +13,8 @@ import copy
 
 import torch
 
-from homeforge.compress.quantize import quantizable_linears, skip_init
 from homeforge.errors import HomeforgeError
+from homeforge.models.quantized import quantizable_linears, skip_init
 
 STRUCTURED_ARCHS = ("llama", "qwen2", "mistral", "qwen3")
 

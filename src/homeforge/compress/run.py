@@ -226,7 +226,7 @@ def _run(model_dir: Path, data: Path | None, cfg: CompressConfig, output: Path |
     from homeforge.models.io import check_model_dir
 
     model_dir = check_model_dir(model_dir)
-    from homeforge.compress.quantize import read_quantization
+    from homeforge.models.quantized import read_quantization
 
     done = read_quantization(model_dir)
     if done:

@@ -135,12 +135,12 @@ class DatasetReader:
             return np.zeros(0, dtype=dtype)
         rel = info.get("file", f"{split}.bin")
         path = self._file(rel)
-        from homeforge.security import crypto
+        from homeforge.security import crypto, encrypted_array
 
         if crypto.is_encrypted(path):  # decrypted chunk by chunk, each chunk authenticated (security/crypto.py)
             hashed = self.manifest is not None and rel in self.manifest["files"]
             # the file's hash was just checked: the whole-file tag pass on open would only repeat it
-            return crypto.EncryptedArray(path, dtype, length=info["tokens"], verify=not hashed)
+            return encrypted_array.EncryptedArray(path, dtype, length=info["tokens"], verify=not hashed)
         expected = int(info["tokens"]) * np.dtype(dtype).itemsize
         if path.stat().st_size != expected:  # no manifest to say so: still never a numpy traceback
             raise ArtifactError(f"{path} holds {path.stat().st_size} bytes, not the {info['tokens']} tokens of "

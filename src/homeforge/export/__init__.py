@@ -72,7 +72,7 @@ def _run_export(model_dir, out, cfg, *, force: bool, console) -> Path:
         w.extra["kind"] = f"export-{cfg.format}"
         if src.lora:
             w.extra["lora_merged"] = src.lora
-        from homeforge.compress.quantize import read_quantization
+        from homeforge.models.quantized import read_quantization
 
         if qinfo := read_quantization(src.path):  # exported from its dequantized weights
             w.extra["source_quantization"] = {k: qinfo.get(k) for k in ("method", "group_size", "format")}

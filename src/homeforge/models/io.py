@@ -131,7 +131,7 @@ def _load_weights(p: Path, head: str, dtype, dequantize: bool, config_updates: d
     import transformers
     from transformers.utils import logging as hf_logging
 
-    from homeforge.compress.quantize import load_quantized, read_quantization
+    from homeforge.models.quantized import load_quantized, read_quantization
     from homeforge.security import storage
 
     hf_logging.disable_progress_bar()

@@ -163,7 +163,7 @@ def allows(host: str) -> bool:
     (``HOMEFORGE_ALLOW_HOSTS`` or ``install(allow=...)``), or ``HOMEFORGE_ALLOW_NETWORK=1``."""
     if paths.network_allowed():
         return True
-    return _allowed_host(host.strip("[]"), _state["allow"] | _state["resolved"] | paths.allowed_hosts())
+    return _allowed_host(host.strip("[]"), _state["allow"] | paths.allowed_hosts())
 
 
 def allowed_hosts() -> list[str]:

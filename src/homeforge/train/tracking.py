@@ -75,7 +75,7 @@ class Tracker:
                                  fix="use a sqlite:///PATH.db or file:///DIR URI (homeforge never sends metrics off the machine)")
         client = mlflow.MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(cfg.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment, artifact_location=_artifact_root(uri))
         id_file = self.run_dir / "mlflow_run_id"
         run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
         if run_id is None:
@@ -87,6 +87,7 @@ class Tracker:
 
             client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
         self.mlflow = (client, run_id)
+        self.config, self.log_model = config, cfg.mlflow_log_model
 
     def log(self, record: dict) -> None:
         self.jsonl.write(json.dumps(record) + "\n")
@@ -112,4 +113,30 @@ class Tracker:
             self.tb.close()
         if self.mlflow is not None:
             client, run_id = self.mlflow
+            self._log_artifacts(client, run_id)
             client.set_terminated(run_id, status=status)
+
+    def _log_artifacts(self, client, run_id: str) -> None:
+        """The run's files as MLflow artifacts: the resolved config, metrics.jsonl, the plots, the
+        model's manifest (and the model itself with ``tracking.mlflow_log_model``)."""
+        import yaml
+
+        client.log_text(run_id, yaml.safe_dump(self.config, sort_keys=False, allow_unicode=True), "config.yaml")
+        files = [self.run_dir / "metrics.jsonl", *sorted(self.run_dir.glob("*.png"))]
+        for f in files:
+            if f.is_file():
+                client.log_artifact(run_id, str(f))
+        model = self.run_dir / "model"
+        if (model / "homeforge.json").is_file():
+            if self.log_model:
+                client.log_artifacts(run_id, str(model), "model")
+            else:
+                client.log_artifact(run_id, str(model / "homeforge.json"), "model")
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts beside a local store (MLflow's default, ./mlruns in the working directory, would
+    scatter them): ``DIR/mlflow-artifacts`` for ``sqlite:///DIR/x.db``; a file store keeps its own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).absolute().parent / "mlflow-artifacts").as_uri()
+    return None

@@ -21,11 +21,15 @@ import json
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from homeforge.serve.driver import Done, Ledger, Piece, TokenLogprob
 from homeforge.serve.errors import ApiError
-from homeforge.serve.gateway.driver import GatewayDriver, GatewayJob, Refusal, refusal
+from homeforge.serve.gateway.job import GatewayJob, Refusal, refusal
 from homeforge.serve.gateway.pool import Upstream
+
+if TYPE_CHECKING:
+    from homeforge.serve.gateway.driver import GatewayDriver
 
 END = object()
 

@@ -95,6 +95,9 @@ class _Call:
         self.route, self.path = SERVICE + method, ROUTE[method]
         self.info: dict = {}
         self.t0 = time.perf_counter()
+        # read now: grpc.aio may crash the process (SIGSEGV) when a finished or cancelled
+        # call's context is asked for its peer
+        self.peer = context.peer() or None
 
     def authorize(self) -> None:
         meta = {k.lower(): v for k, v in (self.context.invocation_metadata() or ()) if isinstance(v, str)}
@@ -113,8 +116,7 @@ class _Call:
         await self.context.abort(CODES.get(exc.status, grpc.StatusCode.UNKNOWN), text, trailing_metadata=tuple(meta))
 
     def record(self) -> None:
-        peer = self.context.peer() or None
-        calls.record(self.st, self.info, self.route, "GRPC", self.status, time.perf_counter() - self.t0, peer,
+        calls.record(self.st, self.info, self.route, "GRPC", self.status, time.perf_counter() - self.t0, self.peer,
                      transport="grpc")
 
 

@@ -54,20 +54,26 @@ def save_causal_lm(model, out_dir: Path, tokenizer) -> None:
 
 
 def build_task(cfg, data_dir):
-    from homeforge.train.loop import TrainTask
-
     ds = open_dataset(data_dir, "pretrain")
     model, model_dir = build_causal_lm(cfg, ds)
     n_emb = model.get_input_embeddings().num_embeddings
     check_token_range(ds, ds.vocab_size - 1, n_emb, str(ds.root / "index.json"))
     train, val = text_sources(cfg, ds)
+    return causal_lm_task(cfg, ds, model, model_dir, train, val, method="pretrain",
+                          preset=None if model_dir else cfg.model.preset)
+
+
+def causal_lm_task(cfg, ds, model, model_dir, train, val, **info):
+    """The TrainTask of a causal LM (pretrain, SFT): router metrics for MoE models, FLOPs of the
+    active experts, the model saved as an HF directory; ``info`` joins the run's record."""
+    from homeforge.train.loop import TrainTask
+
     monitor = RouterMonitor(model)
     return TrainTask(
         model=model, train=train, val=val,
         loss_fn=with_router_metrics(causal_lm_loss, monitor),
         save_final=save_causal_lm, tokenizer=ds.tokenizer,
         flops_per_token=moe_flops_per_token(model, cfg.seq_len),
-        info={"method": "pretrain", "architecture": type(model).__name__, "base": str(model_dir) if model_dir else None,
-              "preset": None if model_dir else cfg.model.preset, "params": sum(p.numel() for p in model.parameters()),
-              "moe": bool(monitor)},
+        info={"architecture": type(model).__name__, "base": str(model_dir) if model_dir else None, **info,
+              "params": sum(p.numel() for p in model.parameters()), "moe": bool(monitor)},
     )

@@ -26,15 +26,11 @@ import torch
 from homeforge.errors import HomeforgeError
 from homeforge.train.methods.common import (
     IGNORE,
-    RouterMonitor,
     build_causal_lm,
-    causal_lm_loss,
     check_token_range,
-    moe_flops_per_token,
     open_dataset,
     read_token_records,
     seeded_order,
-    with_router_metrics,
 )
 
 
@@ -181,20 +177,11 @@ def chat_sources(cfg, ds, n_embeddings: int):
 
 
 def build_task(cfg, data_dir):
-    from homeforge.train.loop import TrainTask
-    from homeforge.train.methods.pretrain import save_causal_lm
+    from homeforge.train.methods.pretrain import causal_lm_task
 
     ds = open_dataset(data_dir, "sft")
     model, model_dir = build_causal_lm(cfg, ds)
     train, val = chat_sources(cfg, ds, model.get_input_embeddings().num_embeddings)
-    monitor = RouterMonitor(model)
-    return TrainTask(
-        model=model, train=train, val=val,
-        loss_fn=with_router_metrics(causal_lm_loss, monitor),
-        save_final=save_causal_lm, tokenizer=ds.tokenizer,
-        flops_per_token=moe_flops_per_token(model, cfg.seq_len),
-        info={"method": "sft", "architecture": type(model).__name__, "base": str(model_dir) if model_dir else None,
-              "packing": cfg.sft.packing, "rows": len(train), "conversations": len(train.samples),
-              "loss_tokens": train.loss_tokens, "dropped": ds.dropped,
-              "params": sum(p.numel() for p in model.parameters())},
-    )
+    return causal_lm_task(cfg, ds, model, model_dir, train, val, method="sft", packing=cfg.sft.packing,
+                          rows=len(train), conversations=len(train.samples), loss_tokens=train.loss_tokens,
+                          dropped=ds.dropped)
