@@ -3,7 +3,7 @@
 Running a stage calls the library function its command calls (``data.prepare.run``,
 ``train.run.run``, ``evaluate.run.run``, ``compress.run.run``, ``export.run_export``,
 ``registry``, ``serve.app.serve``); whether it is up to date comes from the same plan
-those functions make (``dataset_plan``, ``model_up_to_date``, ``report_plan``,
+those functions make (``data.plan.dataset_plan``, ``model_up_to_date``, ``report_plan``,
 ``output_plan``, ``export_plan``): the artifacts' manifests are the only bookkeeping.
 """
 
@@ -113,7 +113,7 @@ def _plan_status(plan) -> Status:
 def status(pipe: Pipeline, name: str) -> Status:
     """Would this stage run now (its upstream stages being as they are on disk), and why."""
     if name == "prepare":
-        from homeforge.data.prepare import dataset_plan
+        from homeforge.data.plan import dataset_plan
 
         return _plan_status(dataset_plan(configs(pipe, name)))
     if name == "train":
