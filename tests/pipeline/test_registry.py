@@ -37,7 +37,7 @@ def test_register_promote_refuse_rollback(two_models):
     assert lin["inputs"]["dataset"] and lin["code"]["homeforge"] and lin["config"]["max_steps"] == 60
     assert lin["privacy"] == {"dp": False} and shown["eval"]["metrics"]["ppl"] > 1
     d = hf(tmp, "registry", "diff", "docs@1", "docs@champion").stdout
-    assert "max_steps" in d and "ppl" in d and "eval_every" in d
+    assert "max_steps" in d and "output_dir" in d and "ppl" in d and "seq_len" not in d  # only what differs
     assert "version 1" in hf(tmp, "registry", "rollback", "docs").stdout
     assert json.loads(hf(tmp, "registry", "show", "docs", "--json").stdout)["version"] == 1
     # every change is in the audit log
