@@ -83,7 +83,8 @@ class RegisterStage(Section):
                               "evaluated, else train)")
     alias: str = Field("candidate", description="alias the new version gets")
     promote_to: str | None = Field(None, description="then promote it to this alias (e.g. champion) when it passes "
-                                   "the gates; a refusal stops the pipeline")
+                                   "the gates; when it does not, the alias keeps its version and the pipeline "
+                                   "goes on (serving that version)")
     gates: PromoteGates = Field(default_factory=PromoteGates)
 
 

@@ -264,7 +264,15 @@ def _register(pipe: Pipeline, console: Console) -> None:
     console.print(f"{'registered' if created else 'already registered:'} {rc.name} version {version['version']} "
                   f"(@{rc.alias})", highlight=False)
     if rc.promote_to:
-        res = reg.promote(rc.name, rc.alias, rc.promote_to, rc.gates)
+        from homeforge.registry.store import GateRefused
+
+        try:
+            res = reg.promote(rc.name, rc.alias, rc.promote_to, rc.gates)
+        except GateRefused as exc:  # a normal outcome: the candidate is kept, the current version stays
+            stays = reg.index(rc.name)["aliases"].get(rc.promote_to)
+            console.print(f"[yellow]not promoted[/]: {exc.what}; @{rc.promote_to} stays version {stays}",
+                          highlight=False)
+            return
         console.print(res["message"], highlight=False)
 
 
