@@ -168,8 +168,8 @@ def diff(a: Annotated[str, typer.Argument(help="NAME@VERSION or NAME@ALIAS")],
         homeforge registry diff docs@champion docs@candidate
         homeforge registry diff docs@1 docs@3
     """
+    from homeforge.config import flatten
     from homeforge.registry.store import Registry
-    from homeforge.train.checkpoint import _flat
 
     reg = Registry()
     ra, rb = reg.resolve(a), reg.resolve(b)
@@ -182,7 +182,7 @@ def diff(a: Annotated[str, typer.Argument(help="NAME@VERSION or NAME@ALIAS")],
                             ("code", la["code"], lb["code"]), ("train metrics", la["metrics"], lb["metrics"]),
                             ("eval", {"data": ea.get("data"), **ea.get("metrics", {})},
                              {"data": eb.get("data"), **eb.get("metrics", {})})):
-        fa, fb = _flat(da or {}), _flat(db or {})
+        fa, fb = flatten(da or {}), flatten(db or {})
         for k in sorted(set(fa) | set(fb)):
             if fa.get(k) != fb.get(k):
                 table.add_row(section, k, _short(fa.get(k)), _short(fb.get(k)))

@@ -62,6 +62,8 @@ def model_up_to_date(cfg: TrainConfig) -> bool:
 def resumable(cfg: TrainConfig) -> Path | None:
     """The run directory's latest checkpoint when it was written under exactly this config and from the same
     dataset content (so continuing it gives the run this config asks for), else None."""
+    from homeforge.config import flatten
+
     run_dir = Path(cfg.output_dir).expanduser().absolute()
     latest = ck.latest_checkpoint(run_dir)
     if latest is None:
@@ -76,7 +78,7 @@ def resumable(cfg: TrainConfig) -> Path | None:
         if meta.get("dataset") != artifacts.hash_input(cfg.data):
             return None
     defaults = TrainConfig().model_dump(mode="json")
-    return latest if {**ck._flat(defaults), **ck._flat(saved)} == ck._flat(cfg.model_dump(mode="json")) else None
+    return latest if {**flatten(defaults), **flatten(saved)} == flatten(cfg.model_dump(mode="json")) else None
 
 
 def run(cfg: TrainConfig, *, resume: str | None = None, force: bool = False, console: Console | None = None) -> dict:
