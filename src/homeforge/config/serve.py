@@ -55,6 +55,12 @@ class ServeConfig(Section):
     onnx_file: str = Field("model.onnx", description="ONNX backend: graph file in the exported directory "
                                                      "(model.int8.onnx for the int8 export)")
     max_batch_size: int = Field(16, ge=1, description="sequences decoded together in one step")
+    engine: Literal["auto", "lean", "generic"] = Field(
+        "auto", description="torch backend: lean = slot KV cache and direct layer calls (Llama, Mistral, Qwen2/3); "
+                            "generic = the transformers forward with a dynamic cache; auto = lean where supported")
+    prefill_chunk: int = Field(256, ge=1, description="lean engine: prompt tokens prefilled between two decode steps")
+    prefix_cache_tokens: int = Field(1024, ge=0, description="lean engine: prompt tokens whose keys/values are kept "
+                                                             "for reuse by prompts with the same head (0 = off)")
     max_queue: int = Field(256, ge=1, description="waiting requests before new ones get HTTP 429")
     max_context: int | None = Field(None, ge=8, description="prompt + completion tokens (default: the model's maximum)")
     max_tokens_default: int = Field(256, ge=1, description="completion tokens when a request does not say")

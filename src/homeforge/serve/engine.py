@@ -104,10 +104,14 @@ class TorchBackend(Backend):
     """A transformers causal LM with a ``DynamicCache``."""
 
     def __init__(self, model):
+        import inspect
+
         from transformers import DynamicCache
 
         self.model = model
         self._cache_cls = DynamicCache
+        # transformers renamed ``past_key_values`` to ``cache`` (the old name warns, then goes away)
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         cfg = model.config
         self.max_context = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
         self.vocab_size = int(cfg.vocab_size)
@@ -122,8 +126,8 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def forward(self, input_ids, position_ids, attention_mask, cache, last_only: bool = False):
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1 if last_only else 0)
-        return out.logits.float(), out.past_key_values
+                         use_cache=True, logits_to_keep=1 if last_only else 0, **{self._cache_kw: cache})
+        return out.logits.float(), getattr(out, self._cache_kw)
 
 
 def _layers(cache):

@@ -77,6 +77,25 @@ def load_model(cfg: ServeConfig):
     return kind, model, tok, TorchBackend(model)
 
 
+def make_engine(cfg: ServeConfig, backend, tok) -> Engine:
+    """The lean slot engine where the model supports it (``cfg.engine``), else the generic one."""
+    from homeforge.serve.engine import Engine, TorchBackend
+    from homeforge.serve.lean import supports
+    from homeforge.serve.lean_engine import SlotEngine
+
+    kw = dict(max_batch_size=cfg.max_batch_size, max_queue=cfg.max_queue, max_context=cfg.max_context)
+    lean = isinstance(backend, TorchBackend) and supports(backend.model)
+    if cfg.engine == "lean" and not lean:
+        raise HomeforgeError(f"engine=lean does not support this model ({type(getattr(backend, 'model', backend)).__name__}"
+                             f"; backend {cfg.backend})", where=str(cfg.model_dir),
+                             fix="use engine=auto (the generic engine for other models) or a Llama/Mistral/Qwen2/Qwen3 "
+                                 "model on the torch backend")
+    if lean and cfg.engine != "generic":
+        return SlotEngine(backend, tok, prefill_chunk=cfg.prefill_chunk, prefix_cache_tokens=cfg.prefix_cache_tokens,
+                          **kw)
+    return Engine(backend, tok, **kw)
+
+
 class ServerState:
     """Config and services of one server, and the model it serves (``driver`` is set by ``create_app``)."""
 
@@ -110,8 +129,6 @@ class ServerState:
     def load(self) -> None:
         import torch
 
-        from homeforge.serve.engine import Engine
-
         try:
             if self.cfg.threads:
                 torch.set_num_threads(self.cfg.threads)
@@ -120,8 +137,7 @@ class ServerState:
             if backend is not None:
                 # the engine thread gets its own tokenizer: a Rust tokenizer shared between threads can
                 # fail with 'Already borrowed' when one thread changes its settings
-                self.engine = Engine(backend, copy.deepcopy(self.tok), max_batch_size=self.cfg.max_batch_size,
-                                     max_queue=self.cfg.max_queue, max_context=self.cfg.max_context).start()
+                self.engine = make_engine(self.cfg, backend, copy.deepcopy(self.tok)).start()
             self.ready = True
         except Exception as exc:  # shown by /ready and the log; the process keeps answering /health
             self.load_error = exc.render() if isinstance(exc, HomeforgeError) else f"{type(exc).__name__}: {exc}"
