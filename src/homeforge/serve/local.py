@@ -26,7 +26,7 @@ from homeforge.serve.protocol import (
     CompletionRequest,
     EmbeddingRequest,
 )
-from homeforge.serve.state import ServerState, load_model
+from homeforge.serve.state import ServerState, load_model, make_engine
 
 KINDS = {"causal": "text generation", "classifier": "classification"}
 
@@ -220,10 +220,7 @@ class LocalDriver:
             if kind != st.kind or backend is None:
                 raise ApiError(409, f"{target.label} is a {kind} model; this server serves a {st.kind} model",
                                code="unsupported_model")
-            from homeforge.serve.engine import Engine
-
-            engine = Engine(backend, copy.deepcopy(tok), max_batch_size=st.cfg.max_batch_size,
-                            max_queue=st.cfg.max_queue, max_context=st.cfg.max_context).start()
+            engine = make_engine(cfg, backend, copy.deepcopy(tok)).start()  # as at startup (lean where it can)
             old, was = st.engine, st.version
             st.engine, st.model, st.tok, st.version, st.cfg = engine, model, tok, target.label, cfg  # one step
             st.swaps.append({"from": was, "to": target.label, "time": time.time()})
