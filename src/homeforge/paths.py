@@ -21,6 +21,7 @@ so a test or a parent process can change them; paths are expanded once, here (``
 | HOMEFORGE_PII_SECRET | pseudonym secret (name configurable: pii.secret_env) | none |
 | HOMEFORGE_VERIFY_CACHE | remember verified file hashes (0 = hash every file on every load) | on |
 | HOMEFORGE_SCRATCH | where an `--encrypt` stage builds its plaintext files (memory-backed) | /dev/shm |
+| HOMEFORGE_LLAMACPP | a llama.cpp build or source tree (converter, llama-server) | CACHE/llamacpp |
 | HOMEFORGE_AUDIT_PROMPTS | log prompt text verbatim in the audit log (else a hash and a length) | off |
 | HOMEFORGE_REGISTRY | the model registry (`homeforge registry`, `serve registry:NAME@ALIAS`) | HOME/registry |
 """
@@ -62,6 +63,11 @@ def home() -> Path:
 
 def cache_dir() -> Path:
     return env_path("HOMEFORGE_CACHE") or Path.home() / ".cache" / "homeforge"
+
+
+def llamacpp_dir() -> Path:
+    """``$HOMEFORGE_LLAMACPP`` or ``CACHE/llamacpp``: where a llama.cpp build is looked for (export/llamacpp.py)."""
+    return env_path("HOMEFORGE_LLAMACPP") or cache_dir() / "llamacpp"
 
 
 def data_key_file() -> Path:

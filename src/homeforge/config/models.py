@@ -73,6 +73,9 @@ class ImportConfig(Section):
 
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype of the saved weights")
     parity: ParityConfig = Field(default_factory=ParityConfig)
+    llamacpp_tokens: int = Field(32, ge=0, description="when a llama.cpp build is found (HOMEFORGE_LLAMACPP): greedy "
+                                 "tokens per parity text compared with what llama.cpp computes on the source file "
+                                 "(0 = do not run llama.cpp; only the dequantized round trip is checked)")
     encrypt: bool = encrypt_field("the imported weights")
 
 

@@ -81,9 +81,10 @@ def _run_export(model_dir, out, cfg, *, force: bool, console) -> Path:
 
 
 def _print_parity(console, out: Path, metrics: dict) -> None:
+    from homeforge.export import common
+
     for name, res in metrics.items():
         if not (name.startswith("parity") and isinstance(res, dict) and "max_rel_error" in res):
             continue
-        console.print(f"  {name}: max rel. logit error {res['max_rel_error']:.2e} (tolerance {res['tolerance']:.0e}), "
-                      f"top-1 agreement {res['top1_agreement']:.3f} [green]passed[/]")
+        console.print(f"  {common.parity_line(name, res)} [green]passed[/]")
     console.print(f"[green]wrote[/] {out}")

@@ -191,6 +191,12 @@ def check(result: dict, what: str, where: Path | str) -> None:
     )
 
 
+def parity_line(name: str, res: dict) -> str:
+    """One console line for a parity result (tolerances printed as given: 0.25, not 2e-01)."""
+    return (f"{name}: max rel. logit error {res['max_rel_error']:.2e} (tolerance {res['tolerance']:.3g}), "
+            f"top-1 agreement {res['top1_agreement']:.3f}")
+
+
 def tolerance_for(precision: str, configured: float | None) -> float:
     return configured if configured is not None else TOLERANCES[precision]
 

@@ -1,20 +1,21 @@
 """`--format gguf`: a GGUF file for llama.cpp and Ollama, written with the `gguf` package.
 
 Pure numpy: no compiler, no llama.cpp checkout, no network. Supported: Llama-architecture
-models (every built-in preset, Llama/SmolLM/Mistral-style checkpoints) and Qwen2, with a
-byte-level BPE tokenizer. Weights go out as f32, f16 or q8_0 (1-D norms stay f32, as
-llama.cpp does; a matrix whose rows are not a multiple of 32 falls back to f16 under q8_0).
-
-llama.cpp's ``llama`` architecture applies rotary embeddings to interleaved pairs while
-transformers rotates halves, so Q and K weights are permuted on the way out exactly as
-llama.cpp's ``convert_hf_to_gguf.py`` does (transformers' GGUF loader reverses it).
-Qwen2 uses the "neox" rotary layout in llama.cpp and needs no permutation.
+models (every built-in preset, Llama/SmolLM/Mistral-style checkpoints), Qwen2, and the MoE
+models Qwen2-MoE (llama.cpp's ``qwen2moe``) and DeepSeek-V3 (``deepseek2``, MLA), with a
+byte-level BPE tokenizer. Weights go out as f32, f16 or q8_0 (norms, biases and MoE routers
+stay f32, as llama.cpp's converter keeps them; a matrix whose rows are not a multiple of 32
+falls back to f16 under q8_0). The per-architecture keys and tensor layouts are in
+``gguf_arch.py``; every file is what llama.cpp's own ``convert_hf_to_gguf.py`` writes for the
+same model (tests/export/test_llamacpp_oracle.py compares them key by key, byte by byte).
 
 The tokenizer goes in as ``tokenizer.ggml.*`` metadata (model ``gpt2``, merges, token
-types: special added tokens are CONTROL) with the chat template. Parity: the file is read
-back with ``GGUFReader`` (every tensor's name, shape and type, the metadata), then
-loaded with transformers' GGUF loader (which dequantizes) and its logits and tokenizer
-compared with the original's.
+types: special added tokens are CONTROL) with the chat template; its pre-tokenizer name is
+chosen as llama.cpp's converter chooses it (``pre_tokenizer``). Parity: the file is read
+back with ``GGUFReader`` (every tensor's name, shape and type, the metadata), then loaded
+with transformers' GGUF loader (which dequantizes; for the MoE architectures, which it cannot
+load, the dequantized tensors are mapped back into the model: ``gguf_arch.from_gguf_state``)
+and its logits and tokenizer compared with the original's.
 """
 
 from __future__ import annotations
@@ -26,39 +27,24 @@ from typing import Any
 import numpy as np
 
 from homeforge.errors import HomeforgeError
-from homeforge.export import common
+from homeforge.export import common, gguf_arch
+from homeforge.export.gguf_arch import SUPPORTED
 
-SUPPORTED = {"llama": "LlamaForCausalLM (the built-in presets, Llama, SmolLM, Mistral-style)",
-             "qwen2": "Qwen2ForCausalLM"}
-# tokenizers' pre-tokenizer split regexes -> llama.cpp's `tokenizer.ggml.pre` names
+# a tokenizer llama.cpp's converter does not know by its hash (pretok.KNOWN) is named by what its
+# pre-tokenizer does: the Split regex of Qwen2 / Llama 3, GPT-2's ByteLevel regex (every
+# tokenizer `homeforge prepare` trains: data/tokenizer.py), SmolLM's single digits before it
 _PRE_BY_REGEX: dict[str, str] = {}
 
 
 def _pre_names() -> dict[str, str]:
-    if not _PRE_BY_REGEX:
-        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as qwen2
+    from homeforge.export import pretok
 
-        llama3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-        _PRE_BY_REGEX.update({qwen2: "qwen2", llama3: "llama-bpe"})
+    if not _PRE_BY_REGEX:
+        _PRE_BY_REGEX.update({pretok.qwen2_regex(): "qwen2", pretok.LLAMA3_REGEX: "llama-bpe"})
     return _PRE_BY_REGEX
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def _rope_type(config) -> str:
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    return params.get("rope_type", params.get("type", "default")) or "default"
-
-
-def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-
-
-def _head_dim(config) -> int:
-    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
 def check_supported(config, tokenizer) -> None:
@@ -70,17 +56,9 @@ def check_supported(config, tokenizer) -> None:
             f"GGUF export does not support the architecture {arch!r} ({(config.architectures or ['?'])[0]})",
             fix=f"supported architectures are {supported}; export this model with --format hf or --format onnx",
         )
-    problems = []
-    if _rope_type(config) != "default":
-        problems.append(f"rope scaling {_rope_type(config)!r} (only plain rotary embeddings are written)")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        problems.append(f"activation {config.hidden_act!r} (llama.cpp's {arch} uses silu)")
-    if arch == "llama" and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
-        problems.append("attention/MLP biases (llama.cpp's llama architecture has none)")
-    if arch == "qwen2" and getattr(config, "use_sliding_window", False):
-        problems.append("sliding-window attention")
+    problems = gguf_arch.problems(config)
     try:
-        _pre_tokenizer(tokenizer)
+        pre_tokenizer(tokenizer)
     except HomeforgeError as exc:
         problems.append(exc.what)
     if problems:
@@ -98,28 +76,47 @@ def _tokenizer_json(tokenizer) -> dict:
     return json.loads(backend.to_str())
 
 
-def _pre_tokenizer(tokenizer) -> str:
-    """llama.cpp's name of this tokenizer's pre-tokenizer (gpt2, qwen2, llama-bpe)."""
+def pre_tokenizer(tokenizer) -> str:
+    """llama.cpp's name for this tokenizer's pre-tokenizer (``tokenizer.ggml.pre``).
+
+    First the way llama.cpp's converter chooses it (the hash of the tokenizer's encoding of a
+    fixed text, looked up in the converter's table: pretok.py); for a tokenizer it does not
+    know, by the pre-tokenizer's definition: GPT-2's byte-level regex -> ``gpt-2``, single
+    digits then GPT-2's regex -> ``smollm``, Qwen2's / Llama 3's split regex -> ``qwen2`` /
+    ``llama-bpe``. Anything else is refused rather than written with a name that would make
+    llama.cpp split the text differently.
+    """
+    from homeforge.export import pretok
+
     tj = _tokenizer_json(tokenizer)
     model = tj.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise HomeforgeError(f"the tokenizer is {model.get('type')!r}{' with byte fallback' if model.get('byte_fallback') else ''}, "
                              "not a byte-level BPE")
+    if name := pretok.known_name(tokenizer):
+        return name
     pre = tj.get("pre_tokenizer") or {}
     items = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in items]
-    if kinds == ["ByteLevel"] and items[0].get("use_regex", True):
-        return "gpt2"
+    if kinds[-1:] == ["ByteLevel"] and items[-1].get("use_regex", True) and not items[-1].get("add_prefix_space"):
+        if len(kinds) == 1:
+            return "gpt-2"
+        if kinds == ["Digits", "ByteLevel"] and items[0].get("individual_digits"):
+            return "smollm"
     if kinds == ["Split", "ByteLevel"] and not items[1].get("use_regex", True):
         regex = items[0].get("pattern", {}).get("Regex")
         name = _pre_names().get(regex)
         if name:
             return name
     raise HomeforgeError(f"the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds))}) is not one llama.cpp knows "
-                         "(GPT-2, Qwen2 or Llama-3 byte-level BPE)")
+                         "(GPT-2, SmolLM, Qwen2 or Llama-3 byte-level BPE, or a tokenizer llama.cpp's converter "
+                         "recognises)")
 
 
 # --------------------------------------------------------------------------- tokenizer
+
+# the special tokens whose ids llama.cpp's converter writes (gguf.SpecialVocab; "cls" has no GGUF key)
+SPECIAL_IDS = ("bos", "eos", "unk", "sep", "pad", "mask")
 
 
 def tokenizer_metadata(tokenizer, vocab_size: int) -> dict[str, Any]:
@@ -139,61 +136,47 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict[str, Any]:
         tokens[idx] = text
         token_types[idx] = int(types.get(idx, gguf.TokenType.NORMAL))
     merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"].get("merges", [])]
-    ids = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")}
-    return {"model": "gpt2", "pre": _pre_tokenizer(tokenizer), "tokens": tokens, "token_types": token_types,
+    ids = {name: getattr(tokenizer, f"{name}_token_id", None) for name in SPECIAL_IDS}
+    return {"model": "gpt2", "pre": pre_tokenizer(tokenizer), "tokens": tokens, "token_types": token_types,
             "merges": merges, "ids": ids, "chat_template": common.chat_template(tokenizer),
-            "add_bos": bool(getattr(tokenizer, "add_bos_token", False))}
+            "add_bos": bool(getattr(tokenizer, "add_bos_token", False)),
+            "add_eos": bool(getattr(tokenizer, "add_eos_token", False))}
 
 
 # --------------------------------------------------------------------------- tensors
 
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF rotate-half Q/K rows -> llama.cpp interleaved pairs (convert_hf_to_gguf.py's permute)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _qtype(name: str, arr: np.ndarray, outtype: str):
+def _quantize(gname: str, arr: np.ndarray, outtype: str):
+    """(data in the file's dtype, GGML type) as the converter picks it; q8_0 falls back to f16 when rows do not fit."""
+    import gguf
     from gguf import GGMLQuantizationType as Q
 
-    if arr.ndim == 1 or outtype == "f32":
-        return Q.F32
-    if outtype == "f16" or arr.shape[-1] % 32 != 0:
-        return Q.F16
-    return Q.Q8_0
+    if arr.ndim <= 1 or outtype == "f32" or gguf_arch.force_f32(gname):
+        return arr.astype(np.float32), Q.F32
+    if outtype == "q8_0":
+        try:
+            return gguf.quants.quantize(arr, Q.Q8_0), Q.Q8_0
+        except gguf.QuantError:
+            pass
+    return arr.astype(np.float16), Q.F16
 
 
 def gguf_tensors(model, outtype: str):
-    """Yield (gguf name, HF name, numpy array in the file's dtype, GGML type) for every weight."""
+    """Yield (gguf name, HF name, data in the file's dtype, GGML type, fp32 shape) for every weight."""
     import gguf
-    import torch
 
     config = model.config
-    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[config.model_type]
+    arch = gguf.MODEL_ARCH[gguf_arch.GGUF_ARCH[config.model_type].upper()]
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    for hf_name, tensor in model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
-            continue
-        base, _, suffix = hf_name.rpartition(".")
+    for map_name, hf_name, arr in gguf_arch.hf_tensors(model):
+        base, _, suffix = map_name.rpartition(".")
         name = names.get_name(base)
         if name is None:
             raise HomeforgeError(f"no GGUF name for the tensor {hf_name!r}",
                                  fix="this checkpoint has weights llama.cpp's architecture does not know")
-        arr = tensor.detach().to(torch.float32).numpy()
-        if config.model_type == "llama" and suffix == "weight":
-            if base.endswith("self_attn.q_proj"):
-                arr = _permute(arr, config.num_attention_heads)
-            elif base.endswith("self_attn.k_proj"):
-                arr = _permute(arr, config.num_key_value_heads)
-        qtype = _qtype(name, arr, outtype)
-        if qtype == gguf.GGMLQuantizationType.F16:
-            data = arr.astype(np.float16)
-        elif qtype == gguf.GGMLQuantizationType.F32:
-            data = arr.astype(np.float32)
-        else:
-            data = gguf.quants.quantize(arr, qtype)
-        yield f"{name}.{suffix}", hf_name, data, qtype, arr.shape
+        gname = f"{name}.{suffix}"
+        data, qtype = _quantize(gname, arr, outtype)
+        yield gname, hf_name, data, qtype, arr.shape
 
 
 def write_gguf(model, tokenizer, path: Path, outtype: str, name: str, progress=None) -> dict:
@@ -203,24 +186,11 @@ def write_gguf(model, tokenizer, path: Path, outtype: str, name: str, progress=N
     from homeforge import __version__
 
     config = model.config
-    arch = config.model_type
-    w = gguf.GGUFWriter(str(path), arch, use_temp_file=False)
+    w = gguf.GGUFWriter(str(path), gguf_arch.GGUF_ARCH[config.model_type], use_temp_file=False)
+    w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
     w.add_string("general.source.homeforge_version", __version__)
-    w.add_context_length(int(config.max_position_embeddings))
-    w.add_embedding_length(int(config.hidden_size))
-    w.add_block_count(int(config.num_hidden_layers))
-    w.add_feed_forward_length(int(config.intermediate_size))
-    w.add_head_count(int(config.num_attention_heads))
-    w.add_head_count_kv(int(config.num_key_value_heads))
-    w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    w.add_rope_freq_base(_rope_theta(config))
-    head_dim = _head_dim(config)
-    w.add_rope_dimension_count(head_dim)
-    if head_dim * config.num_attention_heads != config.hidden_size:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-    w.add_vocab_size(int(config.vocab_size))
+    gguf_arch.write_hparams(w, config)
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
     w.add_file_type(int(ftype))
@@ -232,10 +202,11 @@ def write_gguf(model, tokenizer, path: Path, outtype: str, name: str, progress=N
     w.add_token_list(tm["tokens"])
     w.add_token_types(tm["token_types"])
     w.add_token_merges(tm["merges"])
-    for key, adder in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("pad", w.add_pad_token_id)):
-        if tm["ids"][key] is not None:
-            adder(int(tm["ids"][key]))
+    for key, token_id in tm["ids"].items():  # tokenizer.ggml.{bos,eos,unknown,...}_token_id, as the converter
+        if token_id is not None:
+            getattr(w, f"add_{key}_token_id")(int(token_id))
     w.add_add_bos_token(tm["add_bos"])
+    w.add_add_eos_token(tm["add_eos"])
     if tm["chat_template"]:
         w.add_chat_template(tm["chat_template"])
 
@@ -245,8 +216,10 @@ def write_gguf(model, tokenizer, path: Path, outtype: str, name: str, progress=N
     for gname, hf_name, data, qtype, shape in gguf_tensors(model, outtype):
         w.add_tensor(gname, data, raw_dtype=qtype)  # quantized rows: uint8 bytes, shape derived
         written[gname] = {"hf_name": hf_name, "shape": list(shape), "type": qtype.name}
-        if task is not None:
+        if task is not None and hf_name != written.get("_last"):
             progress.advance(task)
+        written["_last"] = hf_name
+    written.pop("_last", None)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -282,14 +255,14 @@ def read_back(path: Path, written: dict, config) -> dict:
         shape = list(reversed([int(x) for x in t.shape]))  # GGUF lists dims fastest-first
         if shape != info["shape"] or t.tensor_type.name != info["type"]:
             problems.append(f"{name}: {shape} {t.tensor_type.name}, expected {info['shape']} {info['type']}")
-    arch = config.model_type
+    arch = gguf_arch.GGUF_ARCH[config.model_type]
     expect = {
         "general.architecture": arch,
         f"{arch}.block_count": config.num_hidden_layers,
         f"{arch}.embedding_length": config.hidden_size,
         f"{arch}.feed_forward_length": config.intermediate_size,
         f"{arch}.attention.head_count": config.num_attention_heads,
-        f"{arch}.attention.head_count_kv": config.num_key_value_heads,
+        f"{arch}.attention.head_count_kv": 1 if arch == "deepseek2" else config.num_key_value_heads,
         f"{arch}.context_length": config.max_position_embeddings,
         "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.pre": written["pre"],
@@ -305,6 +278,28 @@ def read_back(path: Path, written: dict, config) -> dict:
     return {"tensors": len(got), "metadata_keys": len(reader.fields), "problems": problems, "passed": not problems}
 
 
+def load_back(path: Path, written: dict, model):
+    """A copy of ``model`` holding the file's weights (dequantized, llama.cpp's layout undone)."""
+    import copy
+
+    import gguf
+    import torch
+    from gguf import GGUFReader
+
+    arrays = {t.name: np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+              .reshape(written["tensors"][t.name]["shape"]) for t in GGUFReader(str(path)).tensors}
+    hf_names = {g: info["hf_name"] for g, info in written["tensors"].items()}
+    state = gguf_arch.from_gguf_state(arrays, hf_names, model.config)
+    loaded = copy.deepcopy(model)
+    missing, unexpected = loaded.load_state_dict({k: torch.tensor(v) for k, v in state.items()}, strict=False)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise common.ParityError(f"the GGUF file's tensors do not map back onto the model: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}", where=str(path), fix="report this model")
+    return loaded.eval()
+
+
 # --------------------------------------------------------------------------- export
 
 
@@ -312,7 +307,7 @@ def export_gguf(src: common.Source, out: Path, cfg, console=None) -> dict:
     """Write ``model-<outtype>.gguf`` (+ Modelfile) into ``out`` and check parity."""
     import torch
     from rich.progress import Progress
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
     from homeforge.export.modelfile import write_modelfile
@@ -331,9 +326,15 @@ def export_gguf(src: common.Source, out: Path, cfg, console=None) -> dict:
                                  where=str(path), fix="report this model and settings")
     hf_logging.disable_progress_bar()
     with quiet_transformers():
-        loaded = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=filename, dtype=torch.float32,
-                                                      local_files_only=True).eval()
-        tok = AutoTokenizer.from_pretrained(str(out), gguf_file=filename, local_files_only=True)
+        if src.model.config.model_type in gguf_arch.MOE:  # transformers cannot load these GGUF architectures
+            loaded = load_back(path, written, src.model)
+            tok = PreTrainedTokenizerFast.from_pretrained(str(out), gguf_file=filename, local_files_only=True)
+            loader = "the file's tensors dequantized and mapped back into the model (gguf_arch.from_gguf_state)"
+        else:
+            loaded = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=filename, dtype=torch.float32,
+                                                          local_files_only=True).eval()
+            tok = AutoTokenizer.from_pretrained(str(out), gguf_file=filename, local_files_only=True)
+            loader = "transformers GGUF loader (dequantized)"
     ids = common.parity_ids(src.tokenizer, cfg.parity.texts)
     result = common.compare(common.torch_logits(src.reference, ids), common.torch_logits(loaded, ids),
                             common.tolerance_for(outtype, cfg.parity.max_rel_error), cfg.parity.min_top1_agreement)
@@ -344,7 +345,7 @@ def export_gguf(src: common.Source, out: Path, cfg, console=None) -> dict:
     mismatched = [s for s in samples if tok(s, add_special_tokens=False)["input_ids"]
                   != src.tokenizer(s, add_special_tokens=False)["input_ids"]]
     result["tokenizer_equal"] = not mismatched
-    result["loader"] = "transformers GGUF loader (dequantized)"
+    result["loader"] = loader
     if mismatched:
         result["passed"] = False
         result["tokenizer_mismatch"] = mismatched[:3]
