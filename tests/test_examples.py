@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+import homeforge.pipeline.spec  # noqa: F401  (registers the `run` schema)
 from homeforge.config import STAGES, load_config
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))

@@ -23,6 +23,7 @@ so a test or a parent process can change them; paths are expanded once, here (``
 | HOMEFORGE_SCRATCH | where an `--encrypt` stage builds its plaintext files (memory-backed) | /dev/shm |
 | HOMEFORGE_LLAMACPP | a llama.cpp build or source tree (converter, llama-server) | CACHE/llamacpp |
 | HOMEFORGE_AUDIT_PROMPTS | log prompt text verbatim in the audit log (else a hash and a length) | off |
+| HOMEFORGE_REGISTRY | the model registry (`homeforge registry`, `serve registry:NAME@ALIAS`) | HOME/registry |
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ def api_keys_file() -> Path:
 
 def serve_audit_file() -> Path:
     return home() / "audit" / "serve.jsonl"
+
+
+def registry_dir() -> Path:
+    """``$HOMEFORGE_REGISTRY`` or HOME/registry: the model registry's versions and aliases."""
+    return env_path("HOMEFORGE_REGISTRY") or home() / "registry"
 
 
 def logs_dir() -> Path:

@@ -17,8 +17,9 @@ from homeforge.errors import HomeforgeError
 def serve(
     ctx: typer.Context,
     model_dir: Annotated[Path | None, typer.Argument(
-        help="local model directory to serve (in gateway mode optional: its tokenizer counts tokens, its name is "
-             "the model id)", show_default=False)] = None,
+        help="local model directory to serve, or registry:NAME@ALIAS (follows the alias: a promotion or "
+             "rollback is swapped in without downtime); in gateway mode optional: its tokenizer counts tokens, its "
+             "name is the model id", show_default=False)] = None,
     overrides: Overrides = None,
     config: ConfigFile = None,
     host: Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1; others need API keys)")] = None,
@@ -54,6 +55,7 @@ def serve(
         homeforge serve MODEL --port 9000 max_batch_size=32 threads=2
         homeforge keys add --name app --role user && homeforge serve MODEL --host 0.0.0.0
         homeforge serve MODEL --grpc-port 50051
+        homeforge serve registry:docs@champion       # follows promotions and rollbacks (docs/pipeline.md)
         homeforge serve --upstream http://127.0.0.1:8001 --upstream http://127.0.0.1:8002
         HOMEFORGE_ALLOW_HOSTS=10.0.0.5 homeforge serve --upstream http://10.0.0.5:8000 --upstream-key-env VLLM_KEY
         homeforge serve MODEL --backend vllm gateway.extra_args='[--tensor-parallel-size, "2"]'

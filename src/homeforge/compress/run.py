@@ -210,6 +210,16 @@ def run(model_dir: Path, data: Path | None, cfg: CompressConfig, output: Path | 
         return _run(Path(model_dir), data, cfg, output, force, console)
 
 
+def output_plan(model_dir: Path, data: Path | None, cfg: CompressConfig, output: Path | None,
+                force: bool = False) -> artifacts.Plan:
+    """The compressed model's plan (``up_to_date``: `compress` would reuse it), as ``run`` makes it."""
+    model_dir = Path(model_dir)
+    output = Path(output) if output else model_dir.parent / f"{model_dir.name}-{cfg.method}"
+    inputs = {"model": model_dir, **({"data": data} if data else {})}
+    return artifacts.plan(output, stage="compress", config=cfg.model_dump(mode="json"), inputs=inputs, force=force,
+                          encrypt=cfg.encrypt)
+
+
 def _run(model_dir: Path, data: Path | None, cfg: CompressConfig, output: Path | None, force: bool,
          console: Console) -> dict:
     from homeforge.evaluate.run import model_kind
@@ -233,10 +243,7 @@ def _run(model_dir: Path, data: Path | None, cfg: CompressConfig, output: Path |
                              "model without a quality check")
     if data is not None:
         artifacts.verify(data, deep=False)
-    output = Path(output) if output else model_dir.parent / f"{model_dir.name}-{cfg.method}"
-    config = cfg.model_dump(mode="json")
-    inputs = {"model": model_dir, **({"data": data} if data else {})}
-    plan = artifacts.plan(output, stage="compress", config=config, inputs=inputs, force=force, encrypt=cfg.encrypt)
+    plan = output_plan(model_dir, data, cfg, output, force)
     out_p = plan.out
     if plan.up_to_date:
         console.print(f"[green]compressed model up to date[/] {out_p} (same model, data and config; --force re-runs)")

@@ -73,6 +73,17 @@ def parse_overrides(overrides: list[str] | None) -> tuple[dict, list[str]]:
     return data, problems
 
 
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (dotted keys, as overrides name them; an empty mapping is a value)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def deep_merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():

@@ -50,6 +50,8 @@ class ServeConfig(Section):
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
     backend: Literal["auto", "torch", "onnx", "vllm"] = Field(
         "auto", description="inference backend (auto = onnx for an ONNX export directory, else torch)")
+    registry_poll: float = Field(1.0, gt=0, description="serving registry:NAME@ALIAS: seconds between checks of "
+                                 "the registry for a new version of the alias (swapped in without downtime)")
     onnx_file: str = Field("model.onnx", description="ONNX backend: graph file in the exported directory "
                                                      "(model.int8.onnx for the int8 export)")
     max_batch_size: int = Field(16, ge=1, description="sequences decoded together in one step")

@@ -16,10 +16,8 @@ Every dropped record is counted by reason; bad lines and files are named in the 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import os
-import platform
 import shutil
 import tempfile
 from array import array
@@ -29,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from homeforge import artifacts, paths
+from homeforge import paths
+from homeforge.data.plan import dataset_plan, input_paths, pii_secret
 from homeforge.data.tokenizer import batched
 from homeforge.errors import HomeforgeError
 
@@ -164,41 +163,6 @@ def split_of(text: str, val: float, test: float, salt: str = "") -> str:
     if h < val + test:
         return "test"
     return "train"
-
-
-def _secret(cfg) -> bytes | None:
-    if not (cfg.pii.enabled and cfg.pii.mode == "pseudonym"):
-        return None
-    value = os.environ.get(cfg.pii.secret_env, "")
-    if len(value) < 16:
-        raise HomeforgeError(
-            f"pii.mode=pseudonym needs a secret of at least 16 characters in ${cfg.pii.secret_env}",
-            fix=f"export {cfg.pii.secret_env}=$(python -c 'import secrets; print(secrets.token_hex(32))') "
-                "and keep it safe (the same secret gives the same pseudonyms)",
-        )
-    return value.encode()
-
-
-def _fingerprint_config(cfg, secret: bytes | None, builtins: list[str]) -> dict:
-    conf = cfg.model_dump(mode="json", exclude={"output_dir", "workers", "inputs"})
-    if secret:  # identifies the secret without revealing it
-        conf["pii_secret_id"] = hmac.new(secret, b"homeforge-fingerprint", hashlib.sha256).hexdigest()[:16]
-    if builtins:
-        from homeforge.data.corpus import stdlib_dir
-
-        conf["builtins"] = {"names": builtins, "python": platform.python_version(), "stdlib": str(stdlib_dir())}
-    return conf
-
-
-def _input_paths(cfg, files: list[Path], names: dict[Path, str]) -> dict[str, Path]:
-    inputs = {f"file:{names[p]}": p for p in files}
-    for key, val in (("pii.terms_file", cfg.pii.terms_file), ("augment.synonyms_file", cfg.augment.synonyms_file),
-                     ("tokenizer.from_dir", cfg.tokenizer.from_dir)):
-        if val:
-            if not Path(val).exists():
-                raise HomeforgeError(f"{key} {val} does not exist", fix=f"check the path given in {key}")
-            inputs[key] = Path(val)
-    return inputs
 
 
 class _Progress:
@@ -435,7 +399,7 @@ def run(cfg, *, force: bool = False, check_only: bool = False, console=None, out
     console = console or Console()
     _check_bounds(cfg)
     files, builtins, names = discover(cfg.inputs)
-    secret = _secret(cfg)
+    secret = pii_secret(cfg)
     if cfg.pii.enabled and cfg.pii.patterns:
         import re
 
@@ -445,11 +409,11 @@ def run(cfg, *, force: bool = False, check_only: bool = False, console=None, out
             except re.error as exc:
                 raise HomeforgeError(f"pii.patterns.{name} is not a valid regular expression ({exc})",
                                      fix="correct the pattern (Python `re` syntax)") from None
-    conf = _fingerprint_config(cfg, secret, builtins)
-    inputs = _input_paths(cfg, files, names)
     out = Path(output or cfg.output_dir).expanduser()
-    if not check_only:
-        plan = artifacts.plan(out, stage="prepare", config=conf, inputs=inputs, force=force, encrypt=cfg.encrypt)
+    if check_only:
+        input_paths(cfg, files, names)  # a missing terms / synonyms / tokenizer folder is said all the same
+    else:
+        plan = dataset_plan(cfg, force=force, output=out, found=(files, builtins, names), secret=secret)
         out_p = plan.out
         if plan.up_to_date:
             console.print(f"[green]dataset up to date[/] {out_p} (same inputs and config; --force rebuilds)")

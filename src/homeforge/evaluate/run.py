@@ -389,16 +389,23 @@ def run(model_dir: Path, data: Path, cfg: EvalConfig, baseline: Path | None, out
         return _run(model_dir, data, cfg, baseline, output, force, console)
 
 
+def report_plan(model_dir: Path, data: Path, cfg: EvalConfig, baseline: Path | None, output: Path | None,
+                force: bool = False) -> artifacts.Plan:
+    """The report artifact's plan (``up_to_date``: `eval` would reuse it), as ``run`` makes it."""
+    model_dir = Path(model_dir)
+    output = Path(output) if output else model_dir.parent / f"{model_dir.name}-eval"
+    inputs = {"model": model_dir, "data": data, **({"baseline": baseline} if baseline else {})}
+    return artifacts.plan(output, stage="eval", config=cfg.model_dump(mode="json"), inputs=inputs, force=force,
+                          encrypt=cfg.encrypt)
+
+
 def _run(model_dir: Path, data: Path, cfg: EvalConfig, baseline: Path | None, output: Path | None,
          force: bool, console: Console) -> dict:
     from homeforge.evaluate import report
 
     model_dir, data = Path(model_dir), Path(data)
     artifacts.verify(data, deep=False)
-    output = Path(output) if output else model_dir.parent / f"{model_dir.name}-eval"
-    inputs = {"model": model_dir, "data": data, **({"baseline": baseline} if baseline else {})}
-    config = cfg.model_dump(mode="json")
-    plan = artifacts.plan(output, stage="eval", config=config, inputs=inputs, force=force, encrypt=cfg.encrypt)
+    plan = report_plan(model_dir, data, cfg, baseline, output, force)
     out_p = plan.out
     if plan.up_to_date:
         console.print(f"[green]evaluation up to date[/] {out_p} (same model, data and config; --force re-runs)")

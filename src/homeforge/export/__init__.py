@@ -26,19 +26,24 @@ def run_export(model_dir: str | Path, out: str | Path | None, cfg, *, force: boo
         return _run_export(model_dir, out, cfg, force=force, console=console)
 
 
-def _run_export(model_dir, out, cfg, *, force: bool, console) -> Path:
-    from rich.console import Console
-
+def export_plan(model_dir: str | Path, out: str | Path | None, cfg, *, force: bool = False):
+    """The export artifact's plan (``up_to_date``: `export` would reuse it), as ``run_export`` makes it."""
     from homeforge import artifacts
     from homeforge.export import common
 
-    console = console or Console(quiet=True)
     out_p = Path(out) if out is not None else default_output(model_dir, cfg.format)
-    config = cfg.model_dump(mode="json")
     path, base, _ = common.resolve(model_dir, cfg.base_model)
-    inputs = common.source_inputs(path, base)
-    plan = artifacts.plan(out_p, stage=f"export-{cfg.format}", config=config, inputs=inputs, force=force,
-                          encrypt=cfg.encrypt)
+    return artifacts.plan(out_p, stage=f"export-{cfg.format}", config=cfg.model_dump(mode="json"),
+                          inputs=common.source_inputs(path, base), force=force, encrypt=cfg.encrypt)
+
+
+def _run_export(model_dir, out, cfg, *, force: bool, console) -> Path:
+    from rich.console import Console
+
+    from homeforge.export import common
+
+    console = console or Console(quiet=True)
+    plan = export_plan(model_dir, out, cfg, force=force)
     out_abs = plan.out
     if plan.up_to_date:
         console.print(f"[green]up to date[/]: {out_abs} (use --force to export again)")

@@ -42,6 +42,7 @@ async def _lifespan(app: FastAPI):
     st: ServerState = app.state.server
     await st.driver.startup(app.state.load)  # loads in the background: /health answers meanwhile
     rpc = None
+    watch = asyncio.create_task(_follow_alias(st)) if st.follow is not None else None
     try:
         if st.cfg.grpc_port is not None:
             from homeforge.serve.rpc.server import start_grpc
@@ -49,12 +50,26 @@ async def _lifespan(app: FastAPI):
             rpc = await start_grpc(st)
         yield
     finally:
+        if watch is not None:
+            watch.cancel()
         if rpc is not None:  # graceful: streams in flight finish (uvicorn has drained HTTP already)
             await rpc.stop(st.cfg.graceful_timeout or None)
         await st.driver.shutdown()
         st.close_ledgers()
         if st.audit is not None:
             await asyncio.to_thread(st.audit.flush)
+
+
+async def _follow_alias(st: ServerState) -> None:
+    """registry:NAME@ALIAS: swap in the version the alias names whenever the registry index changes."""
+    while True:
+        await asyncio.sleep(st.cfg.registry_poll)
+        if not st.ready or not await asyncio.to_thread(st.follow.changed):
+            continue
+        try:
+            await st.driver.swap_to_alias()
+        except Exception as exc:  # the old version keeps serving; /ready shows why the new one did not load
+            st.swap_error = exc.render() if isinstance(exc, HomeforgeError) else f"{type(exc).__name__}: {exc}"
 
 
 async def _openapi(request: Request):
@@ -149,8 +164,10 @@ class Runner:
         import uvicorn
 
         from homeforge.models.io import check_model_dir
+        from homeforge.registry.follow import resolve
         from homeforge.serve.audit import RequestAudit
 
+        cfg, follow, _ = resolve(cfg)  # registry:NAME@ALIAS: the version's folder (a missing name fails here)
         cfg = resolve_backend(cfg)
         gateway = gateway_mode(cfg)
         if cfg.backend == "torch" and not gateway:
@@ -163,6 +180,8 @@ class Runner:
             cfg = cfg.model_copy(update={"grpc_port": reserve_port(cfg.host, cfg.grpc_port)})
         self.audit = RequestAudit(cfg.audit_file, log_text=cfg.audit_text)
         self.state = ServerState(cfg, keys=keys, audit=self.audit)
+        if follow is not None:
+            self.state.follow, self.state.version = follow, follow.current().label
         self.state.driver = make_driver(self.state)  # the gateway checks its upstreams here, before binding
         self.sock = bind(cfg.host, cfg.port)
         self.url = url(cfg.host, self.sock.getsockname()[1])

@@ -26,7 +26,7 @@ from homeforge.serve.protocol import (
     CompletionRequest,
     EmbeddingRequest,
 )
-from homeforge.serve.state import ServerState, load_model
+from homeforge.serve.state import ServerState, load_model, make_engine
 
 KINDS = {"causal": "text generation", "classifier": "classification"}
 
@@ -146,7 +146,7 @@ class LocalDriver:
     def start(self, job: LocalJob, ledger: Ledger) -> LocalGeneration:
         gen = LocalGeneration(self.st, job, ledger, asyncio.get_running_loop())
         try:
-            self.st.engine.submit(gen.reqs)
+            gen.engine.submit(gen.reqs)  # the engine of the version current now: the whole response comes from it
         except QueueFull as exc:
             self.st.metrics.rejected.labels("queue_full").inc()
             raise ApiError(429, f"{exc}; retry shortly", "rate_limit_error", code="queue_full",
@@ -186,12 +186,16 @@ class LocalDriver:
         st = self.st
         if not st.ready:
             return []
-        return [{"id": st.name, "object": "model", "created": st.created, "owned_by": "homeforge",
-                 "max_model_len": st.max_context}]
+        card = {"id": st.name, "object": "model", "created": st.created, "owned_by": "homeforge",
+                "max_model_len": st.max_context}
+        return [{**card, "version": st.version} if st.version else card]
 
     async def reload(self) -> None:
         st = self.st
         self.check(None, st.kind)
+        if st.follow is not None:  # registry:NAME@ALIAS: whatever the alias names now, swapped in beside the old
+            await self.swap_to_alias(force=True)
+            return
         if st.engine is None:
             raise ApiError(400, "reload is supported for generative models only", code="unsupported_model")
         kind, model, tok, backend = await asyncio.to_thread(load_model, st.cfg)
@@ -203,11 +207,34 @@ class LocalDriver:
         await asyncio.wrap_future(st.engine.call(swap, when_idle=True))
 
 
+    async def swap_to_alias(self, force: bool = False) -> bool:
+        """Serve the version the followed alias names now: load it beside the current one, send new requests to
+        it, let the old engine finish what it accepted, then free it. False when nothing changed."""
+        st = self.st
+        async with st.swap_lock:
+            target = await asyncio.to_thread(st.follow.current)
+            if target is None or (target.label == st.version and not force):
+                return False
+            cfg = st.cfg.model_copy(update={"model_dir": str(target.path)})
+            kind, model, tok, backend = await asyncio.to_thread(load_model, cfg)
+            if kind != st.kind or backend is None:
+                raise ApiError(409, f"{target.label} is a {kind} model; this server serves a {st.kind} model",
+                               code="unsupported_model")
+            engine = make_engine(cfg, backend, copy.deepcopy(tok)).start()  # as at startup (lean where it can)
+            old, was = st.engine, st.version
+            st.engine, st.model, st.tok, st.version, st.cfg = engine, model, tok, target.label, cfg  # one step
+            st.swaps.append({"from": was, "to": target.label, "time": time.time()})
+        if old is not None:  # requests in flight (and queued) on the old version finish there
+            await asyncio.to_thread(old.shutdown, True, st.cfg.graceful_timeout or None)
+        return True
+
+
 class LocalGeneration:
     """One request's choices on the engine: the sinks feed the ledger and an asyncio queue."""
 
     def __init__(self, st: ServerState, job: LocalJob, ledger: Ledger, loop: asyncio.AbstractEventLoop):
         self.st, self.job, self.ledger, self.loop = st, job, ledger, loop
+        self.engine, self.tok, self.version = st.engine, st.tok, st.version  # one version for the whole request
         self.queue: asyncio.Queue = asyncio.Queue()
         body = job.body
         echo_lp = job.echo and job.logprobs is not None
@@ -242,7 +269,7 @@ class LocalGeneration:
             r.cancel()
 
     async def events(self, gone: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[Piece | Done]:
-        job, tok = self.job, self.st.tok
+        job, tok = self.job, self.tok
         if job.echo and job.logprobs is None:  # with logprobs the engine scores and sends the prompt
             for i, r in enumerate(self.reqs):
                 yield Piece(i, tok.decode(r.prompt_ids), prompt=True)
@@ -265,7 +292,7 @@ class LocalGeneration:
                     yield Piece(i, ev.text, lp, prompt=ev.prompt)
 
     def _logprobs(self, infos) -> list[TokenLogprob]:
-        dec = self.st.tok.decode
+        dec = self.tok.decode
         return [TokenLogprob(t.text, t.logprob, None if t.top is None else [(dec([k]), v) for k, v in t.top.items()])
                 for t in infos]
 

@@ -246,6 +246,7 @@ class CompletionResponse(_Resp):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    system_fingerprint: str | None = None  # registry:NAME@ALIAS: the version that produced the whole response
 
 
 class ChatChoice(_Resp):
@@ -262,6 +263,7 @@ class ChatCompletionResponse(_Resp):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    system_fingerprint: str | None = None  # registry:NAME@ALIAS: the version that produced the whole response
 
 
 class Embedding(_Resp):
@@ -297,6 +299,7 @@ class ModelCard(_Resp):
     created: int
     owned_by: str
     max_model_len: int | None = None
+    version: str | None = None  # registry:NAME@ALIAS: the version being served (NAME@vN-HASH)
 
 
 class ModelList(_Resp):

@@ -7,6 +7,7 @@ engine backend); ``ServerState.load`` runs it (in a background thread at startup
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import threading
 import time
@@ -99,6 +100,12 @@ class ServerState:
     """Config and services of one server, and the model it serves (``driver`` is set by ``create_app``)."""
 
     def __init__(self, cfg: ServeConfig, keys: KeyStore | None = None, audit=None):
+        from homeforge.registry.follow import resolve
+
+        cfg, self.follow, self.version = resolve(cfg)  # registry:NAME@ALIAS: the version it names now
+        self.swap_lock = asyncio.Lock()
+        self.swaps: list[dict] = []  # every version swap of this process
+        self.swap_error: str | None = None  # the last alias change that could not be swapped in (old one serves)
         self.cfg = cfg
         self.name = cfg.model_name or (Path(cfg.model_dir).name if cfg.model_dir else "model")
         self.keys = keys if keys is not None else KeyStore.open(cfg.keys_file)

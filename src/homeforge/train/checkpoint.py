@@ -47,13 +47,9 @@ RESUMABLE_CHANGES = ("max_minutes", "log_every", "threads", "output_dir", "data"
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    from homeforge.config import flatten
+
+    return flatten(d, prefix)
 
 
 def config_hash(config: dict) -> str:

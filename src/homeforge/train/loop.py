@@ -454,6 +454,10 @@ def save(run_dir: Path, name: str, model, opt, sched, scaler, state: RunState, c
     trainer = {"scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "state": state.to_dict()}
     meta = {"step": state.step, "samples": state.samples, "best_val": state.best_val,
             "loss": state.history[-1]["loss"] if state.history else None}
+    if config.get("data") and Path(config["data"]).exists():  # which dataset: a resume can check it is the same
+        from homeforge.artifacts import hash_input
+
+        meta["dataset"] = hash_input(config["data"])
     path = save_checkpoint(run_dir, name, model=model, optimizer=opt, trainer=trainer, config=config, meta=meta,
                            rank=info.rank, world=info.world, barrier=info.barrier)
     if name != "best" and info.is_main:

@@ -48,6 +48,39 @@ def prepare_run_dir(run_dir: Path, resume: str | None, force: bool, is_main: boo
     return None
 
 
+def model_up_to_date(cfg: TrainConfig) -> bool:
+    """True when ``RUN/model`` is the artifact this config and dataset would write (the manifest's fingerprint,
+    as ``save_final_model`` records it): training again would give nothing new."""
+    from homeforge import artifacts
+
+    out = Path(cfg.output_dir).expanduser().absolute() / "model"
+    inputs = {"dataset": artifacts.hash_input(cfg.data)} if cfg.data else {}
+    fp = artifacts.fingerprint("train", cfg.model_dump(mode="json"), inputs, cfg.encrypt)
+    return artifacts.is_up_to_date(out, fp)
+
+
+def resumable(cfg: TrainConfig) -> Path | None:
+    """The run directory's latest checkpoint when it was written under exactly this config and from the same
+    dataset content (so continuing it gives the run this config asks for), else None."""
+    from homeforge.config import flatten
+
+    run_dir = Path(cfg.output_dir).expanduser().absolute()
+    latest = ck.latest_checkpoint(run_dir)
+    if latest is None:
+        return None
+    try:
+        saved, meta = ck.read_config(latest), ck.read_meta(latest)
+    except (HomeforgeError, OSError, ValueError):
+        return None
+    if cfg.data:  # the same dataset content, not only the same path
+        from homeforge import artifacts
+
+        if meta.get("dataset") != artifacts.hash_input(cfg.data):
+            return None
+    defaults = TrainConfig().model_dump(mode="json")
+    return latest if {**flatten(defaults), **flatten(saved)} == flatten(cfg.model_dump(mode="json")) else None
+
+
 def run(cfg: TrainConfig, *, resume: str | None = None, force: bool = False, console: Console | None = None) -> dict:
     """Train as configured (one process or one torchrun rank); returns the final metrics."""
     from homeforge.train.distributed import init_distributed, shutdown

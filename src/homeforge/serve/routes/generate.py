@@ -48,13 +48,18 @@ class _Shape:
         self.logprobs = logprobs
         self.acc = [self.empty(i) for i in range(choices)]
 
+    fingerprint: str | None = None  # the model version that produced the response (serving a registry alias)
+
+    def _version(self) -> dict:
+        return {"system_fingerprint": self.fingerprint} if self.fingerprint else {}
+
     def wrap(self, choices: list[dict], **extra) -> dict:
         return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.name,
-                "choices": choices, **extra}
+                "choices": choices, **self._version(), **extra}
 
     def response(self, use: dict) -> dict:
         return {"id": self.id, "object": self.full_object, "created": self.created, "model": self.name,
-                "choices": [self.final(a) for a in self.acc], "usage": use}
+                "choices": [self.final(a) for a in self.acc], "usage": use, **self._version()}
 
     def opening(self) -> list[dict]:
         return []
@@ -167,6 +172,7 @@ async def generate(request: Request, body: CompletionRequest | ChatRequest, shap
     gen, name, choices = await start_generation(server(request), request.scope.setdefault("state", {}), body,
                                                 shape_cls.route)
     shape = shape_cls(name, choices, logprobs)
+    shape.fingerprint = getattr(gen, "version", None)
     if body.stream:
         usage_chunk = body.stream_options is None or body.stream_options.include_usage
         return StreamingResponse(_stream(gen, shape, usage_chunk, request.is_disconnected),

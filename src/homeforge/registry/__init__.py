@@ -1,0 +1,1 @@
+"""The model registry: versions with lineage, aliases, gated promotion, rollback (``store``, ``gates``)."""
