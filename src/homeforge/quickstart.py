@@ -153,7 +153,7 @@ def run(cfg: QuickstartConfig, force: bool = False, console: Console | None = No
     console.print(
         f"model directory: {model_dir.absolute()}  ({how})\n"
         f"  homeforge generate {model_dir} --prompt 'Return the' --temperature 0.8\n"
-        f"  homeforge quickstart --minutes 20          # train longer for a better model\n"
+        f"  homeforge quickstart train_tokens=3000000 --force   # train longer for a better model\n"
         f"  homeforge config show quickstart           # every setting and its default\n"
         f"  homeforge doctor                           # what this machine can do\n"
         f"done in {time.time() - t0:.0f}s"
