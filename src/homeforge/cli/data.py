@@ -32,7 +32,7 @@ def prepare(
     ] = None,
     config: ConfigFile = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="dataset artifact directory")] = None,
-    kind: Annotated[str | None, typer.Option(help="dataset kind: text, chat or classification")] = None,
+    kind: Annotated[str | None, typer.Option(help="dataset kind: text, chat, classification or image-classification")] = None,
     tokenizer_from: Annotated[Path | None, typer.Option("--tokenizer-from", help="use this model directory's tokenizer")] = None,
     check_only: Annotated[bool, typer.Option("--check-only", help="print the quality report; write no dataset")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="stop at the first bad line or file (naming it)")] = False,
@@ -55,6 +55,7 @@ def prepare(
         homeforge prepare chats.jsonl --kind chat --tokenizer-from models/base -o data/sft
         homeforge prepare tickets.csv --kind classification fields.text=body fields.label=team -o data/tickets
         homeforge prepare docs/ -o data/docs pii.mode=pseudonym dedup.threshold=0.7 split.val=0.1
+        homeforge prepare photos/ --kind image-classification image.size=96 -o data/photos
     """
     from homeforge.config import PrepareConfig
     from homeforge.data.prepare import run
@@ -62,4 +63,6 @@ def prepare(
     inputs, overrides = split_inputs(args or [])
     cfg = load(ctx, PrepareConfig, config, overrides, inputs=inputs or None, output_dir=output, kind=kind,
                tokenizer__from_dir=tokenizer_from, strict=strict or None, workers=workers)
+    if cfg.kind == "image-classification":
+        from homeforge.vision.prepare import run
     run(cfg, force=force, check_only=check_only, console=console)

@@ -16,6 +16,8 @@ class InputFields(Section):
 
     text: str = Field("text", description="text field (kind text/classification)")
     label: str = Field("label", description="label field (kind classification)")
+    image: str = Field("image", description="image path field (kind image-classification, CSV/JSONL inputs; relative "
+                       "paths are read from the listing file's folder)")
     messages: str = Field("messages", description="chat messages field (OpenAI shape); alpaca/sharegpt fields are detected")
     id: str | None = Field(None, description="optional record id field (kept in the cleaned records)")
     missing_label: Literal["error", "drop"] = Field(
@@ -147,12 +149,22 @@ class ReportConfig(Section):
     max_named_errors: int = Field(200, ge=1, description="bad files/lines named individually in the report")
 
 
+class ImagePrepConfig(Section):
+    """Kind image-classification: decode check, metadata stripping, near-dedup, training shards."""
+
+    size: int = Field(64, ge=8, le=1024, description="side of the square uint8 copies in the training shards")
+    near_dedup: bool = Field(True, description="drop near-duplicate images (perceptual hash)")
+    phash_distance: int = Field(4, ge=0, le=32, description="near-duplicate: at most this many of 64 pHash bits differ")
+    shard_size: int = Field(4096, ge=1, description="images per .npy shard")
+    thumbnails: int = Field(8, ge=0, le=32, description="thumbnails per class in the report's grid")
+
+
 class PrepareConfig(Section):
     """Data preparation: ingest -> clean -> PII scrub -> dedup -> report -> split -> tokenize."""
 
     inputs: list[str] = Field(default_factory=list, description="files, folders or globs; 'builtin:stdlib-docstrings' for the built-in corpus")
     output_dir: str = Field("homeforge-runs/data", description="dataset artifact directory")
-    kind: Literal["text", "chat", "classification"] = Field("text", description="dataset kind")
+    kind: Literal["text", "chat", "classification", "image-classification"] = Field("text", description="dataset kind")
     fields: InputFields = Field(default_factory=InputFields)
     encodings: list[str] = Field(
         default_factory=lambda: ["utf-8"], description="encodings tried in order for text files (a BOM is always honoured)"
@@ -163,6 +175,7 @@ class PrepareConfig(Section):
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     pii: PIIConfig = Field(default_factory=PIIConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    image: ImagePrepConfig = Field(default_factory=ImagePrepConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     tokenizer: PrepTokenizerConfig = Field(default_factory=PrepTokenizerConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
