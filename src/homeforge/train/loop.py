@@ -406,7 +406,10 @@ def forward_backward(model, task: TrainTask, cfg: TrainConfig, state: RunState, 
         loss_sum += out.loss_sum.item()
         n_tokens += out.n_tokens
         mask = batch.get("attention_mask")
-        n_inputs += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        if mask is not None:
+            n_inputs += int(mask.sum())
+        else:  # images: one input per sample
+            n_inputs += batch["input_ids"].numel() if "input_ids" in batch else out.n_tokens
         for k, v in out.metrics.items():
             metrics[k] = metrics.get(k, 0.0) + float(v) / cfg.grad_accum
     names = sorted(metrics)
