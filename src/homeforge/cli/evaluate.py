@@ -39,6 +39,14 @@ def eval_cmd(
     from homeforge.models.io import check_model_dir
 
     cfg = load(ctx, EvalConfig, config, overrides, split=split)
+    from homeforge.vision.task import is_vision_model
+
+    if is_vision_model(model_dir):  # image / image+text classifier
+        from homeforge.vision.evaluate import run_eval
+
+        read_manifest(data)
+        run_eval(model_dir, data, split or "val", output, force, console)
+        return
     check_model_dir(model_dir)  # wrong paths are said before torch is imported
     read_manifest(data)
     from homeforge.evaluate.run import run

@@ -42,6 +42,17 @@ def export(
 
     cfg = load(ctx, ExportConfig, config, overrides, format=format, gguf__outtype=outtype, onnx__int8=int8 or None,
                base_model=base)
+    from homeforge.vision.task import is_vision_model
+
+    if is_vision_model(model_dir):  # image classifier: ONNX only
+        from homeforge.errors import HomeforgeError
+        from homeforge.vision.evaluate import run_export as export_image
+
+        if cfg.format != "onnx":
+            raise HomeforgeError(f"an image classifier exports to ONNX, not {cfg.format}", where=str(model_dir),
+                                 fix=f"homeforge export {model_dir} --format onnx [--int8]")
+        export_image(model_dir, output, cfg.onnx.int8, force, console)
+        return
     run_export(model_dir, output, cfg, force=force, console=console)
 
 

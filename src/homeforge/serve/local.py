@@ -180,6 +180,14 @@ class LocalDriver:
     async def classify(self, body: ClassificationRequest) -> tuple[list[dict], int]:
         st = self.st
         texts = [body.input] if isinstance(body.input, str) else body.input
+        meta = getattr(st.model, "homeforge_vision", None)
+        if meta is not None:
+            return await asyncio.to_thread(_locked, st._cls_lock, _classify_vision, st.model, meta, st.tok, body, texts)
+        if body.image is not None:
+            raise ApiError(400, f"{st.name!r} is a text classifier: send `input`, not `image`", param="image",
+                           code="unsupported_input")
+        if texts is None:
+            raise ApiError(400, "send `input`: the texts to classify", param="input")
         return await asyncio.to_thread(_locked, st._cls_lock, _classify, st.model, st.tok, texts, st.max_context)
 
     def models(self) -> list[dict]:
@@ -313,6 +321,16 @@ def _embed(model, prompts: list[list[int]]):
             h = out.hidden_states[-1][0].float().mean(dim=0)
             vecs.append(torch.nn.functional.normalize(h, dim=0))
     return vecs
+
+
+def _classify_vision(model, meta, tok, body, texts):
+    from homeforge.vision.infer import BadRequest, classify
+
+    images = [body.image] if isinstance(body.image, str) else body.image
+    try:
+        return classify(model, meta, tok, images, texts)
+    except BadRequest as exc:
+        raise ApiError(400, str(exc), param=exc.param, code="invalid_input") from None
 
 
 def _classify(model, tok, texts: list[str], max_len: int):

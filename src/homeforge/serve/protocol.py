@@ -209,7 +209,15 @@ class EmbeddingRequest(_Req):
 
 class ClassificationRequest(_Req):
     model: str | None = None
-    input: str | Annotated[list[str], Field(min_length=1)]
+    input: str | Annotated[list[str], Field(min_length=1)] | None = None
+    # image classifiers: base64-encoded image file(s) (PNG, JPEG, ...; a data: URL prefix is accepted)
+    image: str | Annotated[list[str], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _something_to_classify(self):
+        if self.input is None and self.image is None:
+            raise ValueError("send `input` (text) and/or `image` (base64)")
+        return self
 
 
 # --------------------------------------------------------------------------- responses (for the OpenAPI document)

@@ -66,6 +66,14 @@ def load_model(cfg: ServeConfig):
                                  fix="pass the output of `homeforge export MODEL --format onnx`")
         backend = OnnxBackend(p, cfg.onnx_file, cfg.threads)
         return "causal", None, load_tokenizer(p), backend
+    from homeforge.vision.task import is_vision_model
+
+    if is_vision_model(cfg.model_dir or ""):  # image / image+text classifier
+        from homeforge.vision.task import load_model as load_vision_model
+
+        model, meta, tok = load_vision_model(cfg.model_dir or "")
+        model.homeforge_vision = meta
+        return "classifier", model, tok, None
     p = check_model_dir(cfg.model_dir or "")
     kind = detect_kind(p)
     if kind == "classifier":
@@ -146,7 +154,8 @@ class ServerState:
     def max_context(self) -> int:
         if self.engine is not None:
             return self.engine.max_context
-        return int(self.cfg.max_context or getattr(self.model.config, "max_position_embeddings", 512) or 512)
+        return int(self.cfg.max_context or getattr(getattr(self.model, "config", None), "max_position_embeddings", 512)
+                   or 512)
 
     def keys_required(self) -> bool:
         if self.cfg.require_keys is not None:

@@ -158,6 +158,12 @@ def trainable_names(model: torch.nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+def running_stat_names(model: torch.nn.Module) -> list[str]:
+    """Buffers that training changes besides the parameters: batch-norm running statistics (image backbones)."""
+    return [n for n, _ in model.named_buffers() if n.rsplit(".", 1)[-1] in ("running_mean", "running_var",
+                                                                              "num_batches_tracked")]
+
+
 def _writer(encrypt: bool):
     """``write(path, data: bytes)``: plain, or encrypted from memory (no plaintext on disk)."""
     if not encrypt:
@@ -187,7 +193,7 @@ def save_checkpoint(run_dir: Path, name: str, *, model: torch.nn.Module, optimiz
     )
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    names = set(trainable_names(model))
+    names = set(trainable_names(model)) | set(running_stat_names(model))
     msd = get_model_state_dict(model, options=opts)
     osd = get_optimizer_state_dict(model, optimizer, options=opts)
     root = checkpoint_dir(run_dir)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,12 @@ def export_onnx(model_dir: str | Path, out: str | Path, check_images: np.ndarray
         ref = model(x).numpy()
     res = {"onnx": str(path), "n_checked": len(x), **_parity(ort, path, x.numpy(), ref)}
     if int8:
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         cal = vt.to_pixels(calib_images[:128], size).numpy() if calib_images is not None else x.numpy()
@@ -138,3 +144,85 @@ def onnx_accuracy(path: str | Path, x: torch.Tensor, y: np.ndarray) -> float:
     for i in range(0, len(x), 64):
         preds.append(sess.run(["logits"], {"pixel_values": x[i:i + 64].numpy()})[0].argmax(1))
     return float((np.concatenate(preds) == y).mean()) if preds else math.nan
+
+
+def run_eval(model_dir: Path, data: Path, split: str, output: Path | None, force: bool, console) -> dict:
+    """``homeforge eval`` on an image classifier: eval.json + eval.md in an artifact directory."""
+    import json
+
+    from homeforge.artifacts import write_artifact
+
+    out = output or model_dir.with_name(model_dir.name + "-eval")
+    with write_artifact(out, stage="eval", config={"split": split, "kind": "image-classification"},
+                        inputs={"model": model_dir, "data": data}, force=force) as art:
+        r = evaluate(model_dir, data, split)
+        (art.dir / "eval.json").write_text(json.dumps(r, indent=2), encoding="utf-8")
+        (art.dir / "eval.md").write_text(render_markdown(r), encoding="utf-8")
+        art.metrics = {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "ece": r["calibration"]["ece"],
+                       "augmented_accuracy": r["robustness"]["augmented_accuracy"]}
+    console.print(f"[green]eval[/] {split}: accuracy {r['accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}, "
+                  f"ECE {r['calibration']['ece']:.4f}, under augmentation {r['robustness']['augmented_accuracy']:.4f}"
+                  f"; report: {out / 'eval.md'}", highlight=False)
+    return r
+
+
+def render_markdown(r: dict) -> str:
+    labels = r["labels"]
+    lines = [f"# Image classifier evaluation ({r['split']}, n={r['n']})", "",
+             f"- accuracy: {r['accuracy']:.4f}", f"- macro-F1: {r['macro_f1']:.4f}",
+             f"- calibration: ECE {r['calibration']['ece']:.4f}, NLL {r['calibration']['nll']:.4f}, mean confidence "
+             f"{r['calibration']['mean_confidence']:.4f}",
+             f"- robustness: accuracy {r['robustness']['augmented_accuracy']:.4f} under "
+             f"{r['robustness']['augmentations']}", "", "## Confusion matrix (rows: true, columns: predicted)", "",
+             "| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for name, row in zip(labels, r["confusion_matrix"], strict=True):
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_export(model_dir: Path, output: Path | None, int8: bool, force: bool, console) -> dict:
+    """``homeforge export --format onnx`` of an image classifier, checked on the training data's images."""
+    import json
+
+    from homeforge.artifacts import write_artifact
+
+    model_dir = Path(model_dir)
+    out = output or model_dir.with_name(model_dir.name + "-onnx")
+    check = calib = None
+    data = _train_data(model_dir)
+    if data is not None:
+        _, _, sp = vt.open_image_dataset(data)
+        calib = sp["train"].images
+        check = sp["val" if "val" in sp else "train"].images[:64]
+    with write_artifact(out, stage="export", config={"format": "onnx", "int8": int8, "kind": "image-classification"},
+                        inputs={"model": model_dir}, force=force) as art:
+        r = export_onnx(model_dir, art.dir, check, int8=int8, calib_images=calib)
+        if r["top1_agreement"] < 1.0 or r["max_abs_diff"] > 1e-3:
+            raise HomeforgeError(f"the ONNX graph disagrees with PyTorch (max |diff| {r['max_abs_diff']:.2e}, top-1 "
+                                 f"agreement {r['top1_agreement']:.3f})", where=str(model_dir),
+                                 fix="report this model's layout; the export was not written")
+        shutil.copy(model_dir / vt.META, art.dir / vt.META)
+        r["checked_on"] = "validation images of the training data" if data is not None else "random pixels"
+        r = {k: (v if k not in ("onnx",) else Path(v).name) for k, v in r.items()}
+        if "int8" in r:
+            r["int8"]["onnx"] = Path(r["int8"]["onnx"]).name
+        art.extra["parity"] = r
+        (art.dir / "parity.json").write_text(json.dumps(r, indent=2), encoding="utf-8")
+    console.print(f"[green]onnx[/] {out}: max |logit diff| {r['max_abs_diff']:.2e}, top-1 agreement "
+                  f"{r['top1_agreement']:.3f} on {r['n_checked']} {r['checked_on']}"
+                  + (f"; int8: top-1 agreement {r['int8']['top1_agreement']:.3f}" if "int8" in r else ""),
+                  highlight=False)
+    return r
+
+
+def _train_data(model_dir: Path) -> Path | None:
+    import json
+
+    try:
+        m = json.loads((model_dir / "homeforge.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for p in (m.get("input_paths", {}).get("dataset", {}).get("path"), (m.get("config") or {}).get("data")):
+        if p and (Path(p) / "labels.json").is_file():
+            return Path(p)
+    return None

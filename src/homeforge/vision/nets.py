@@ -155,7 +155,18 @@ class _Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-class ImageClassifier(nn.Module):
+class _FrozenStaysEval:
+    """A frozen encoder stays in eval mode while the rest trains (batch-norm statistics kept, no dropout)."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for part in (self.backbone, getattr(self, "text", None)):
+            if mode and part is not None and not any(p.requires_grad for p in part.parameters()):
+                part.eval()  # frozen: no dropout, no batch-norm updates
+        return self
+
+
+class ImageClassifier(_FrozenStaysEval, nn.Module):
     """Backbone -> global average pool -> dropout -> linear."""
 
     def __init__(self, cfg: BackboneConfig, n_classes: int, dropout: float = 0.2):
@@ -172,7 +183,7 @@ class ImageClassifier(nn.Module):
         return self.classifier(self.drop(self.features(pixel_values).mean(dim=(2, 3))))
 
 
-class FusionClassifier(nn.Module):
+class FusionClassifier(_FrozenStaysEval, nn.Module):
     """Image encoder + text encoder (a Hugging Face encoder, e.g. MiniLM), fused.
 
     ``fusion``: ``late`` = one linear head per modality on its pooled features, logits summed;
