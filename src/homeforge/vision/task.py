@@ -198,6 +198,7 @@ def load_model(path: str | Path):
         enc = AutoModel.from_config(AutoConfig.from_pretrained(str(p / "text_encoder")))
         model = FusionClassifier(bcfg, enc, n, meta["fusion"], dropout=meta["dropout"])
     model.load_state_dict(load_file(str(p / "model.safetensors")), strict=False)
+    model.backbone.to(memory_format=torch.channels_last)
     return model.eval(), meta, tok
 
 
