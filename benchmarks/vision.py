@@ -143,8 +143,8 @@ def train_eval(ds: Path, out: Path, minutes: float, *opts) -> dict:
 
     t = sh("train", "method=image-classify", f"data={ds}", f"output_dir={out}", f"max_minutes={minutes}",
            "max_steps=100000", "micro_batch_size=32", "eval_every=100000", "log_every=20", "checkpoint.every=0",
-           "checkpoint.best=false", "tracking.tensorboard=false", "schedule.warmup_steps=10", "threads=2", *opts,
-           OMP_NUM_THREADS=2)
+           "checkpoint.best=false", "tracking.tensorboard=false", "schedule.warmup_steps=10", "threads=1", *opts,
+           OMP_NUM_THREADS=1)
     r = evaluate(out / "model", ds, "test")
     return {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "ece": r["calibration"]["ece"],
             "aug_accuracy": r["robustness"]["augmented_accuracy"], "train_s": t}

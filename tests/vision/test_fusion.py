@@ -75,10 +75,10 @@ def test_fusion_modes_forward(tiny_text_encoder):
 
 def test_fusion_trains_evaluates_and_serves(fusion_run, image_tree, tmp_path):
     from PIL import Image
+    from tests.serve.conftest import running_server
 
     from homeforge.config import ServeConfig
     from homeforge.vision.evaluate import evaluate
-    from tests.serve.conftest import running_server
 
     model_dir = fusion_run / "run" / "model"
     meta = json.loads((model_dir / "vision.json").read_text())

@@ -217,6 +217,8 @@ def _run(pipe: Pipeline, name: str, cfg, console: Console) -> None:
     if name == "prepare":
         from homeforge.data.prepare import run as prepare
 
+        if cfg.kind == "image-classification":
+            from homeforge.vision.prepare import run as prepare
         prepare(cfg, console=console)
     elif name == "train":
         _train(pipe, cfg, console)
