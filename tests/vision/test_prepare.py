@@ -20,6 +20,7 @@ def test_report_names_corrupt_images_and_duplicates(image_dataset):
     assert {d["source"] for d in drops if d["reason"] == "corrupt_image"} == {"d1/cut.jpg", "d2/notimage.png"}
     (dup,) = [d for d in drops if d["reason"] == "near_duplicate"]
     assert dup["source"] == "d0/gps_small_copy.png" and dup["kept"] == "d0/gps.jpg"
+    assert {e["source"] for e in rep["bad_images"]["named"]} == {"d1/cut.jpg", "d2/notimage.png"}
     md = (image_dataset / "report.md").read_text()
     assert "d1/cut.jpg" in md and "truncated" in md and "thumbnails.png" in md
     assert rep["images"]["width"]["max"] == 160 and rep["images"]["aspect"]["min"] == 1.0

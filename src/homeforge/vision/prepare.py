@@ -145,6 +145,7 @@ def _build(cfg, dest: Path, console) -> dict:
     arrays: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     thumbs: dict[str, list] = {}
     n_in = 0
+    bad: list[dict] = []  # images that do not decode, named in the report (up to report.max_named_errors)
     records = list(_records(cfg))
     labels = sorted({r[2] for r in records})
     index = {name: i for i, name in enumerate(labels)}
@@ -154,13 +155,16 @@ def _build(cfg, dest: Path, console) -> dict:
             if n_in % 200 == 0:
                 status.update(f"decoding images ({n_in:,}/{len(records):,})")
             if path is None:
-                drops.add({"stage": "ingest", "source": source, "reason": "missing_image", "label": label,
-                           "detail": "the listed image file does not exist"})
+                bad.append({"stage": "ingest", "source": source, "reason": "missing_image", "label": label,
+                            "detail": "the listed image file does not exist"})
+                drops.add(bad[-1])
                 continue
             try:
                 img = im.decode(path)
             except im.BadImage as exc:
-                drops.add({"stage": "ingest", "source": source, "reason": exc.reason, "label": label, "detail": str(exc)})
+                bad.append({"stage": "ingest", "source": source, "reason": exc.reason, "label": label,
+                            "detail": str(exc)})
+                drops.add(bad[-1])
                 continue
             formats[getattr(img, "format_hint", None) or "?"] += 1
             widths.append(img.width)
@@ -216,6 +220,8 @@ def _build(cfg, dest: Path, console) -> dict:
     if thumbs:
         im.thumbnail_grid({k: thumbs[k] for k in labels if k in thumbs}, dest / "thumbnails.png")
     report = _report(cfg, labels, rows, drops, n_in, widths, heights, aspects, formats)
+    report["bad_images"] = {"count": len(bad), "named": [{k: e[k] for k in ("source", "reason", "detail")}
+                                                         for e in bad[:cfg.report.max_named_errors]]}
     (dest / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     (dest / "report.md").write_text(render_markdown(report), encoding="utf-8")
     return report
@@ -267,6 +273,13 @@ def render_markdown(report: dict) -> str:
         d = report["labels"]["dropped"].get(name, {})
         lines.append(f"| {name} | {n} | {', '.join(f'{k} {v}' for k, v in d.items()) or '-'} |")
     lines += ["", "![thumbnails per class](thumbnails.png)", ""]
+    bad = report.get("bad_images", {})
+    if bad.get("named"):
+        lines += [f"## Images that do not decode ({bad['count']})", ""]
+        lines += [f"- `{e['source']}`: {e['reason']} ({e['detail']})" for e in bad["named"]]
+        if bad["count"] > len(bad["named"]):
+            lines.append(f"- ... and {bad['count'] - len(bad['named'])} more (drops.jsonl)")
+        lines.append("")
     ex = report["drops"]["examples"]
     if ex:
         lines += ["## Dropped images (examples; all in drops.jsonl)", ""]
