@@ -150,14 +150,60 @@ def train_eval(ds: Path, out: Path, minutes: float, *opts) -> dict:
             "aug_accuracy": r["robustness"]["augmented_accuracy"], "train_s": t}
 
 
+def onnx_rows(work: Path) -> list[dict]:
+    """The digits and glyphs ImageNet-start models through `homeforge export --format onnx --int8`: test accuracy
+    of PyTorch, ONNX fp32 and ONNX int8, sizes, and batch-1 latency (median of 200 alternating calls, one thread)."""
+    import onnxruntime as ort
+    import torch
+
+    from homeforge.vision.evaluate import onnx_accuracy, predict
+    from homeforge.vision.task import load_model, open_image_dataset, to_pixels
+
+    torch.set_num_threads(1)
+    rows = []
+    for name in ("digits", "glyphs"):
+        model_dir, out = work / f"run-{name}-pre" / "model", work / f"onnx-{name}"
+        sh("export", model_dir, "--format", "onnx", "--int8", "-o", out, "--force", OMP_NUM_THREADS=1)
+        model, meta, _ = load_model(model_dir)
+        _, _, sp = open_image_dataset(work / f"ds-{name}")
+        x, y = to_pixels(sp["test"].images, meta["image_size"]), sp["test"].labels
+        row = {"data": name, "torch": float((predict(model, x).argmax(1) == y).mean()),
+               "onnx": onnx_accuracy(out / "model.onnx", x, y), "int8": onnx_accuracy(out / "model.int8.onnx", x, y),
+               "onnx_mb": (out / "model.onnx").stat().st_size / 1e6,
+               "int8_mb": (out / "model.int8.onnx").stat().st_size / 1e6}
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        sess = {k: ort.InferenceSession(str(out / f), opts, providers=["CPUExecutionProvider"])
+                for k, f in (("onnx", "model.onnx"), ("int8", "model.int8.onnx"))}
+        one = x[:1]
+        times: dict[str, list[float]] = {"torch": [], "onnx": [], "int8": []}
+        with torch.inference_mode():
+            for _ in range(200):
+                for k in times:
+                    t = time.perf_counter()
+                    if k == "torch":
+                        model(one)
+                    else:
+                        sess[k].run(["logits"], {"pixel_values": one.numpy()})
+                    times[k].append(time.perf_counter() - t)
+        row.update({f"{k}_ms": 1000 * float(np.median(v)) for k, v in times.items()})
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=1.5, help="training budget per image run")
     ap.add_argument("--rebuild", action="store_true", help="render and prepare the data again in --work")
     ap.add_argument("--fusion-minutes", type=float, default=1.0, help="training budget per fusion run")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--onnx-only", action="store_true", help="only the ONNX rows, on the models already in --work")
     a = ap.parse_args()
     work = a.work or Path(tempfile.mkdtemp(prefix="hf-vision-"))
+    if a.onnx_only:
+        onnx_rows(work)
+        return
     faces = font_faces()
     if not faces:
         sys.exit("no CJK fonts: apt-get install fonts-noto-cjk fonts-wqy-microhei fonts-wqy-zenhei")
@@ -194,6 +240,7 @@ def main() -> None:
             ds, work / f"run-fusion-{fusion}", a.fusion_minutes, f"vision.fusion={fusion}",
             "vision.randaugment=false", "optim.lr=1e-3")})
         print(json.dumps(results["rows"][-1]), flush=True)
+    results["onnx"] = onnx_rows(work)
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nfaces: {len(faces)}; work: {work}")
     print("| data | model | test accuracy | macro-F1 | ECE | acc. under aug. | train s |")

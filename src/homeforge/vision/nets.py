@@ -50,7 +50,7 @@ class BackboneConfig:
 
 def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
     layers = [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
-              nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01)]
+              nn.BatchNorm2d(cout, eps=1e-3, momentum=0.1)]  # 0.1, not the TF port's 0.01: short CPU runs
     if act:
         layers.append(nn.ReLU6(inplace=True))
     return nn.Sequential(*layers)
