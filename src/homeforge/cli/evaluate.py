@@ -45,7 +45,7 @@ def eval_cmd(
         from homeforge.vision.evaluate import run_eval
 
         read_manifest(data)
-        run_eval(model_dir, data, split or "val", output, force, console)
+        run_eval(model_dir, data, cfg.split, output, force, console)
         return
     check_model_dir(model_dir)  # wrong paths are said before torch is imported
     read_manifest(data)

@@ -214,6 +214,10 @@ def run(pipe: Pipeline, name: str, console: Console) -> None:
 
 
 def _run(pipe: Pipeline, name: str, cfg, console: Console) -> None:
+    from homeforge.vision.task import (
+        is_vision_model,  # image classifiers: their own eval and ONNX export
+    )
+
     if name == "prepare":
         from homeforge.data.prepare import run as prepare
 
@@ -222,6 +226,11 @@ def _run(pipe: Pipeline, name: str, cfg, console: Console) -> None:
         prepare(cfg, console=console)
     elif name == "train":
         _train(pipe, cfg, console)
+    elif name == "eval" and is_vision_model(_existing(pipe, name, "model")):
+        from homeforge.vision.evaluate import run_eval
+
+        run_eval(_existing(pipe, name, "model"), _existing(pipe, name, "data"), cfg.split or "val",
+                 output(pipe, name), False, console)
     elif name == "eval":
         from homeforge.evaluate.run import run as evaluate
 
@@ -232,6 +241,10 @@ def _run(pipe: Pipeline, name: str, cfg, console: Console) -> None:
 
         compress(_existing(pipe, name, "model"), _existing(pipe, name, "data"), cfg, output(pipe, name), False,
                  console)
+    elif name == "export" and is_vision_model(_existing(pipe, name, "model")):
+        from homeforge.vision.evaluate import run_export as export_image
+
+        export_image(_existing(pipe, name, "model"), output(pipe, name), cfg.onnx.int8, False, console)
     elif name == "export":
         from homeforge.export import run_export
 
