@@ -69,3 +69,22 @@ def test_cli_errors_are_clean(tmp_path):
     assert r.returncode != 0 and "class sub-folders" in r.stderr and "Traceback" not in r.stderr
     r = _hf("train", "method=image-classify", f"data={tmp_path}", "output_dir=run", cwd=tmp_path)
     assert r.returncode != 0 and "image-classification dataset" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_dp_on_a_trained_backbone_is_refused_and_runs_on_a_frozen_one(image_dataset, tmp_path):
+    from rich.console import Console
+
+    from homeforge.config import TrainConfig, load_config
+    from homeforge.errors import HomeforgeError
+    from homeforge.train.run import run
+
+    def cfg(*extra):
+        return load_config(TrainConfig, overrides=[
+            "method=image-classify", f"data={image_dataset}", f"output_dir={tmp_path / 'run'}", "vision.backbone=tiny",
+            "vision.weights=null", "max_steps=2", "micro_batch_size=8", "threads=1", "tracking.tensorboard=false",
+            "privacy.epsilon=8", "privacy.delta=1e-3", *extra])
+
+    with pytest.raises(HomeforgeError, match="freeze_backbone"):
+        run(cfg(), console=Console(quiet=True))
+    run(cfg("vision.freeze_backbone=true"), console=Console(quiet=True))
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

@@ -43,6 +43,11 @@ def build_task(cfg, data_dir):
         raise HomeforgeError("no dataset given", fix="set data=DATASET_DIR (made by `homeforge prepare --kind "
                                                      "image-classification`)")
     v = cfg.vision
+    if cfg.privacy.enabled and not v.freeze_backbone:
+        raise HomeforgeError("differential privacy (privacy.epsilon) cannot train the image backbone: its batch norm "
+                             "mixes the samples of a batch, so per-sample gradients do not exist (Opacus refuses it)",
+                             fix="set vision.freeze_backbone=true (DP-SGD then trains the head(s)), or drop "
+                                 "privacy.epsilon")
     root, labels, splits = vt.open_image_dataset(data_dir)
     if "train" not in splits:
         raise HomeforgeError("the train split has no images", where=str(root), fix="add data")
