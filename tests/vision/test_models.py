@@ -147,6 +147,19 @@ def test_serve_classifies_base64_images(tiny_image_model, image_dataset, tmp_pat
         assert text.status_code == 400 and "image" in text.json()["error"]["message"]
         empty = httpx.post(base + "/v1/classifications", json={})
         assert empty.status_code == 400
+    from rich.console import Console
+
+    from homeforge.vision.evaluate import run_export
+
+    run_export(tiny_image_model / "model", tmp_path / "onnx", int8=False, force=False, console=Console(quiet=True))
+    ocfg = ServeConfig(model_dir=str(tmp_path / "onnx"), keys_file=str(tmp_path / "k.json"))
+    with running_server(ocfg) as (base, state):  # the ONNX export, served by ONNX Runtime
+        assert state.kind == "classifier"
+        o = httpx.post(base + "/v1/classifications", json={"image": [_png_b64(a) for a in imgs]})
+        assert o.status_code == 200, o.text
+        for got, p in zip(o.json()["data"], want, strict=True):
+            assert got["label"] == meta["labels"][int(p.argmax())]
+            assert got["score"] == pytest.approx(float(p.max()), abs=1e-4)
 
 
 def test_tiny_classifier_forward_shapes():

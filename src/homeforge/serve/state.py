@@ -52,6 +52,15 @@ def load_model(cfg: ServeConfig):
         raise HomeforgeError("vLLM does not run inside this process: it runs as its own server behind homeforge",
                              fix=f"homeforge serve {cfg.model_dir} --backend vllm (starts `vllm serve` behind the "
                                  "gateway), or --upstream URL for a vLLM server already running")
+    from homeforge.vision.task import is_vision_model
+
+    if is_vision_model(cfg.model_dir or ""):  # image / image+text classifier (PyTorch or its ONNX export)
+        from homeforge.vision.task import load_model as load_vision_model
+
+        model, meta, tok = load_vision_model(cfg.model_dir or "", onnx=cfg.onnx_file if cfg.backend == "onnx" else None,
+                                             threads=cfg.threads)
+        model.homeforge_vision = meta
+        return "classifier", model, tok, None
     if cfg.backend == "onnx":
         try:
             import onnxruntime  # noqa: F401
@@ -66,14 +75,6 @@ def load_model(cfg: ServeConfig):
                                  fix="pass the output of `homeforge export MODEL --format onnx`")
         backend = OnnxBackend(p, cfg.onnx_file, cfg.threads)
         return "causal", None, load_tokenizer(p), backend
-    from homeforge.vision.task import is_vision_model
-
-    if is_vision_model(cfg.model_dir or ""):  # image / image+text classifier
-        from homeforge.vision.task import load_model as load_vision_model
-
-        model, meta, tok = load_vision_model(cfg.model_dir or "")
-        model.homeforge_vision = meta
-        return "classifier", model, tok, None
     p = check_model_dir(cfg.model_dir or "")
     kind = detect_kind(p)
     if kind == "classifier":

@@ -177,11 +177,34 @@ def is_vision_model(path: str | Path) -> bool:
     return (Path(path) / META).is_file()
 
 
-def load_model(path: str | Path):
-    """(model in eval mode, meta, text tokenizer or None) from a model directory ``save_model`` wrote."""
+class OnnxImageModel:
+    """An exported image classifier (``model.onnx``) behind the PyTorch model's call: pixels in, logits out."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = pixel_values.detach().cpu().numpy().astype(np.float32)
+        return torch.from_numpy(self.session.run(["logits"], {"pixel_values": x})[0])
+
+
+def load_model(path: str | Path, onnx: str | None = None, threads: int | None = None):
+    """(model in eval mode, meta, text tokenizer or None) from a model directory ``save_model`` wrote;
+    ``onnx``: a graph file of an ONNX export directory (``model.onnx``, ``model.int8.onnx``), run by ONNX Runtime."""
     from safetensors.torch import load_file
 
     p = Path(path).expanduser()
+    if onnx:
+        if not (p / onnx).is_file():
+            raise HomeforgeError(f"{p} has no {onnx}", where=str(p),
+                                 fix=f"export it first: homeforge export MODEL_DIR --format onnx [--int8] -o {p}")
+        meta = json.loads((p / META).read_text(encoding="utf-8"))
+        return OnnxImageModel(p / onnx, threads), meta, None
     if not is_vision_model(p) or not (p / "model.safetensors").is_file():
         raise HomeforgeError(f"{p} is not an image classifier directory (no {META} or model.safetensors)",
                              where=str(p), fix="pass the output of `homeforge train` with method image-classify")
