@@ -98,3 +98,29 @@ def test_fusion_trains_evaluates_and_serves(fusion_run, image_tree, tmp_path):
         assert no_text.status_code == 400 and no_text.json()["error"]["param"] == "input"
         mismatch = httpx.post(base + "/v1/classifications", json={"image": [img], "input": ["a", "b"]})
         assert mismatch.status_code == 400
+
+
+@pytest.mark.slow  # the dynamo exporter on BERT: ~15-30 s
+def test_fusion_onnx_export_parity_and_serving(fusion_run, image_tree, tmp_path):
+    from PIL import Image
+    from rich.console import Console
+    from tests.serve.conftest import running_server
+
+    from homeforge.config import ServeConfig
+    from homeforge.vision.evaluate import run_export
+
+    r = run_export(fusion_run / "run" / "model", tmp_path / "onnx", int8=False, force=False,
+                   console=Console(quiet=True))
+    assert r["max_abs_diff"] < 1e-4 and r["top1_agreement"] == 1.0 and r["checked_on"].startswith("validation")
+    buf = io.BytesIO()
+    Image.open(image_tree / "d2" / "1.png").save(buf, format="PNG")
+    img = base64.b64encode(buf.getvalue()).decode()
+    body = {"image": [img, img], "input": ["the market", "filed under the river note"]}
+    got = {}
+    for name, d in (("torch", fusion_run / "run" / "model"), ("onnx", tmp_path / "onnx")):
+        with running_server(ServeConfig(model_dir=str(d), keys_file=str(tmp_path / "k.json"))) as (base, _):
+            resp = httpx.post(base + "/v1/classifications", json=body)
+            assert resp.status_code == 200, resp.text
+            got[name] = resp.json()["data"]
+    for a, b in zip(got["torch"], got["onnx"], strict=True):
+        assert a["label"] == b["label"] and a["score"] == pytest.approx(b["score"], abs=1e-4)

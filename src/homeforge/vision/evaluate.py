@@ -81,26 +81,42 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, split: str = "test", r
 
 
 def export_onnx(model_dir: str | Path, out: str | Path, check_images: np.ndarray | None = None,
-                int8: bool = False, calib_images: np.ndarray | None = None) -> dict:
-    """Write ``model.onnx`` (and ``model.int8.onnx``) under ``out``; returns the parity figures."""
+                int8: bool = False, calib_images: np.ndarray | None = None, check_texts: list[str] | None = None) -> dict:
+    """Write ``model.onnx`` (and ``model.int8.onnx``) under ``out``; returns the parity figures.
+
+    Image+text models export with the dynamo exporter (dynamic batch and text length; inputs
+    ``pixel_values``, ``input_ids``, ``attention_mask``) and take their tokenizer along."""
     import onnxruntime as ort
 
     model, meta, tok = vt.load_model(model_dir)
-    if meta["fusion"] != "none":
-        raise HomeforgeError("ONNX export covers image-only classifiers", where=str(model_dir),
-                             fix="export the image classifier (vision.fusion=none)")
+    fused = meta["fusion"] != "none"
+    if fused and int8:
+        raise HomeforgeError("int8 ONNX covers image-only classifiers", where=str(model_dir),
+                             fix="export the image+text model without --int8")
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     size = meta["image_size"]
     path = out / "model.onnx"
-    dummy = torch.rand(2, 3, size, size)
-    torch.onnx.export(model, (dummy,), str(path), input_names=["pixel_values"], output_names=["logits"],
-                      dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-                      dynamo=False)
     x = vt.to_pixels(check_images, size) if check_images is not None else torch.rand(8, 3, size, size)
+    if fused:
+        texts = list(check_texts or [])[:len(x)] or ["a note"] * len(x)
+        texts += ["a note"] * (len(x) - len(texts))
+        enc = vt.encode_texts(tok, texts, meta["text_max_len"])
+        feeds = {"pixel_values": x, **enc}
+        b, t = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("seq", min=2, max=meta["text_max_len"])
+        torch.onnx.export(model, (x[:2], enc["input_ids"][:2], enc["attention_mask"][:2]), str(path),
+                          input_names=list(feeds), output_names=["logits"], dynamo=True, opset_version=18,
+                          dynamic_shapes=({0: b}, {0: b, 1: t}, {0: b, 1: t}))
+        vt.copy_text_files(Path(model_dir), out)
+    else:
+        feeds = {"pixel_values": x}
+        torch.onnx.export(model, (torch.rand(2, 3, size, size),), str(path), input_names=["pixel_values"],
+                          output_names=["logits"], dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=17, dynamo=False)
     with torch.inference_mode():
-        ref = model(x).numpy()
-    res = {"onnx": str(path), "n_checked": len(x), **_parity(ort, path, x.numpy(), ref)}
+        ref = model(*feeds.values()).numpy()
+    feeds = {k: v.numpy() for k, v in feeds.items()}
+    res = {"onnx": str(path), "n_checked": len(x), **_parity(ort, path, feeds, ref)}
     if int8:
         from onnxruntime.quantization import (
             CalibrationDataReader,
@@ -126,13 +142,14 @@ def export_onnx(model_dir: str | Path, out: str | Path, check_images: np.ndarray
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         pre.unlink()
         res["int8"] = {"onnx": str(q), "bytes": q.stat().st_size, "fp32_bytes": path.stat().st_size,
-                       **_parity(ort, q, x.numpy(), ref)}
+                       **_parity(ort, q, feeds, ref)}
     return res
 
 
-def _parity(ort, path: Path, x: np.ndarray, ref: np.ndarray) -> dict:
+def _parity(ort, path: Path, feeds: dict, ref: np.ndarray) -> dict:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(["logits"], {"pixel_values": x.astype(np.float32)})[0]
+    names = {i.name for i in sess.get_inputs()}  # an input the graph does not use is not one of its inputs
+    got = sess.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0]
     return {"max_abs_diff": float(np.abs(got - ref).max()), "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean())}
 
 
@@ -188,15 +205,16 @@ def run_export(model_dir: Path, output: Path | None, int8: bool, force: bool, co
 
     model_dir = Path(model_dir)
     out = output or model_dir.with_name(model_dir.name + "-onnx")
-    check = calib = None
+    check = calib = texts = None
     data = _train_data(model_dir)
     if data is not None:
         _, _, sp = vt.open_image_dataset(data)
         calib = sp["train"].images
-        check = sp["val" if "val" in sp else "train"].images[:64]
+        held = sp["val" if "val" in sp else "train"]
+        check, texts = held.images[:64], (held.texts or [])[:64]
     with write_artifact(out, stage="export", config={"format": "onnx", "int8": int8, "kind": "image-classification"},
                         inputs={"model": model_dir}, force=force) as art:
-        r = export_onnx(model_dir, art.dir, check, int8=int8, calib_images=calib)
+        r = export_onnx(model_dir, art.dir, check, int8=int8, calib_images=calib, check_texts=texts)
         if r["top1_agreement"] < 1.0 or r["max_abs_diff"] > 1e-3:
             raise HomeforgeError(f"the ONNX graph disagrees with PyTorch (max |diff| {r['max_abs_diff']:.2e}, top-1 "
                                  f"agreement {r['top1_agreement']:.3f})", where=str(model_dir),

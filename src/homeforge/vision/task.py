@@ -188,9 +188,12 @@ class OnnxImageModel:
             opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
-    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = pixel_values.detach().cpu().numpy().astype(np.float32)
-        return torch.from_numpy(self.session.run(["logits"], {"pixel_values": x})[0])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+
+    def __call__(self, pixel_values: torch.Tensor, input_ids=None, attention_mask=None) -> torch.Tensor:
+        feeds = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
+        feeds = {k: v.detach().cpu().numpy() for k, v in feeds.items() if k in self.inputs and v is not None}
+        return torch.from_numpy(self.session.run(["logits"], feeds)[0])
 
 
 def load_model(path: str | Path, onnx: str | None = None, threads: int | None = None):
@@ -204,7 +207,12 @@ def load_model(path: str | Path, onnx: str | None = None, threads: int | None = 
             raise HomeforgeError(f"{p} has no {onnx}", where=str(p),
                                  fix=f"export it first: homeforge export MODEL_DIR --format onnx [--int8] -o {p}")
         meta = json.loads((p / META).read_text(encoding="utf-8"))
-        return OnnxImageModel(p / onnx, threads), meta, None
+        tok = None
+        if meta["fusion"] != "none":
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(p / "text_encoder"))
+        return OnnxImageModel(p / onnx, threads), meta, tok
     if not is_vision_model(p) or not (p / "model.safetensors").is_file():
         raise HomeforgeError(f"{p} is not an image classifier directory (no {META} or model.safetensors)",
                              where=str(p), fix="pass the output of `homeforge train` with method image-classify")
