@@ -48,7 +48,7 @@ def _root(
 
 
 # the command groups register themselves on `app` when imported
-from homeforge.cli import quickstart, data, train, evaluate, export, serve, tools, security, pipeline, registry  # noqa: E402,F401,I001
+from homeforge.cli import quickstart, data, train, evaluate, export, serve, tools, security, pipeline, registry, continual  # noqa: E402,F401,I001
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from homeforge.config.base import (
     register_stage,
     to_yaml,
 )
+from homeforge.config.continual import EwcConfig, LearnConfig, MonitorThresholds, ReplayConfig
 from homeforge.config.models import (
     DEFAULT_PARITY_TEXTS,
     CompressConfig,
@@ -77,6 +78,7 @@ STAGES.update({
     "serve": ServeConfig,
     "eval": EvalConfig,
     "compress": CompressConfig,
+    "learn": LearnConfig,
 })
 
 __all__ = [
@@ -92,6 +94,7 @@ __all__ = [
     "DistillConfig",
     "DistributedConfig",
     "EvalConfig",
+    "EwcConfig",
     "EvalGates",
     "ExportConfig",
     "GatewayConfig",
@@ -100,8 +103,10 @@ __all__ = [
     "HfExportConfig",
     "ImportConfig",
     "InputFields",
+    "LearnConfig",
     "LoraConfig",
     "ModelSpec",
+    "MonitorThresholds",
     "OnnxExportConfig",
     "OptimConfig",
     "PIIConfig",
@@ -112,6 +117,7 @@ __all__ = [
     "PruneConfig",
     "QatConfig",
     "QuickstartConfig",
+    "ReplayConfig",
     "ReportConfig",
     "RobustnessConfig",
     "STAGES",
