@@ -38,7 +38,7 @@ def learn(
     old data (estimated here, or the one stored with the champion). The candidate
     (OUTPUT/model) records forgetting (old held-out perplexity after - before) and gain (new
     held-out perplexity before - after) and its own Fisher; it is registered with alias
-    `candidate` when the champion came from the registry (or with `register=NAME`).
+    `candidate` when the champion came from the registry (or with `name=NAME`).
 
     Examples:
 

@@ -17,7 +17,14 @@ from homeforge.config.base import (
     register_stage,
     to_yaml,
 )
-from homeforge.config.continual import EwcConfig, LearnConfig, MonitorThresholds, ReplayConfig
+from homeforge.config.continual import (
+    AbConfig,
+    EwcConfig,
+    FeedbackConfig,
+    LearnConfig,
+    MonitorThresholds,
+    ReplayConfig,
+)
 from homeforge.config.models import (
     DEFAULT_PARITY_TEXTS,
     CompressConfig,
@@ -82,6 +89,8 @@ STAGES.update({
 })
 
 __all__ = [
+    "AbConfig",
+    "FeedbackConfig",
     "AugmentConfig",
     "CheckpointConfig",
     "ClassifyConfig",

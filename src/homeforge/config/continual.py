@@ -47,7 +47,7 @@ class LearnConfig(Section):
     eval_batches: int = Field(50, ge=1, description="held-out micro-batches measured on the old and the new data (before and after)")
     train: TrainConfig = Field(default_factory=_learn_train_defaults)
     output_dir: str = Field("homeforge-runs/learn", description="run directory: data/, checkpoints, model/ (the candidate)")
-    register: str | None = Field(None, description="registry name to register the candidate under (default: the champion's, when it came from the registry)")
+    name: str | None = Field(None, description="registry name to register the candidate under (default: the champion's, when it came from the registry)")
     alias: str = Field("candidate", description="alias the registered candidate gets")
     encrypt: bool = encrypt_field("the new dataset and the candidate")
 
@@ -62,3 +62,26 @@ class MonitorThresholds(Section):
     refusal_rate: float | None = Field(0.2, ge=0, le=1, description="share of responses that refuse, above this")
     length_ratio: float | None = Field(2.0, gt=1, description="mean response length vs the first window, beyond this factor (either way)")
     p99_ms: float | None = Field(None, gt=0, description="P99 latency above this many milliseconds")
+
+
+class FeedbackConfig(Section):
+    """`serve` feedback capture (off by default): exchanges and ratings to an encrypted, PII-scrubbed, rotating log."""
+
+    enabled: bool = Field(False, description="record every answered request and accept POST /v1/feedback")
+    dir: str | None = Field(None, description="folder of the rotating log files (default: $HOMEFORGE_HOME/feedback)")
+    encrypt: bool = Field(True, description="encrypt the log with the data key (`homeforge keys init`); false = plaintext at rest")
+    scrub: bool = Field(True, description="replace personal data in prompts, responses and corrections before writing")
+    max_mb: float = Field(16.0, gt=0, description="start a new file when the current one would pass this size")
+    retention_days: float = Field(30.0, gt=0, description="delete files older than this")
+    max_files: int = Field(50, ge=1, description="keep at most this many files (oldest deleted first)")
+    remember: int = Field(100_000, ge=1, description="recent response ids feedback may refer to")
+
+
+class AbConfig(Section):
+    """`serve` live A/B test: a share of the traffic goes to a candidate model, every response names its arm."""
+
+    candidate: str | None = Field(None, description="the candidate: a model directory or registry:NAME@ALIAS (None = no A/B)")
+    percent: float = Field(50.0, ge=0, le=100, description="share of traffic (percent) the candidate answers")
+    by: Literal["request", "key"] = Field("request", description="request = a fresh draw per request; key = sticky per "
+                                          "API key or X-Homeforge-User header (hash), so one user sees one arm")
+    seed: int = Field(0, description="seed of the split")

@@ -84,22 +84,27 @@ def prepare_new_data(cfg: LearnConfig, champion: Path, run_dir: Path, console: C
                              fix="pass one of --data DATASET_DIR, --docs FOLDER or --feedback LOG")
     if cfg.data:
         return Path(cfg.data).expanduser().absolute()
+    from homeforge import scratch
     from homeforge.config import PrepareConfig
     from homeforge.data.prepare import run as prepare
 
     inputs = [str(Path(d).expanduser().absolute()) for d in cfg.docs]
-    kind = "text"
-    if cfg.feedback:
+    kind, tmp = "text", None
+    if cfg.feedback:  # scrubbed records in a private temp folder (memory-backed when there is one), removed after
         from homeforge.continual.feedback import export_records
 
-        records, n = export_records(Path(cfg.feedback), run_dir / "feedback-records.jsonl", cfg.min_rating,
-                                    encrypt=cfg.encrypt)
+        tmp = scratch.memory_dir("feedback") or scratch.private_dir(run_dir, "feedback")
+        records, n = export_records(Path(cfg.feedback).expanduser(), tmp / "feedback.jsonl", cfg.min_rating)
         console.print(f"feedback: {n} exchanges taken from {cfg.feedback}")
         inputs, kind = [str(records)], "chat"
     pcfg = PrepareConfig(inputs=inputs, kind=kind, output_dir=str(run_dir / "data"), encrypt=cfg.encrypt,
-                         tokenizer={"from_dir": str(champion)}, split={"val": 0.15}, workers=1,
+                         tokenizer={"from_dir": str(champion)}, split={"val": 0.15, "salt": "learn"}, workers=1,
                          clean={"min_chars": 1, "min_words": 1}, dedup={"near": False})
-    return Path(prepare(pcfg, console=console)["out"])
+    try:
+        return Path(prepare(pcfg, console=console)["out"])
+    finally:
+        if tmp is not None:
+            scratch.release(tmp)
 
 
 def learn(cfg: LearnConfig, *, force: bool = False, console: Console | None = None) -> dict:
@@ -182,7 +187,7 @@ def learn(cfg: LearnConfig, *, force: bool = False, console: Console | None = No
 
     model_dir = run_dir / "model"
     result = {**artifacts.read_manifest(model_dir)["metrics"], "model": str(model_dir)}
-    name = cfg.register or reg_name
+    name = cfg.name or reg_name
     if name:
         from homeforge.registry.store import Registry
 

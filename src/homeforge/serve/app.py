@@ -58,6 +58,8 @@ async def _lifespan(app: FastAPI):
         st.close_ledgers()
         if st.audit is not None:
             await asyncio.to_thread(st.audit.flush)
+        if st.feedback is not None:
+            await asyncio.to_thread(st.feedback.flush)
 
 
 async def _follow_alias(st: ServerState) -> None:

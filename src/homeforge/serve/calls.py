@@ -28,6 +28,7 @@ ACCESS: dict[str, tuple[tuple[str, ...], bool]] = {
     "/v1/chat/completions": (INFERENCE, True),
     "/v1/embeddings": (INFERENCE, True),
     "/v1/classifications": (INFERENCE, True),
+    "/v1/feedback": (INFERENCE, False),
     "/metrics": (("admin", "metrics"), False),
     "/admin/reload": (("admin",), False),
     "/openapi.json": (ROLES, False),
@@ -127,7 +128,7 @@ async def start_generation(st: ServerState, info: dict, body, route: str) -> tup
         raise ApiError(400, bad[1], param=bad[0], code="unsupported_parameter")
     job = d.prepare(body)
     ticket = reserve(st, info, job.budget)
-    ledger = Ledger(job.choices, job.prompt_tokens, keep_text=st.cfg.audit_text)
+    ledger = Ledger(job.choices, job.prompt_tokens, keep_text=st.cfg.audit_text or st.feedback is not None)
     st.open_ledgers.add(ledger)  # before the start: the producer may finish before `start` returns
     ledger.when_done(accountant(st, info, route, ticket))
     try:

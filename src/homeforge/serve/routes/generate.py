@@ -27,6 +27,7 @@ from homeforge.serve.protocol import (
     usage,
 )
 from homeforge.serve.routes.common import COMMON, errors, server
+from homeforge.serve.routes.feedback import capture
 
 router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -169,10 +170,12 @@ async def chat_completions(request: Request, body: ChatRequest):
 
 async def generate(request: Request, body: CompletionRequest | ChatRequest, shape_cls: type[_Shape],
                    logprobs: bool):
-    gen, name, choices = await start_generation(server(request), request.scope.setdefault("state", {}), body,
-                                                shape_cls.route)
+    started = time.perf_counter()
+    st = server(request)
+    gen, name, choices = await start_generation(st, request.scope.setdefault("state", {}), body, shape_cls.route)
     shape = shape_cls(name, choices, logprobs)
     shape.fingerprint = getattr(gen, "version", None)
+    capture(st, body, shape, gen, started, getattr(gen, "arm", None))
     if body.stream:
         usage_chunk = body.stream_options is None or body.stream_options.include_usage
         return StreamingResponse(_stream(gen, shape, usage_chunk, request.is_disconnected),
