@@ -7,7 +7,7 @@ Real text nobody here wrote, both on this machine:
   (`/usr/lib/apt/apt-helper cat-file`; run `apt-get update` once if there are none).
 
 1. `homeforge prepare` A (its own BPE tokenizer) and B (with the champion's tokenizer);
-2. `homeforge train` the champion on A (preset `tiny` by default);
+2. `homeforge train` the champion on A (preset `debug` by default, `--preset tiny` for a bigger one);
 3. four `homeforge learn` runs from that champion on B with the same step budget, seed and
    learning rate: naive (replay.ratio=0, ewc.lam=0), replay only, EWC only, replay+EWC;
 4. per run: forgetting = old (A) held-out perplexity after - before, gain = new (B) held-out
@@ -15,8 +15,9 @@ Real text nobody here wrote, both on this machine:
 
 Goal: replay+EWC cuts forgetting by >= 50% vs naive while keeping >= 80% of naive's gain.
 
-    python benchmarks/continual.py --quick   # debug preset, a smoke run (~2 min)
-    python benchmarks/continual.py           # tiny preset (~10 min on 2 cores)
+    python benchmarks/continual.py --quick   # a smoke run (~2 min)
+    python benchmarks/continual.py           # the full run (~10 min on 2 busy cores)
+    python benchmarks/continual.py --preset tiny --pretrain-steps 1500   # a bigger champion (a quiet machine)
 """
 
 from __future__ import annotations
@@ -68,11 +69,11 @@ def hf(work: Path, *args) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="debug preset, few steps: a smoke run")
-    ap.add_argument("--preset", default=None, help="champion preset (default tiny; debug with --quick)")
+    ap.add_argument("--quick", action="store_true", help="fewer characters and steps: a smoke run")
+    ap.add_argument("--preset", default="debug", help="champion preset (default debug)")
     ap.add_argument("--chars", type=int, default=None, help="characters per domain (default 1.2M; 300k with --quick)")
-    ap.add_argument("--pretrain-steps", type=int, default=None, help="champion steps on A (default 1200; 150 quick)")
-    ap.add_argument("--steps", type=int, default=None, help="learn steps on B, every variant (default 300; 60 quick)")
+    ap.add_argument("--pretrain-steps", type=int, default=None, help="champion steps on A (default 800; 150 quick)")
+    ap.add_argument("--steps", type=int, default=None, help="learn steps on B, every variant (default 200; 60 quick)")
     ap.add_argument("--lr", type=float, default=1e-3, help="learn learning rate (every variant)")
     ap.add_argument("--ratio", type=float, default=0.3, help="replay share")
     ap.add_argument("--lam", type=float, default=None, help="EWC lambda (default 2e4)")
@@ -80,10 +81,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="work directory (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = ap.parse_args()
-    preset = a.preset or ("debug" if a.quick else "tiny")
+    preset = a.preset
     chars = a.chars or (300_000 if a.quick else 1_200_000)
-    pre_steps = a.pretrain_steps or (150 if a.quick else 1200)
-    steps = a.steps or (60 if a.quick else 300)
+    pre_steps = a.pretrain_steps or (150 if a.quick else 800)
+    steps = a.steps or (60 if a.quick else 200)
     lam = a.lam if a.lam is not None else 2e4
     work = a.work or Path(tempfile.mkdtemp(prefix="homeforge-continual-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,59 @@ def learn(
                      if res.get("registered") else ""), highlight=False)
 
 
+@app.command()
+def monitor(
+    feedback: Annotated[Path, typer.Argument(help="the feedback log folder of `homeforge serve` (feedback.enabled)")],
+    model: Annotated[str, typer.Option("--model", "-m", help="the served model: a directory or a registry reference "
+                                       "NAME[@ALIAS]")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="thresholds as KEY=VALUE: psi, js, mmd, ppl_ratio, "
+                                                          "refusal_rate, length_ratio, p99_ms (none = off)",
+                                                          show_default=False)] = None,
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="training dataset (default: the one the model's "
+                                              "manifest names)", show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="report folder (default FEEDBACK-monitor)",
+                                                show_default=False)] = None,
+    last: Annotated[int | None, typer.Option("--last", min=1, help="compare the last N exchanges (earlier ones are "
+                                             "the reference for response length)", show_default=False)] = None,
+    since_hours: Annotated[float | None, typer.Option("--since-hours", min=0, help="only exchanges of the last H "
+                                                      "hours", show_default=False)] = None,
+    embeddings: Annotated[bool, typer.Option("--embeddings", help="also the MMD of mean-pooled hidden states")] = False,
+    webhook: Annotated[str | None, typer.Option("--webhook", help="POST alerts as JSON to this loopback URL",
+                                                show_default=False)] = None,
+) -> None:
+    """Compare recent traffic with the training data: input and output drift, latency; alert past thresholds.
+
+    Writes OUTPUT/report.md, report.json, drift.png and metrics.prom (the figures as
+    Prometheus gauges for the node exporter's textfile collector). Exit code 0 when every
+    figure is within its threshold, 4 when one is not (for cron), 2 on bad input.
+
+    Examples:
+
+        homeforge monitor ~/.homeforge/feedback --model docs@champion --last 500
+        homeforge monitor fb/ --model runs/train/model psi=0.1 p99_ms=2000 --webhook http://127.0.0.1:9099/alert
+    """
+    from homeforge.config import MonitorThresholds
+    from homeforge.continual.learn import old_dataset_of, resolve_champion
+    from homeforge.monitor.report import DriftAlert, run
+
+    thresholds = load(None, MonitorThresholds, None, overrides)
+    model_dir, _ = resolve_champion(model)
+    data_dir = old_dataset_of(model_dir, str(data) if data else None)
+    out = output or feedback.parent / f"{feedback.name}-monitor"
+    rep = run(feedback, model_dir, data_dir, out, thresholds, last=last, since_hours=since_hours,
+              embeddings=embeddings, webhook=webhook)
+    f = rep["figures"]
+    console.print(f"{f['exchanges']} exchanges: PSI {f['psi']:.3f}, JS {f['js']:.3f}, prompt/training ppl "
+                  f"{f.get('ppl_ratio') or float('nan'):.2f}, latency P50 {f['latency_p50_ms'] or 0:.0f} ms P99 "
+                  f"{f['latency_p99_ms'] or 0:.0f} ms; report {out / 'report.md'}", highlight=False)
+    for a in rep["alerts"]:
+        console.print(f"[bold red]ALERT[/] {a}", highlight=False)
+    if rep["alerts"]:
+        raise DriftAlert(f"{len(rep['alerts'])} monitoring alert(s): {'; '.join(rep['alerts'])}",
+                         where=str(out / "report.json"),
+                         fix="look at the report; retrain on recent data (`homeforge learn`) or adjust the thresholds")
+
+
 def _schema():
     from homeforge.config import LearnConfig
 
