@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3, help="learn learning rate (every variant)")
     ap.add_argument("--ratio", type=float, default=0.3, help="replay share")
     ap.add_argument("--lam", type=float, default=None, help="EWC lambda (default 2e4)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1: on a shared machine 2 can be far slower)")
     ap.add_argument("--work", type=Path, default=None, help="work directory (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = ap.parse_args()

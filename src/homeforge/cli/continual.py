@@ -10,6 +10,10 @@ import typer
 
 from homeforge.cli._common import ConfigFile, Force, Overrides, app, console, load
 
+ab_app = typer.Typer(help="Live A/B tests of `homeforge serve` (ab.candidate): significance, promotion.",
+                     no_args_is_help=True)
+app.add_typer(ab_app, name="ab")
+
 
 @app.command()
 def learn(
@@ -111,6 +115,51 @@ def monitor(
         raise DriftAlert(f"{len(rep['alerts'])} monitoring alert(s): {'; '.join(rep['alerts'])}",
                          where=str(out / "report.json"),
                          fix="look at the report; retrain on recent data (`homeforge learn`) or adjust the thresholds")
+
+
+@ab_app.command("report")
+def ab_report(
+    feedback: Annotated[Path, typer.Argument(help="the feedback log folder of the A/B server")],
+    metric: Annotated[str, typer.Option(help="rating, corrected (share corrected), latency_ms or "
+                                        "completion_tokens")] = "rating",
+    alpha: Annotated[float, typer.Option(min=1e-9, max=0.5, help="significance level")] = 0.01,
+    paired: Annotated[str, typer.Option(help="auto (paired when >= 10 prompts got both arms), yes or no")] = "auto",
+    promote: Annotated[str | None, typer.Option("--promote", help="registry NAME: when the candidate wins, ask the "
+                                                "registry to promote NAME@candidate to @champion (its gate "
+                                                "decides)", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Compare the arms of a live A/B test: per-arm means and the significance of the difference.
+
+    Paired (the same prompts answered by both arms: paired bootstrap) or unpaired
+    (permutation test). Exit code 0 when the candidate is significantly better, 5 when it
+    is not (for scripts), 2 on bad input. With --promote the registry's gate (`homeforge
+    registry promote`) still has the last word.
+
+    Examples:
+
+        homeforge ab report ~/.homeforge/feedback
+        homeforge ab report fb/ --metric corrected --alpha 0.05
+        homeforge ab report fb/ --promote docs
+    """
+    from homeforge.continual.ab import report
+
+    res = report(feedback, metric=metric, alpha=alpha, paired=paired)
+    if as_json:
+        _print_json(res)
+    else:
+        for arm, r in res["arms"].items():
+            console.print(f"{arm:9s} n={r['n']:5d} mean {metric} {r['mean']:.4g}", highlight=False)
+        console.print(f"{res['test']}: delta {res['delta']:+.4g}, p={res['p_value']:.4g} -> {res['verdict']}",
+                      highlight=False)
+    if promote and res["candidate_better"]:
+        from homeforge.pipeline.spec import PromoteGates
+        from homeforge.registry.store import Registry
+
+        console.print(Registry().promote(promote, "candidate", "champion", PromoteGates())["message"],
+                      highlight=False)
+    if not res["candidate_better"]:
+        raise typer.Exit(5)
 
 
 def _schema():

@@ -112,6 +112,10 @@ def make_driver(st: ServerState):
         from homeforge.serve.gateway import GatewayDriver
 
         return GatewayDriver(st)
+    if st.cfg.ab.candidate:  # live A/B: champion and candidate in this process
+        from homeforge.serve.ab import ABDriver
+
+        return ABDriver(st)
     from homeforge.serve.local import LocalDriver  # torch: only when this process runs the model
 
     return LocalDriver(st)

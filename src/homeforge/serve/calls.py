@@ -126,6 +126,10 @@ async def start_generation(st: ServerState, info: dict, body, route: str) -> tup
     bad = body.unsupported()
     if bad:
         raise ApiError(400, bad[1], param=bad[0], code="unsupported_parameter")
+    if st.cfg.ab.candidate:  # the A/B split by key needs the caller
+        from homeforge.serve.ab import CALLER
+
+        CALLER.set(info.get("key_id"))
     job = d.prepare(body)
     ticket = reserve(st, info, job.budget)
     ledger = Ledger(job.choices, job.prompt_tokens, keep_text=st.cfg.audit_text or st.feedback is not None)
