@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="learn steps on B, every variant (default 200; 60 quick)")
     ap.add_argument("--lr", type=float, default=1e-3, help="learn learning rate (every variant)")
     ap.add_argument("--ratio", type=float, default=0.3, help="replay share")
-    ap.add_argument("--lam", type=float, default=None, help="EWC lambda (default 2e4)")
+    ap.add_argument("--lam", type=float, default=None, help="EWC lambda (default 500)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1: on a shared machine 2 can be far slower)")
     ap.add_argument("--work", type=Path, default=None, help="work directory (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -85,7 +85,7 @@ def main() -> None:
     chars = a.chars or (300_000 if a.quick else 1_200_000)
     pre_steps = a.pretrain_steps or (150 if a.quick else 800)
     steps = a.steps or (60 if a.quick else 200)
-    lam = a.lam if a.lam is not None else 2e4
+    lam = a.lam if a.lam is not None else 500.0
     work = a.work or Path(tempfile.mkdtemp(prefix="homeforge-continual-"))
     work.mkdir(parents=True, exist_ok=True)
     common = [f"threads={a.threads}", "seq_len=128", "micro_batch_size=8", "tracking.tensorboard=false"]

@@ -62,7 +62,8 @@ def report(feedback: Path, metric: str = "rating", alpha: float = 0.01, paired: 
     if metric not in METRICS:
         raise HomeforgeError(f"unknown A/B metric {metric!r}", fix=f"choose one of: {', '.join(METRICS)}")
     if paired not in ("auto", "yes", "no"):
-        raise HomeforgeError(f"--paired {paired!r}", fix="auto, yes or no")
+        raise HomeforgeError(f"--paired must be auto, yes or no, got {paired!r}", where="--paired",
+                             fix="auto (paired when enough prompts got both arms), yes or no")
     by_arm: dict[str, list[dict]] = defaultdict(list)
     for ex in joined(feedback):
         if ex.get("arm") in ("champion", "candidate") and value(ex, metric) is not None:

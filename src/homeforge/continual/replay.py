@@ -78,12 +78,19 @@ class ReplaySource:
 
 
 def _stack(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    keys = rows[0].keys()
-    width = {k: max(r[k].shape[-1] for r in rows) for k in keys}
+    """One batch of rows from both sources: a text window (input_ids, labels) next to a packed chat row
+    (+ position_ids) or a padded one (+ attention_mask) gets the missing field (one segment, all attended)."""
+    keys = set().union(*(r.keys() for r in rows))
+    width = max(r["input_ids"].shape[-1] for r in rows)
     out = {}
-    for k in keys:
-        pad = -100 if k == "labels" else 0
-        parts = [torch.nn.functional.pad(r[k], (0, width[k] - r[k].shape[-1]), value=pad) if r[k].dim() > 1 else r[k]
-                 for r in rows]
+    for k in sorted(keys):
+        pad = {"labels": -100}.get(k, 0)
+        parts = []
+        for r in rows:
+            n = r["input_ids"].shape[-1]
+            v = r.get(k)
+            if v is None:
+                v = torch.arange(n)[None] if k == "position_ids" else torch.ones(1, n, dtype=torch.long)
+            parts.append(torch.nn.functional.pad(v, (0, width - v.shape[-1]), value=pad))
         out[k] = torch.cat(parts, 0)
     return out
