@@ -37,15 +37,27 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "homeforge", "serve", *args, "--port", str(self.port),
                                       "threads=1", "registry_poll=0.2"], cwd=tmp, env=env(tmp),
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 180
+        deadline, why = time.time() + 300, ""
         while True:
-            assert self.proc.poll() is None and time.time() < deadline, self.output()
+            assert self.proc.poll() is None and time.time() < deadline, f"{why}\n{self.output()}"
             try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                r = httpx.get(f"{self.url}/ready", timeout=2)
+                if r.status_code == 200 and self.candidate_ready():
                     return
+                why = r.text
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
+
+    def candidate_ready(self) -> bool:
+        """With ab.candidate: the candidate answers too (its arm shows up within a few requests)."""
+        if not any(a.startswith("ab.candidate=") for a in self.proc.args):
+            return True
+        for _ in range(8):
+            r = httpx.post(f"{self.url}/v1/completions", json={"prompt": "a", "max_tokens": 1}, timeout=60).json()
+            if r.get("arm") == "candidate":
+                return True
+        return False
 
     def output(self) -> str:
         if self.proc.poll() is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import random
+import threading
 
 from homeforge.serve.local import LocalDriver
 
@@ -55,8 +56,17 @@ class ABDriver:
                 f"split by {self.ab.by})")
 
     async def startup(self, load: bool = True) -> None:
-        for d in self.arms.values():
-            await d.startup(load)
+        """Load the champion, then the candidate, in one background thread (two threads importing and loading
+        transformers models at once can deadlock on import locks; the champion serves as soon as it is ready)."""
+        if not load:
+            return
+
+        def both() -> None:
+            for st in (self.st, self.cand_state):
+                if not st.ready:
+                    st.load()
+
+        threading.Thread(target=both, name="homeforge-load-ab", daemon=True).start()
 
     async def shutdown(self) -> None:
         for d in self.arms.values():
