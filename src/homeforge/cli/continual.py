@@ -19,7 +19,7 @@ app.add_typer(ab_app, name="ab")
 def learn(
     ctx: typer.Context,
     model: Annotated[str | None, typer.Argument(help="the champion: a model directory or a registry reference "
-                                                "NAME[@ALIAS]", show_default=False)] = None,
+                                                "NAME or NAME@ALIAS", show_default=False)] = None,
     overrides: Overrides = None,
     config: ConfigFile = None,
     data: Annotated[Path | None, typer.Option("--data", "-d", help="new data: a dataset from `homeforge prepare` "
@@ -48,7 +48,7 @@ def learn(
 
         homeforge learn docs@champion --docs new-notes/ --output runs/learn1 ewc.lam=200
         homeforge learn runs/train/model --data runs/data-b replay.ratio=0.5 ewc.lam=200 train.max_steps=300
-        homeforge learn docs --feedback ~/.homeforge/feedback/feedback.log min_rating=4 --lora
+        homeforge learn docs --feedback ~/.homeforge/feedback min_rating=4 --lora
     """
     from homeforge.continual.learn import learn as run_learn
 
@@ -68,7 +68,7 @@ def learn(
 def monitor(
     feedback: Annotated[Path, typer.Argument(help="the feedback log folder of `homeforge serve` (feedback.enabled)")],
     model: Annotated[str, typer.Option("--model", "-m", help="the served model: a directory or a registry reference "
-                                       "NAME[@ALIAS]")],
+                                       "NAME or NAME@ALIAS")],
     overrides: Annotated[list[str] | None, typer.Argument(help="thresholds as KEY=VALUE: psi, js, mmd, ppl_ratio, "
                                                           "refusal_rate, length_ratio, p99_ms (none = off)",
                                                           show_default=False)] = None,

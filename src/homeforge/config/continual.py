@@ -35,7 +35,7 @@ def _learn_train_defaults() -> TrainConfig:
 class LearnConfig(Section):
     """`homeforge learn`: fine-tune the champion on new data with replay and EWC; register a candidate."""
 
-    model: str | None = Field(None, description="the champion: a model directory or a registry reference NAME[@ALIAS]")
+    model: str | None = Field(None, description="the champion: a model directory or a registry reference NAME or NAME@ALIAS")
     mode: Literal["full", "lora"] = Field("full", description="full fine-tune, or LoRA adapters (train.lora.*)")
     data: str | None = Field(None, description="new data: a dataset directory made by `homeforge prepare`")
     docs: list[str] = Field(default_factory=list, description="new data: folders/files of documents, prepared with the champion's tokenizer")

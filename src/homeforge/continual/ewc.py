@@ -35,7 +35,8 @@ def estimate_fisher(model, batches: Iterable[dict], loss_fn, max_samples: int = 
     sample's mean token loss. ``batches`` yield dicts for ``loss_fn`` (``train.loop.StepLoss``); every
     row is taken as one sample. Gradients are taken for every floating-point weight (all set trainable
     while estimating, restored afterwards)."""
-    params = {_base_name(n): p for n, p in model.named_parameters() if p.is_floating_point()}
+    params = {_base_name(n): p for n, p in model.named_parameters()
+              if p.is_floating_point() and ".lora_" not in n}  # LoRA: the Fisher of the base weights
     before = {n: p.requires_grad for n, p in params.items()}
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     was_training = model.training

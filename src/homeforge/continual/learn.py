@@ -25,16 +25,16 @@ from homeforge.errors import HomeforgeError
 
 
 def resolve_champion(ref: str | None) -> tuple[Path, str | None]:
-    """(model directory, registry name or None) of a directory or a registry reference NAME[@ALIAS]."""
+    """(model directory, registry name or None) of a directory or a registry reference NAME or NAME@ALIAS."""
     if not ref:
         raise HomeforgeError("no champion given", fix="pass the model to improve: a model directory or a registry "
-                                                      "reference NAME[@ALIAS] (e.g. docs@champion)")
+                                                      "reference NAME or NAME@ALIAS (e.g. docs@champion)")
     p = Path(ref).expanduser()
     if p.is_dir():
         return p.absolute(), None
     if "/" in ref or ref.startswith("."):
         raise HomeforgeError(f"model directory {ref} does not exist", where=ref,
-                             fix="pass a model directory (RUN/model) or a registry reference NAME[@ALIAS]")
+                             fix="pass a model directory (RUN/model) or a registry reference NAME or NAME@ALIAS")
     from homeforge.registry.store import Registry
 
     res = Registry().resolve(ref)
