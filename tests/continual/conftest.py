@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve.conftest import running_server, tiny_model_dir  # noqa: F401  (fixtures and helpers reused)
+from serve.conftest import running_server, tiny_classifier_dir, tiny_model_dir  # noqa: F401  (reused)
 
 
 @pytest.fixture

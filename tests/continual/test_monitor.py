@@ -115,3 +115,42 @@ def test_monitor_report_gauges_alert_exit_and_webhook(tiny_model_dir, tiny_token
     alerts = json.loads((tmp_path / "r2" / "report.json").read_text())["alerts"]
     assert any("PSI" in a for a in alerts) and any("P99" in a for a in alerts)
     assert got and got[0]["alerts"] == alerts
+
+
+def test_served_classifier_shifted_traffic_is_flagged(tiny_classifier_dir, tiny_tokenizer, tiny_dataset, tmp_path):
+    """A served classifier gets 8 samples of in-domain traffic and 8 of shifted traffic (30 texts each) through
+    the real API; `monitor` figures per sample: no false alarm on the in-domain ones, every shifted one flagged."""
+    import httpx
+
+    from homeforge.config import MonitorThresholds, ServeConfig
+    from homeforge.continual.feedback import joined
+    from homeforge.monitor.report import alerts, compute
+
+    from .conftest import running_server
+
+    cfg = ServeConfig(model_dir=str(tiny_classifier_dir), keys_file=str(tmp_path / "k.json"),
+                      feedback={"enabled": True, "dir": str(tmp_path / "fb"), "encrypt": False})
+    ids = {}
+    with running_server(cfg) as (base, state):
+        for s in range(8):
+            for kind, texts in (("same", in_domain(tiny_tokenizer, tiny_dataset, 30, 100 + s)),
+                                ("shifted", code_lines(30, 200 + s))):
+                r = httpx.post(base + "/v1/classifications", json={"input": texts}, timeout=60).json()
+                assert len(r["data"]) == 30 and r["id"].startswith("clf-")
+                ids[r["id"]] = kind
+        state.feedback.flush()
+    groups: dict[str, list] = {}
+    for e in joined(tmp_path / "fb"):
+        groups.setdefault(e["request"], []).append(e)
+    assert len(groups) == 16 and all(len(g) == 30 and g[0]["scores"] for g in groups.values())
+    t = MonitorThresholds()
+    flagged = {"same": 0, "shifted": 0}
+    for rid, g in groups.items():
+        fig = compute(g, tiny_classifier_dir, tiny_dataset, last=None)
+        flagged[ids[rid]] += bool(alerts(fig, t))
+        assert fig.get("prompt_ppl") is None and set(fig["class_shares"]) == {"billing", "fraud", "other"}
+    assert flagged == {"same": 0, "shifted": 8}, flagged
+    first, shifted = next(g for r, g in groups.items() if ids[r] == "same"), \
+        next(g for r, g in groups.items() if ids[r] == "shifted")
+    fig = compute(first + shifted, tiny_classifier_dir, tiny_dataset, last=30)
+    assert fig["class_psi"] >= 0 and "class_psi" in fig

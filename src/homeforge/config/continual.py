@@ -59,6 +59,7 @@ class MonitorThresholds(Section):
     js: float | None = Field(0.1, ge=0, le=1, description="Jensen-Shannon divergence (base 2) above this is input drift")
     mmd: float | None = Field(None, ge=0, description="embedding MMD^2 above this is input drift (needs --embeddings)")
     ppl_ratio: float | None = Field(1.5, gt=0, description="traffic perplexity / training perplexity above this is output drift")
+    class_psi: float | None = Field(0.2, ge=0, description="classifiers: PSI of the mean predicted class distribution vs the earlier traffic (needs --last)")
     refusal_rate: float | None = Field(0.2, ge=0, le=1, description="share of responses that refuse, above this")
     length_ratio: float | None = Field(2.0, gt=1, description="mean response length vs the first window, beyond this factor (either way)")
     p99_ms: float | None = Field(None, gt=0, description="P99 latency above this many milliseconds")

@@ -105,11 +105,12 @@ def compute(ex: list[dict], model_dir: Path, data: Path, *, last: int | None, n_
     import torch
 
     from homeforge.evaluate.lm import prefix_id
-    from homeforge.models.io import load_causal_lm
+    from homeforge.models.io import classifier_architecture, load_causal_lm, load_classifier
 
     recent = ex[-last:] if last else ex
     earlier = ex[:-last] if last and len(ex) > last else []
-    model, tok = load_causal_lm(model_dir)
+    classifier = bool(classifier_architecture(model_dir))
+    model, tok = load_classifier(model_dir) if classifier else load_causal_lm(model_dir)
     model.eval()
     vocab = model.get_input_embeddings().num_embeddings
     counts, val_docs = training_counts(data, vocab, max_train_tokens)
@@ -122,17 +123,22 @@ def compute(ex: list[dict], model_dir: Path, data: Path, *, last: int | None, n_
                                                                           n_bins)
     fig = {"exchanges": len(recent), "earlier_exchanges": len(earlier), "prompt_tokens": int(len(ids)),
            "psi": drift.psi(p_train, p_traffic), "js": drift.js(p_train, p_traffic)}
+    if classifier:  # no perplexities; the predicted classes instead
+        fig.update(class_shift(recent, earlier))
     prefix = prefix_id(tok)
     with torch.no_grad():
-        fig["train_ppl"] = ppl_of(model, val_docs, prefix)
-        fig["prompt_ppl"] = ppl_of(model, prompts, prefix)
-        responses = [tok(r.get("response") or "", add_special_tokens=False)["input_ids"] for r in recent]
-        fig["response_ppl"] = ppl_of(model, [r for r in responses if r], prefix)
+        if classifier:
+            prefix = None
+        if prefix is not None:
+            fig["train_ppl"] = ppl_of(model, val_docs, prefix)
+            fig["prompt_ppl"] = ppl_of(model, prompts, prefix)
+            responses = [tok(r.get("response") or "", add_special_tokens=False)["input_ids"] for r in recent]
+            fig["response_ppl"] = ppl_of(model, [r for r in responses if r], prefix)
         if embeddings:
             rng = np.random.default_rng(0)
             pick = rng.choice(len(val_docs), size=min(len(val_docs), 64), replace=False) if val_docs else []
             fig["mmd"] = drift.mmd2(embed(model, [val_docs[i] for i in pick]), embed(model, prompts[:64]))
-    if fig["train_ppl"] and fig["prompt_ppl"]:
+    if fig.get("train_ppl") and fig.get("prompt_ppl"):
         fig["ppl_ratio"] = fig["prompt_ppl"] / fig["train_ppl"]
     lengths = [r.get("completion_tokens") or 0 for r in recent]
     fig["response_tokens_mean"] = float(np.mean(lengths))
@@ -152,6 +158,25 @@ def compute(ex: list[dict], model_dir: Path, data: Path, *, last: int | None, n_
     return fig
 
 
+def class_shift(recent: list[dict], earlier: list[dict]) -> dict:
+    """Classifier traffic: the mean predicted class distribution, and its PSI against the earlier traffic."""
+    def mean_scores(rows: list[dict]) -> dict[str, float] | None:
+        rows = [r["scores"] for r in rows if isinstance(r.get("scores"), dict)]
+        if not rows:
+            return None
+        names = sorted({k for r in rows for k in r})
+        return {k: float(np.mean([r.get(k, 0.0) for r in rows])) for k in names}
+
+    now, before = mean_scores(recent), mean_scores(earlier)
+    out: dict = {"class_shares": now}
+    if now and before:
+        names = sorted(set(now) | set(before))
+        p = np.maximum(np.array([before.get(k, 0.0) for k in names]), drift.EPS)
+        q = np.maximum(np.array([now.get(k, 0.0) for k in names]), drift.EPS)
+        out["class_psi"] = drift.psi(p / p.sum(), q / q.sum())
+    return out
+
+
 def alerts(fig: dict, t: MonitorThresholds) -> list[str]:
     out = []
 
@@ -165,6 +190,7 @@ def alerts(fig: dict, t: MonitorThresholds) -> list[str]:
     over("mmd", t.mmd, "input drift: embedding MMD^2")
     over("ppl_ratio", t.ppl_ratio, "input drift: prompt perplexity / training perplexity")
     over("refusal_rate", t.refusal_rate, "output drift: refusal rate")
+    over("class_psi", t.class_psi, "output drift: predicted-class PSI vs earlier traffic")
     over("latency_p99_ms", t.p99_ms, "latency: P99 ms")
     lr = fig.get("length_ratio")
     if t.length_ratio is not None and lr and (lr > t.length_ratio or lr < 1 / t.length_ratio):
@@ -172,7 +198,7 @@ def alerts(fig: dict, t: MonitorThresholds) -> list[str]:
     return out
 
 
-GAUGES = ("psi", "js", "mmd", "ppl_ratio", "train_ppl", "prompt_ppl", "response_ppl", "response_tokens_mean",
+GAUGES = ("psi", "js", "mmd", "class_psi", "ppl_ratio", "train_ppl", "prompt_ppl", "response_ppl", "response_tokens_mean",
           "length_ratio", "refusal_rate", "cut_at_max_tokens", "latency_p50_ms", "latency_p99_ms", "ttft_p50_ms",
           "ttft_p99_ms", "rating_mean", "exchanges")
 
@@ -249,7 +275,8 @@ def run(feedback: Path, model_dir: Path, data: Path, out: Path, thresholds: Moni
     atomic_write_text(out / "metrics.prom", prometheus(fig, len(found)))
     md = ["# homeforge monitor", "", f"model `{model_dir}`, training data `{data}`, {fig['exchanges']} recent exchanges",
           "", "| figure | value |", "|---|---:|"]
-    md += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in public.items()]
+    md += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in public.items()
+           if not isinstance(v, dict)]
     md += ["", "## alerts", "", *([f"- {a}" for a in found] or ["none"]), "", "![drift](drift.png)", ""]
     atomic_write_text(out / "report.md", "\n".join(md))
     AuditLog().append({"event": "monitor", "model": str(model_dir), "alerts": found,
