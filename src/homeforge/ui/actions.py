@@ -1,0 +1,178 @@
+"""What the dashboard's buttons do, through the same library functions and commands as the CLI.
+
+A run is started as ``homeforge train --config RUNS/NAME.yaml`` (the YAML shown to the user, checked
+with the CLI's own config loader first), stopped with SIGTERM (the trainer checkpoints the step it
+is on and stops), resumed with ``--resume latest``. Promotions and rollbacks call the registry
+(``registry.store``: the same gates, the same audit lines). Every action writes a ``ui-*`` line to
+the audit log naming the key that did it.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from homeforge.errors import HomeforgeError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RUNS = "runs"  # under the root: NAME.yaml (the config) and NAME/ (the run folder)
+FORM_FIELDS = ("method", "model.preset", "max_steps", "seq_len", "optim.lr", "eval_every")
+
+
+def audit(event: str, session, **fields: Any) -> None:
+    from homeforge.security.audit import AuditLog
+
+    AuditLog().append({"event": f"ui-{event}", "ui_user": session.name if session else None,
+                       "key_id": session.key_id if session else None,
+                       "role": session.role if session else None, **fields})
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def run_config(root: Path, name: str, data: str, values: dict[str, str]) -> tuple[dict, str]:
+    """The config dict and its YAML for a run form; validated by the CLI's loader (a bad field fails here)."""
+    from homeforge.config import TrainConfig, load_config
+
+    if not NAME_RE.match(name or ""):
+        raise HomeforgeError(f"run name {name!r} is not allowed", fix="letters, digits, '.', '_' or '-' (at most 64)")
+    out = root / RUNS / name
+    cfg: dict[str, Any] = {"data": str(Path(data)), "output_dir": str(out)}
+    for key in FORM_FIELDS:
+        raw = (values.get(key) or "").strip()
+        if raw:
+            node = cfg
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = yaml.safe_load(raw)
+    cfg.setdefault("tracking", {})["tensorboard"] = False
+    load_config(TrainConfig, overrides=[], base=cfg)  # the same validation as `homeforge train --config`
+    return cfg, yaml.safe_dump(cfg, sort_keys=False)
+
+
+class Runs:
+    """Training processes this dashboard started (only these can be stopped from it)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+
+    def config_file(self, name: str) -> Path:
+        return self.root / RUNS / f"{name}.yaml"
+
+    def running(self, name: str) -> bool:
+        p = self.procs.get(name)
+        return p is not None and p.poll() is None
+
+    def start(self, name: str, yaml_text: str | None = None, resume: bool = False) -> subprocess.Popen:
+        with self._lock:
+            if self.running(name):
+                raise HomeforgeError(f"run {name} is already training", fix="stop it first")
+            cfg = self.config_file(name)
+            if yaml_text is not None:
+                if cfg.exists() or (self.root / RUNS / name).exists():
+                    raise HomeforgeError(f"a run named {name} exists already", where=str(cfg),
+                                         fix="choose another name, or resume that run from its page")
+                cfg.parent.mkdir(parents=True, exist_ok=True)
+                cfg.write_text(yaml_text, encoding="utf-8")
+            elif not cfg.is_file():
+                raise HomeforgeError(f"run {name} was not started from the dashboard (no {cfg.name})",
+                                     where=str(cfg), fix=f"resume it with `homeforge train --output RUN --resume latest`")
+            cmd = [sys.executable, "-m", "homeforge", "train", "--config", str(cfg)]
+            if resume:
+                cmd += ["--resume", "latest"]
+            log = open(self.root / RUNS / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+            try:
+                proc = subprocess.Popen(cmd, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+            finally:
+                log.close()
+            self.procs[name] = proc
+            return proc
+
+    def stop(self, name: str) -> int:
+        """SIGTERM: the trainer finishes its step, checkpoints it and exits (resumable)."""
+        with self._lock:
+            proc = self.procs.get(name)
+            if proc is None or proc.poll() is not None:
+                raise HomeforgeError(f"run {name} is not training (from this dashboard)", fix="reload the page")
+            proc.send_signal(signal.SIGTERM)
+            return proc.pid
+
+    def log_tail(self, name: str, n: int = 30) -> str:
+        f = self.root / RUNS / f"{name}.log"
+        return "\n".join(f.read_text(encoding="utf-8", errors="replace").splitlines()[-n:]) if f.is_file() else ""
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def registry_view() -> list[dict]:
+    """Every registered name with its versions (newest first), aliases and change history."""
+    from homeforge.registry.store import Registry
+
+    reg = Registry()
+    out = []
+    for name in reg.names():
+        idx = reg.index(name)
+        versions = []
+        for v in reversed(idx["versions"]):
+            ev = (v.get("eval") or {}).get("metrics", {})
+            versions.append({"version": v["version"], "hash": v["content_hash"][:12], "registered": v["registered"],
+                             "aliases": reg.aliases_of(name, v["version"]),
+                             "metrics": {k: x for k, x in ev.items() if isinstance(x, (int, float))}})
+        out.append({"name": name, "aliases": idx["aliases"], "versions": versions,
+                    "history": list(reversed(idx.get("history", [])))[:20]})
+    return out
+
+
+def promote(name: str, src: str, dst: str, metric: str, min_improvement: float, p_value: float) -> dict:
+    """The CLI's `registry promote`: the same gate object, the same store call (refusals raise GateRefused)."""
+    from homeforge.pipeline.spec import PromoteGates
+    from homeforge.registry.store import Registry
+
+    gates = PromoteGates(metric=metric, min_improvement=min_improvement, p_value=p_value)
+    return Registry().promote(name, src, dst, gates)
+
+
+def rollback(name: str, alias: str) -> dict:
+    from homeforge.registry.store import Registry
+
+    return Registry().rollback(name, alias)
+
+
+# --------------------------------------------------------------------------- playground
+
+
+def served_models(urls: list[str], api_key: str | None) -> list[dict]:
+    """``[{"endpoint": i, "url", "model"}]`` from each server's /v1/models (a server that is down is listed as such)."""
+    import httpx
+
+    out = []
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    for i, url in enumerate(urls):
+        try:
+            data = httpx.get(f"{url}/v1/models", headers=headers, timeout=5).json().get("data", [])
+            out += [{"endpoint": i, "url": url, "model": d["id"], "version": d.get("version")} for d in data]
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            out.append({"endpoint": i, "url": url, "model": None, "error": str(exc) or type(exc).__name__})
+    return out
