@@ -86,7 +86,7 @@ class Runs:
                 cfg.write_text(yaml_text, encoding="utf-8")
             elif not cfg.is_file():
                 raise HomeforgeError(f"run {name} was not started from the dashboard (no {cfg.name})",
-                                     where=str(cfg), fix=f"resume it with `homeforge train --output RUN --resume latest`")
+                                     where=str(cfg), fix="resume it with `homeforge train --output RUN --resume latest`")
             cmd = [sys.executable, "-m", "homeforge", "train", "--config", str(cfg)]
             if resume:
                 cmd += ["--resume", "latest"]
