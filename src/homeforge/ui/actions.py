@@ -23,7 +23,7 @@ from homeforge.errors import HomeforgeError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RUNS = "runs"  # under the root: NAME.yaml (the config) and NAME/ (the run folder)
-FORM_FIELDS = ("method", "model.preset", "max_steps", "seq_len", "optim.lr", "eval_every")
+FORM_FIELDS = ("method", "model.preset", "max_steps", "seq_len", "optim.lr", "eval_every", "log_every", "threads")
 
 
 def audit(event: str, session, **fields: Any) -> None:
@@ -82,7 +82,7 @@ class Runs:
                 if cfg.exists() or (self.root / RUNS / name).exists():
                     raise HomeforgeError(f"a run named {name} exists already", where=str(cfg),
                                          fix="choose another name, or resume that run from its page")
-                cfg.parent.mkdir(parents=True, exist_ok=True)
+                (self.root / RUNS / name).mkdir(parents=True)  # listed (and its page shown) before the trainer starts
                 cfg.write_text(yaml_text, encoding="utf-8")
             elif not cfg.is_file():
                 raise HomeforgeError(f"run {name} was not started from the dashboard (no {cfg.name})",
@@ -97,6 +97,7 @@ class Runs:
             finally:
                 log.close()
             self.procs[name] = proc
+            (self.root / RUNS / f"{name}.pid").write_text(str(proc.pid), encoding="utf-8")
             return proc
 
     def stop(self, name: str) -> int:
@@ -112,15 +113,17 @@ class Runs:
         f = self.root / RUNS / f"{name}.log"
         return "\n".join(f.read_text(encoding="utf-8", errors="replace").splitlines()[-n:]) if f.is_file() else ""
 
-    def close(self) -> None:
+    def close(self, grace: float = 10.0) -> None:
+        """Stop what this dashboard started: SIGTERM (checkpoint and exit), SIGKILL after ``grace`` seconds."""
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for proc in self.procs.values():
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
 
 
 # --------------------------------------------------------------------------- registry

@@ -89,7 +89,7 @@ def create_app(st: UiState) -> FastAPI:
         response.headers["Content-Security-Policy"] = CSP
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["Referrer-Policy"] = "same-origin"  # (no-referrer would make Chromium send Origin: null)
         response.headers.setdefault("Cache-Control", "no-store")
         return response
 
@@ -162,6 +162,10 @@ def create_app(st: UiState) -> FastAPI:
         resp = RedirectResponse("/login", status_code=303)
         resp.delete_cookie(COOKIE, path="/")
         return resp
+
+    @app.get("/favicon.ico")
+    def favicon():
+        return FileResponse(str(static / "favicon.svg"), media_type="image/svg+xml")
 
     @app.get("/")
     def home(request: Request):

@@ -1,0 +1,247 @@
+"""`homeforge ui` in a real headless Chromium: log in, a dataset's report, a run started from the form whose
+curve advances while it trains (then stopped), a gated promotion, a streamed chat against a real
+`homeforge serve`, a viewer refused the keys page, and no request leaving loopback. Screenshots of each
+page go to tests/artifacts/ui (or $HOMEFORGE_SCREENSHOTS)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from .conftest import launch, screenshots_dir
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def login(browser, dash, role: str):
+    ctx = browser.new_context(viewport={"width": 1280, "height": 860})
+    page = ctx.new_page()
+    page.goto(dash["url"] + "/")
+    assert page.url.startswith(dash["url"] + "/login")  # no session: sent to the login page
+    page.fill("#token", dash["tokens"][role])
+    page.click("#login")
+    page.wait_for_url(re.compile(r".*/datasets$"))
+    return ctx, page
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(screenshots_dir() / f"{name}.png"), full_page=True)
+
+
+def start_live_run(page, dash) -> None:
+    page.goto(dash["url"] + "/runs/new")
+    page.fill("#run-name", "live")
+    page.select_option("#run-data", "data")
+    for field, value in (("max_steps", "100000"), ("seq_len", "32"), ("log_every", "5"), ("eval_every", "100000"),
+                         ("threads", "1")):
+        page.fill(f"input[name='{field}']", value)
+    assert "max_steps: 100000" in page.inner_text("#yaml-preview")
+    shot(page, "new-run")
+    page.click("#start")
+    page.wait_for_url(re.compile(r".*/runs/runs/live$"))
+    # the YAML `homeforge train --config` takes, written and shown
+    assert "max_steps: 100000" in page.inner_text("#config-yaml")
+    assert "max_steps: 100000" in (dash["root"] / "runs" / "live.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_start_a_run_from_the_form(chromium, dash):
+    """Started first: the trainer imports torch while the next tests run; test_live_curve watches it."""
+    ctx, page = login(chromium, dash, "operator")
+    try:
+        start_live_run(page, dash)
+    finally:
+        ctx.close()
+    assert '"ui-run-start"' in dash["audit"].read_text()
+
+
+def test_run_form_checks_the_config_like_the_cli(chromium, dash):
+    ctx, page = login(chromium, dash, "operator")
+    try:
+        page.goto(dash["url"] + "/runs/new")
+        page.fill("#run-name", "bad")
+        page.fill("input[name='max_steps']", "-3")
+        page.fill("input[name='optim.lr']", "fast")
+        page.click("#start")
+        page.wait_for_selector("#run-error")
+        err = page.inner_text("#run-error")
+        assert "invalid configuration" in err and "max_steps" in err and "optim.lr" in err
+        assert not (dash["root"] / "runs" / "bad.yaml").exists() and not (dash["root"] / "runs" / "bad").exists()
+        shot(page, "new-run-refused")
+    finally:
+        ctx.close()
+
+
+def test_login_and_dataset_report(chromium, dash):
+    ctx, page = login(chromium, dash, "admin")
+    try:
+        assert "alice · admin" in page.inner_text("#whoami")
+        shot(page, "datasets")
+        page.click("a[href='/datasets/data']")
+        page.wait_for_selector("#drops")
+        report = json.loads((dash["root"] / "data" / "report.json").read_text())
+        counts = page.inner_text("#counts")
+        assert f"{report['records']['out']:,}" in counts and f"{report['records']['in']:,}" in counts
+        drops = page.inner_text("#drops")
+        for reason, n in report["records"]["dropped"].items():
+            assert reason in drops and f"{n:,}" in drops
+        assert "not encrypted" in page.inner_text("#encryption")
+        manifest = json.loads((dash["root"] / "data" / "homeforge.json").read_text())
+        assert manifest["content_hash"] in page.inner_text("#lineage")
+        # the plots prepare drew are served and decode as images
+        assert page.eval_on_selector("img.plot", "img => img.complete && img.naturalWidth > 100")
+        shot(page, "dataset")
+        page.click("#logout")
+        page.wait_for_url(re.compile(r".*/login$"))
+        page.goto(dash["url"] + "/datasets")
+        assert "/login" in page.url  # the session is gone
+    finally:
+        ctx.close()
+
+
+def test_promote_through_the_gate(chromium, dash):
+    ctx, page = login(chromium, dash, "operator")
+    try:
+        page.goto(dash["url"] + "/models")
+        assert "candidate" in page.inner_text("#reg-docs")
+        page.click("#promote-docs")
+        page.wait_for_selector("#registry-message")
+        msg = page.inner_text("#registry-message")
+        assert "promoted docs version 1 to @champion" in msg and "no current version" in msg
+        assert "champion" in page.inner_text("td.aliases")
+        shot(page, "models")
+        page.click("#rollback-docs")  # only one version ever named: the registry refuses, the page says why
+        page.wait_for_selector("#registry-message.bad")
+        assert "no earlier version" in page.inner_text("#registry-message")
+    finally:
+        ctx.close()
+    log = dash["audit"].read_text()
+    assert '"registry-promote"' in log and '"ui-registry-promote"' in log and '"ui-registry-rollback"' in log
+
+
+@pytest.mark.slow
+def test_playground_streams_from_the_real_server(chromium, dash, served):
+    ctx, page = login(chromium, dash, "operator")
+    try:
+        page.goto(dash["url"] + "/playground")
+        assert "docs-v1" in page.inner_text("#pane-a select")
+        page.fill("#chat-input", "def add(a, b):")
+        page.fill("#chat-max", "12")
+        page.click("#send")
+        for side in ("a", "b"):
+            page.wait_for_selector(f"#pane-{side} .msg.assistant[data-done='yes']", timeout=60_000)
+        # greedy decoding: the streamed text is what the server answers to the same request without streaming
+        expected = httpx.post(dash["serve_url"] + "/v1/chat/completions", timeout=60, json={
+            "model": "docs-v1", "messages": [{"role": "user", "content": "def add(a, b):"}], "max_tokens": 12,
+            "temperature": 0}).json()["choices"][0]["message"]["content"]
+        for side in ("a", "b"):
+            answer = page.query_selector(f"#pane-{side} .msg.assistant")
+            assert "bad" not in (answer.get_attribute("class") or "")
+            assert answer.text_content() == expected and expected
+            assert int(answer.get_attribute("data-chunks")) >= 2  # streamed in pieces, not one block
+        shot(page, "playground")
+    finally:
+        ctx.close()
+
+
+def test_viewer_is_refused(chromium, dash):
+    ctx, page = login(chromium, dash, "viewer")
+    try:
+        nav = page.inner_text("header nav")
+        assert "Datasets" in nav and "Keys & roles" not in nav and "Playground" not in nav
+        for path in ("/security", "/runs/new", "/playground"):
+            resp = page.goto(dash["url"] + path)
+            assert resp.status == 403 and "needs" in page.inner_text("#refusal"), path
+        shot(page, "viewer-refused")
+        # an action without the form's CSRF token is refused too, whatever the role
+        r = ctx.request.post(dash["url"] + "/registry/promote", form={"name": "docs"})
+        assert r.status == 403
+    finally:
+        ctx.close()
+    assert '"ui-refused"' in dash["audit"].read_text()
+
+
+@pytest.mark.slow
+def test_live_curve_advances_then_stop(chromium, dash):
+    ctx, page = login(chromium, dash, "operator")
+    try:
+        if not (dash["root"] / "runs" / "live.yaml").is_file():  # run alone (-k): start it here
+            start_live_run(page, dash)
+        page.goto(dash["url"] + "/runs/runs/live")
+        loss = "div.chartbox[data-metric='loss'] path.series"
+        page.wait_for_function(f"() => Number(document.querySelector(\"{loss}\")?.dataset.n || 0) >= 2",
+                               timeout=90_000)
+        first = int(page.get_attribute(loss, "data-n"))
+        page.wait_for_function(f"() => Number(document.querySelector(\"{loss}\").dataset.n) > {first}", timeout=30_000)
+        shot(page, "run-live")
+        page.click("#stop")
+        deadline = time.time() + 60
+        while page.query_selector("#resume") is None:  # SIGTERM: checkpoint, exit; then it can be resumed
+            assert time.time() < deadline, "the run did not stop"
+            time.sleep(0.5)
+            page.reload()
+        assert any(p.name.startswith("step-") for p in (dash["root"] / "runs" / "live" / "checkpoints").iterdir())
+    finally:
+        ctx.close()
+    assert '"ui-run-stop"' in dash["audit"].read_text()
+
+
+def netlog_requests(path) -> list[dict]:
+    """Every URL request in Chromium's network log: url, initiator, network isolation key.
+
+    A page's requests (documents, scripts, images, fetches, including any a page would make to another
+    host) carry the page's origin as initiator or network isolation key; the browser's own service
+    requests (component updates, account checks) carry neither, and cannot resolve here anyway."""
+    text = path.read_text()
+    try:
+        log = json.loads(text)
+    except json.JSONDecodeError:  # the browser did not close the log's last event list
+        log = json.loads(text.rstrip().rstrip(",") + "]}")
+    start = {v: k for k, v in log["constants"]["logEventTypes"].items()}
+    out = []
+    for e in log["events"]:
+        p = e.get("params") or {}
+        if start.get(e["type"]) == "URL_REQUEST_START_JOB" and "url" in p:
+            out.append({"url": p["url"], "initiator": str(p.get("initiator", "")),
+                        "isolation": str(p.get("network_isolation_key", ""))})
+    return out
+
+
+def test_no_request_leaves_loopback(playwright, dash, tmp_path):
+    """Every page opened as admin: the page's request events, Chromium's own network log and the egress
+    guard's audit lines (in the dashboard's process) all show nothing but loopback."""
+    netlog = tmp_path / "netlog.json"
+    browser = launch(playwright, netlog)
+    seen: list[str] = []
+    try:
+        ctx, page = login(browser, dash, "admin")
+        page.on("request", lambda r: seen.append(r.url))
+        both = "&ids=runs/live" if (dash["root"] / "runs" / "live").is_dir() else ""
+        pages = ["/datasets", "/datasets/data", "/runs", "/runs/base", f"/compare?ids=base{both}", "/models",
+                 "/playground", "/audit", "/audit?event=ui-login", "/security", "/runs/new"]
+        for path in pages:
+            assert page.goto(dash["url"] + path).status == 200, path
+            page.wait_for_load_state("networkidle")
+        page.goto(dash["url"] + "/audit")
+        assert "audit log intact" in page.inner_text("#verify")
+        shot(page, "audit")
+        page.goto(dash["url"] + "/security")
+        shot(page, "keys")
+        page.goto(dash["url"] + "/runs/base")
+        page.wait_for_selector("div.chartbox path.series", state="attached")
+        shot(page, "run")
+        ctx.close()
+    finally:
+        browser.close()
+    assert seen and all(urlsplit(u).hostname in LOOPBACK for u in seen if u.startswith(("http", "ws"))), seen
+    requests = netlog_requests(netlog)
+    ours = [r for r in requests if dash["url"] in r["initiator"] or "127.0.0.1" in r["isolation"]]
+    assert len(ours) >= len(pages)  # the log holds the pages' requests
+    outside = [r for r in ours if urlsplit(r["url"]).hostname not in LOOPBACK]
+    assert not outside, f"requests of the dashboard's pages that left loopback: {outside}"
+    assert '"egress-refused"' not in dash["audit"].read_text()
