@@ -216,7 +216,7 @@ def create_app(st: UiState) -> FastAPI:
         except HomeforgeError as exc:
             return page(request, "new_run.html", status=400, title="New run", error=exc.render(), values=form,
                         datasets=catalog.of_stage(catalog.scan(st.root), "prepare"))
-        actions.audit("run-start", sess, run=name, pid=proc.pid, config=text)
+        actions.audit("run-start", sess, run=name, trainer_pid=proc.pid, config=text)
         return RedirectResponse(f"/runs/{actions.RUNS}/{name}", status_code=303)
 
     @app.post("/runs/control")
@@ -229,7 +229,7 @@ def create_app(st: UiState) -> FastAPI:
             pid = st.runs.start(name, resume=True).pid
         else:
             raise HomeforgeError(f"unknown action {what!r}", fix="stop or resume")
-        actions.audit(f"run-{what}", sess, run=name, pid=pid)
+        actions.audit(f"run-{what}", sess, run=name, trainer_pid=pid)
         return RedirectResponse(f"/runs/{actions.RUNS}/{name}", status_code=303)
 
     @app.get("/compare")

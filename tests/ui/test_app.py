@@ -1,0 +1,120 @@
+"""The dashboard's guards without a browser: login, sessions, CSRF and origin checks, roles, paths kept
+inside the root, the bind rule, live metrics read while being written, assets that fetch nothing."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from importlib import resources
+
+import pytest
+from fastapi.testclient import TestClient
+
+from homeforge.errors import HomeforgeError
+from homeforge.serve.auth import KeyStore
+from homeforge.ui.app import UiState, create_app
+from homeforge.ui.server import check_bind
+
+
+@pytest.fixture
+def ui(tmp_path):
+    root = tmp_path / "root"
+    run = root / "exp" / "r1"
+    run.mkdir(parents=True)
+    lines = [json.dumps({"step": s, "loss": 5.0 - s / 10, "lr": 1e-3, "tokens_per_s": 1000.0, "mfu": None})
+             for s in (10, 20, 30)]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 40, "lo')  # the trainer mid-line
+    store = KeyStore.open(tmp_path / "keys.json")
+    tokens = {role: store.add(role, role)[1] for role in ("admin", "operator", "viewer")}
+    st = UiState(root, store)
+    return TestClient(create_app(st), follow_redirects=False), tokens, st
+
+
+def login(client: TestClient, token: str) -> str:
+    r = client.post("/login", data={"token": token, "next": "/runs"})
+    assert r.status_code == 303 and r.headers["location"] == "/runs"
+    page = client.get("/runs").text
+    return re.search(r'data-csrf="([^"]+)"', page).group(1)
+
+
+def test_login_sessions_and_roles(ui):
+    client, tokens, st = ui
+    assert client.get("/runs").headers["location"] == "/login?next=/runs"
+    assert client.get("/api/metrics/exp/r1").status_code == 401
+    bad = client.post("/login", data={"token": "hfk_nope_x"})
+    assert bad.status_code == 401 and "invalid or revoked" in bad.text
+    csrf = login(client, tokens["viewer"])
+    page = client.get("/runs")
+    assert page.status_code == 200 and "viewer" in page.text
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    assert client.get("/security").status_code == 403 and client.get("/runs/new").status_code == 403
+    # a viewer with a valid token still may not act
+    assert client.post("/registry/promote", data={"name": "x", "csrf": csrf}).status_code == 403
+    st.keys.revoke("viewer")  # the session ends with its key
+    assert client.get("/runs").status_code == 303
+
+
+def test_csrf_and_origin(ui):
+    client, tokens, _ = ui
+    csrf = login(client, tokens["admin"])
+    assert client.post("/security/keys", data={"action": "add", "name": "x", "role": "viewer"}).status_code == 403
+    other = client.post("/security/keys", data={"action": "add", "name": "x", "role": "viewer", "csrf": csrf},
+                        headers={"Origin": "http://evil.example"})
+    assert other.status_code == 403
+    ok = client.post("/security/keys", data={"action": "add", "name": "x", "role": "viewer", "csrf": csrf})
+    assert ok.status_code == 200 and re.search(r'id="new-token">hfk_', ok.text)
+    assert client.post("/logout", data={"csrf": csrf}).status_code == 303
+    assert client.get("/runs").status_code == 303
+
+
+def test_paths_stay_inside_the_root(ui):
+    client, tokens, _ = ui
+    login(client, tokens["viewer"])
+    for url in ("/datasets/../../etc", "/api/metrics/..%2F..%2Fetc", "/plot/exp/r1?name=../../keys.json",
+                "/runs/%2Fetc"):
+        r = client.get(url)
+        assert r.status_code in (400, 404), url
+    assert "outside the dashboard's root" in client.get("/api/metrics/..%2F..").json()["error"]
+
+
+def test_live_metrics_while_a_line_is_half_written(ui):
+    client, tokens, _ = ui
+    login(client, tokens["viewer"])
+    m = client.get("/api/metrics/exp/r1?since=0").json()
+    assert m["next"] == 3 and [p[0] for p in m["curves"]["loss"]] == [10, 20, 30] and m["curves"]["mfu"] == []
+    assert client.get("/api/metrics/exp/r1?since=3").json()["next"] == 3  # the half line waits for the next poll
+    assert client.get("/compare?ids=exp/r1").status_code == 200
+
+
+def test_no_keys_means_local_admin(tmp_path):
+    st = UiState(tmp_path, KeyStore.open(tmp_path / "none.json"))
+    client = TestClient(create_app(st), follow_redirects=False)
+    r = client.get("/audit")
+    assert r.status_code == 200 and "local · admin" in r.text
+
+
+def test_bind_needs_keys_off_loopback(tmp_path):
+    empty = KeyStore.open(tmp_path / "none.json")
+    check_bind("127.0.0.1", empty)
+    check_bind("::1", empty)
+    with pytest.raises(HomeforgeError, match="without API keys"):
+        check_bind("0.0.0.0", empty)
+    r = subprocess.run([sys.executable, "-m", "homeforge", "ui", "--host", "0.0.0.0", "--root", str(tmp_path),
+                        "--keys-file", str(tmp_path / "none.json"), "--port", "0"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "refusing to listen on 0.0.0.0 without API keys" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_assets_fetch_nothing_from_elsewhere():
+    """No CDN, no web font, no remote URL in what the pages load (the SVG namespace is a name, not a fetch)."""
+    root = resources.files("homeforge.ui")
+    texts = {f.name: f.read_text() for d in ("templates", "static") for f in (root / d).iterdir()}
+    assert {"ui.js", "ui.css", "base.html"} <= set(texts)
+    for name, text in texts.items():
+        remote = [u for u in re.findall(r"(?:https?:)?//[\w.-]+\.[a-z]{2,}[^\s\"')]*", text)
+                  if not u.startswith("http://www.w3.org/2000/svg")]
+        assert not remote, (name, remote)
+        assert "@import" not in text and "@font-face" not in text and "url(" not in text, name
