@@ -86,7 +86,8 @@ def dash(tiny_dataset, tmp_path_factory):
     need_browser()
     from rich.console import Console
 
-    from homeforge.config import TrainConfig, load_config
+    from homeforge.config import EvalConfig, TrainConfig, load_config
+    from homeforge.evaluate.run import run as evaluate
     from homeforge.registry.store import Registry
     from homeforge.serve.auth import KeyStore
     from homeforge.train.run import run
@@ -105,11 +106,24 @@ def dash(tiny_dataset, tmp_path_factory):
     ui = subprocess.Popen([sys.executable, "-m", "homeforge", "ui", "--root", str(root), "--port", str(uport),
                            "--keys-file", str(tmp / "keys.json"), "--serve-url", serve_url, "--serve-url", serve_url],
                           cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    cfg = load_config(TrainConfig, overrides=[f"data={root / 'data'}", f"output_dir={root / 'base'}", "model.preset=debug",
-                                              "max_steps=4", "seq_len=64", "eval_every=4", "tracking.tensorboard=false",
-                                              "threads=1"])
-    run(cfg, console=Console(quiet=True))  # while the dashboard starts
-    Registry(tmp / "registry").register(root / "base" / "model", "docs")
+    # while the dashboard starts: a weak and a better model of the dataset, each evaluated on the same documents
+    # (the better one with the weak one as its baseline: paired tests), registered as docs v1 @champion and
+    # v2 @candidate, so the promotion through the gate is a real paired comparison
+    evals = {}
+    for name, steps in (("base", 3), ("better", 60)):
+        cfg = load_config(TrainConfig, overrides=[f"data={root / 'data'}", f"output_dir={root / name}",
+                                                  "model.preset=debug", f"max_steps={steps}", "seq_len=64",
+                                                  "eval_every=30", "optim.lr=3e-3", "tracking.tensorboard=false",
+                                                  "threads=1"])
+        run(cfg, console=Console(quiet=True))
+        ecfg = load_config(EvalConfig, overrides=["robustness.enabled=false", "generation.enabled=false",
+                                                  "max_examples=40", "threads=1"])
+        evals[name] = root / name / "model-eval"
+        evaluate(root / name / "model", root / "data", ecfg, root / "base" / "model" if name == "better" else None,
+                 evals[name], False, Console(quiet=True))
+    reg = Registry(tmp / "registry")
+    reg.register(root / "base" / "model", "docs", eval_dir=evals["base"], alias="champion")
+    reg.register(root / "better" / "model", "docs", eval_dir=evals["better"], alias="candidate")
     try:
         wait_http(ui_url + "/login", ui)
         print(f"dashboard ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

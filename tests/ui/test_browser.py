@@ -104,24 +104,47 @@ def test_login_and_dataset_report(chromium, dash):
         ctx.close()
 
 
-def test_promote_through_the_gate(chromium, dash):
+def test_evaluation_page_shows_the_paired_test(chromium, dash):
+    ctx, page = login(chromium, dash, "viewer")
+    try:
+        page.goto(dash["url"] + "/models")
+        page.click("a[href='/evals/better/model-eval']")
+        page.wait_for_selector("#ab")
+        result = json.loads((dash["root"] / "better" / "model-eval" / "eval.json").read_text())
+        t = result["comparison"]["perplexity"]
+        ab = page.inner_text("#ab")
+        assert "perplexity" in ab and f"{t['p_value']:.4g}" in ab and f"{t['delta']:.4g}" in ab
+        assert f"{result['model']['perplexity']['ppl']:.4g}" in page.inner_text("#eval-metrics")
+        shot(page, "evaluation")
+    finally:
+        ctx.close()
+
+
+def test_promote_through_the_gate_and_roll_back(chromium, dash):
     ctx, page = login(chromium, dash, "operator")
     try:
         page.goto(dash["url"] + "/models")
-        assert "candidate" in page.inner_text("#reg-docs")
+        assert "@candidate=v2 @champion=v1" in page.inner_text("#reg-docs")
+        page.fill("#reg-docs ~ form input[name='min_improvement']", "100")  # an impossible bar: refused, p shown
         page.click("#promote-docs")
-        page.wait_for_selector("#registry-message")
-        msg = page.inner_text("#registry-message")
-        assert "promoted docs version 1 to @champion" in msg and "no current version" in msg
-        assert "champion" in page.inner_text("td.aliases")
-        shot(page, "models")
-        page.click("#rollback-docs")  # only one version ever named: the registry refuses, the page says why
         page.wait_for_selector("#registry-message.bad")
-        assert "no earlier version" in page.inner_text("#registry-message")
+        refused = page.inner_text("#registry-message")
+        assert "refused" in refused and "p=" in refused and "@champion=v1" in page.inner_text("#reg-docs")
+        page.click("#promote-docs")  # the default gate: v2 is significantly better on the same documents
+        page.wait_for_selector("#registry-message.good")
+        msg = page.inner_text("#registry-message")
+        assert "promoted docs version 2 to @champion" in msg and "paired bootstrap p=" in msg
+        assert "@champion=v2" in page.inner_text("#reg-docs")
+        shot(page, "models")
+        page.click("#rollback-docs")
+        page.wait_for_selector("#registry-message.good")
+        assert "docs@champion -> version 1 (was 2)" in page.inner_text("#registry-message")
     finally:
         ctx.close()
     log = dash["audit"].read_text()
-    assert '"registry-promote"' in log and '"ui-registry-promote"' in log and '"ui-registry-rollback"' in log
+    for event in ("registry-promote-refused", "registry-promote", "registry-rollback", "ui-registry-promote",
+                  "ui-registry-rollback"):
+        assert f'"{event}"' in log, event
 
 
 @pytest.mark.slow
@@ -223,10 +246,12 @@ def test_no_request_leaves_loopback(playwright, dash, tmp_path):
         page.on("request", lambda r: seen.append(r.url))
         both = "&ids=runs/live" if (dash["root"] / "runs" / "live").is_dir() else ""
         pages = ["/datasets", "/datasets/data", "/runs", "/runs/base", f"/compare?ids=base{both}", "/models",
+                 "/evals/better/model-eval",
                  "/playground", "/audit", "/audit?event=ui-login", "/security", "/runs/new"]
         for path in pages:
             assert page.goto(dash["url"] + path).status == 200, path
-            page.wait_for_load_state("networkidle")
+            if page.query_selector("div.charts"):  # the script's fetches, too
+                page.wait_for_selector("div.chartbox path.series", state="attached")
         page.goto(dash["url"] + "/audit")
         assert "audit log intact" in page.inner_text("#verify")
         shot(page, "audit")

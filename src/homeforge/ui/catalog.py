@@ -171,8 +171,11 @@ def evaluation(root: Path, rel: str) -> dict:
     m = artifacts.read_manifest(p)
     result = json.loads((p / "eval.json").read_text(encoding="utf-8")) if (p / "eval.json").is_file() else {}
     flat = {k: v for k, v in (m.get("metrics") or {}).items() if isinstance(v, (int, float, str))}
+    comparison = {name: {k: v for k, v in t.items() if isinstance(v, (int, float, str))}
+                  for name, t in (result.get("comparison") or {}).items() if isinstance(t, dict)}
     return {"id": rel, "path": str(p), "manifest": m, "metrics": flat, "lineage": lineage(m),
-            "plots": sorted(f.name for f in p.glob("*.png")), "result_keys": sorted(result)}
+            "plots": sorted(f.name for f in p.glob("*.png")), "comparison": comparison,
+            "gates": [g for g in result.get("gates") or [] if isinstance(g, dict)]}
 
 
 def plot_file(root: Path, rel: str, name: str) -> Path:
