@@ -85,7 +85,8 @@ def test_live_metrics_while_a_line_is_half_written(ui):
     m = client.get("/api/metrics/exp/r1?since=0").json()
     assert m["next"] == 3 and [p[0] for p in m["curves"]["loss"]] == [10, 20, 30] and m["curves"]["mfu"] == []
     assert client.get("/api/metrics/exp/r1?since=3").json()["next"] == 3  # the half line waits for the next poll
-    assert client.get("/compare?ids=exp/r1").status_code == 200
+    page = client.get("/compare?ids=exp/r1&ids=exp/r1").text
+    assert 'data-compare="[&#34;exp/r1&#34;, &#34;exp/r1&#34;]"' in page and page.count('href="/runs/exp/r1"') == 2
 
 
 def test_no_keys_means_local_admin(tmp_path):

@@ -208,10 +208,18 @@ def test_live_curve_advances_then_stop(chromium, dash):
             assert time.time() < deadline, "the run did not stop"
             time.sleep(0.5)
             page.reload()
-        assert any(p.name.startswith("step-") for p in (dash["root"] / "runs" / "live" / "checkpoints").iterdir())
+        ckpts = [p.name for p in (dash["root"] / "runs" / "live" / "checkpoints").iterdir() if p.name.startswith("step-")]
+        assert ckpts
+        stopped_at = max(int(c.split("-")[1]) for c in ckpts)
+        page.click("#resume")  # `homeforge train --config ... --resume latest`: the curve goes on from there
+        page.wait_for_selector("#stop")
+        page.wait_for_function(f"() => Number(document.querySelector(\"{loss}\")?.dataset.n || 0) * 5 > {stopped_at} + 10",
+                               timeout=90_000)
+        page.click("#stop")
     finally:
         ctx.close()
-    assert '"ui-run-stop"' in dash["audit"].read_text()
+    log = dash["audit"].read_text()
+    assert '"ui-run-stop"' in log and '"ui-run-resume"' in log
 
 
 def netlog_requests(path) -> list[dict]:
@@ -251,7 +259,11 @@ def test_no_request_leaves_loopback(playwright, dash, tmp_path):
         for path in pages:
             assert page.goto(dash["url"] + path).status == 200, path
             if page.query_selector("div.charts"):  # the script's fetches, too
-                page.wait_for_selector("div.chartbox path.series", state="attached")
+                page.wait_for_selector("div.chartbox path.series", state="attached", timeout=10_000)
+            if path.startswith("/compare"):  # one line per run in each chart
+                n = len(page.query_selector_all("div.chartbox[data-metric='loss'] path.series"))
+                assert n == path.count("ids="), (path, n)
+                shot(page, "compare")
         page.goto(dash["url"] + "/audit")
         assert "audit log intact" in page.inner_text("#verify")
         shot(page, "audit")

@@ -13,9 +13,10 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import quote, urlsplit
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import (
     FileResponse,
     HTMLResponse,
@@ -233,7 +234,7 @@ def create_app(st: UiState) -> FastAPI:
         return RedirectResponse(f"/runs/{actions.RUNS}/{name}", status_code=303)
 
     @app.get("/compare")
-    def compare(request: Request, ids: list[str] | None = None):
+    def compare(request: Request, ids: Annotated[list[str] | None, Query()] = None):
         need(request)
         ids = [i for i in (ids or []) if i][:6]
         runs_ = [catalog.run(st.root, i) for i in ids]
