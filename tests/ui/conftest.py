@@ -143,9 +143,9 @@ def dash(tiny_dataset, tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(dash):
     """`homeforge serve` of the trained model at the address the dashboard's playground was given."""
-    serve = subprocess.Popen([sys.executable, "-m", "homeforge", "serve", str(dash["root"] / "base" / "model"),
+    serve = subprocess.Popen([sys.executable, "-m", "homeforge", "serve", str(dash["root"] / "better" / "model"),
                               "--port", str(dash["serve_port"]), "--keys-file", str(dash["tmp"] / "no-keys.json"),
-                              "--model-name", "docs-v1", "threads=1"], cwd=dash["tmp"], env=dash["env"],
+                              "--model-name", "docs-v2", "threads=1"], cwd=dash["tmp"], env=dash["env"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_http(dash["serve_url"] + "/ready", serve)

@@ -152,7 +152,7 @@ def test_playground_streams_from_the_real_server(chromium, dash, served):
     ctx, page = login(chromium, dash, "operator")
     try:
         page.goto(dash["url"] + "/playground")
-        assert "docs-v1" in page.inner_text("#pane-a select")
+        assert "docs-v2" in page.inner_text("#pane-a select")
         page.fill("#chat-input", "def add(a, b):")
         page.fill("#chat-max", "12")
         page.click("#send")
@@ -160,7 +160,7 @@ def test_playground_streams_from_the_real_server(chromium, dash, served):
             page.wait_for_selector(f"#pane-{side} .msg.assistant[data-done='yes']", timeout=60_000)
         # greedy decoding: the streamed text is what the server answers to the same request without streaming
         expected = httpx.post(dash["serve_url"] + "/v1/chat/completions", timeout=60, json={
-            "model": "docs-v1", "messages": [{"role": "user", "content": "def add(a, b):"}], "max_tokens": 12,
+            "model": "docs-v2", "messages": [{"role": "user", "content": "def add(a, b):"}], "max_tokens": 12,
             "temperature": 0}).json()["choices"][0]["message"]["content"]
         for side in ("a", "b"):
             answer = page.query_selector(f"#pane-{side} .msg.assistant")

@@ -258,9 +258,10 @@ def create_app(st: UiState) -> FastAPI:
         p = catalog.find(st.root, rel)
         recs = catalog.metrics(p, since)
         name = Path(rel).name
+        running = st.runs.running(name) if rel == f"{actions.RUNS}/{name}" else None
         return JSONResponse({"since": since, "next": since + len(recs), "curves": catalog.curves(recs),
-                             "running": st.runs.running(name) if rel == f"{actions.RUNS}/{name}" else None,
-                             "finished": (p / "model" / "homeforge.json").is_file()})
+                             "running": running, "finished": (p / "model" / "homeforge.json").is_file(),
+                             "active": bool(running) or catalog.recently_written(p)})
 
     # ----------------------------------------------------------------- evaluations, registry, exports
 

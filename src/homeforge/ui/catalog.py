@@ -135,6 +135,14 @@ def metrics(run_dir: Path, since: int = 0) -> list[dict]:
         return out
 
 
+def recently_written(run_dir: Path, seconds: float = 120.0) -> bool:
+    """The run's metrics.jsonl changed in the last ``seconds`` (a run trained from the CLI is live too)."""
+    import time
+
+    f = Path(run_dir) / "metrics.jsonl"
+    return f.is_file() and time.time() - f.stat().st_mtime < seconds
+
+
 def curves(records: list[dict]) -> dict[str, list[list[float]]]:
     """``{metric: [[step, value], ...]}`` for the charted metrics (missing values left out)."""
     out: dict[str, list[list[float]]] = {k: [] for k in CURVES}

@@ -66,7 +66,8 @@ async function liveCurves(root) {
       for (const [k, title] of METRICS) drawChart(boxes[k], title, [{name: k, points: data[k]}]);
       const n = document.getElementById("nrec"); if (n) n.textContent = since;
       root.dataset.records = since;
-      if (j.finished && j.running !== true) live = false;
+      // keep polling while the dashboard's trainer runs or the file is still being written (a CLI run)
+      live = live && (j.running === true || j.active || (!j.finished && j.running === null && j.next === 0));
       if (j.running === false && j.finished) { const s = document.getElementById("state"); if (s) s.textContent = "finished"; }
     } finally {
       if (live) setTimeout(poll, 1000);
