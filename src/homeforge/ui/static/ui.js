@@ -82,19 +82,6 @@ async function compareCurves(root) {
   for (const [k, title] of METRICS) drawChart(boxes[k], title, ids.map((id, i) => ({name: id, points: all[i].curves[k] || []})));
 }
 
-function bars(root) {
-  const m = Object.entries(JSON.parse(root.dataset.bars || "{}")).filter(([, v]) => typeof v === "number");
-  if (!m.length) return;
-  const W = 420, row = 20, H = row * m.length + 8, L = 150;
-  const svg = el("svg", {viewBox: `0 0 ${W} ${H}`, class: "chart"}, root);
-  const max = Math.max(...m.map(([, v]) => Math.abs(v))) || 1;
-  m.forEach(([k, v], i) => {
-    el("text", {x: L - 6, y: i * row + 15, class: "tick", "text-anchor": "end"}, svg).textContent = k;
-    el("rect", {x: L, y: i * row + 4, height: row - 6, width: Math.max(1, Math.abs(v) / max * (W - L - 60)), fill: COLORS[0]}, svg);
-    el("text", {x: L + Math.abs(v) / max * (W - L - 60) + 4, y: i * row + 15, class: "tick"}, svg).textContent = fmt(v);
-  });
-}
-
 // ---------------------------------------------------------------- playground
 
 async function streamChat(pane, history, maxTokens, temperature) {
@@ -171,7 +158,6 @@ function yamlPreview(form) {
 document.addEventListener("DOMContentLoaded", () => {
   document.querySelectorAll(".charts[data-curves]").forEach(liveCurves);
   document.querySelectorAll(".charts[data-compare]").forEach(compareCurves);
-  document.querySelectorAll(".bars[data-bars]").forEach(bars);
   const chat = document.getElementById("chat-form"); if (chat) playground(chat);
   const run = document.getElementById("run-form"); if (run) yamlPreview(run);
 });
