@@ -5,8 +5,11 @@ transformers 5 decoders). With ``onnx.kv_cache`` (default) the graph is the one 
 generation loop needs, in the layout optimum and onnxruntime-genai use:
 
     inputs   input_ids [batch, seq]  attention_mask [batch, past+seq]  position_ids [batch, seq]
-             past_key_values.{i}.key / .value [batch, kv_heads, past, head_dim]   (past may be 0)
-    outputs  logits [batch, seq, vocab]  present.{i}.key / .value [batch, kv_heads, past+seq, head_dim]
+             past_key_values.{i}.key / .value [batch, heads, past, dim]   (past may be 0)
+    outputs  logits [batch, seq, vocab]  present.{i}.key / .value [batch, heads, past+seq, dim]
+
+(``heads, dim``: what the model caches, see ``cache_shapes``; mixture-of-experts models are
+exported with static-shape experts, see ``_static_experts``.)
 
 Without it: ``input_ids``, ``attention_mask`` -> ``logits``. The graph is then optimised by
 ONNX Runtime (offline, the optimised graph is what is saved), and optionally quantized
@@ -33,11 +36,26 @@ from homeforge.export import common
 LARGE = 1_500_000_000  # bytes of weights above which initializers go to an external data file
 
 
-def _dims(config) -> tuple[int, int, int]:
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers, kv, head_dim
+def cache_shapes(model) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Per layer, the (heads, dim) of the cached keys and of the cached values.
+
+    Read from one forward pass rather than computed from the config: most decoders cache
+    ``[kv_heads, head_dim]`` for both, but DeepSeek-V3 (MLA) caches its compressed latent
+    (``[1, kv_lora_rank]``) as keys and the shared rotary key (``[1, qk_rope_head_dim]``) as
+    values, and other architectures have their own layouts.
+    """
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
+    return [((int(layer.keys.shape[1]), int(layer.keys.shape[-1])), (int(layer.values.shape[1]), int(layer.values.shape[-1])))
+            for layer in out.past_key_values.layers]
+
+
+def past_shapes(sess) -> dict[str, tuple[int, int]]:
+    """``past_key_values.*`` input name -> (heads, dim), read from an ONNX Runtime session's inputs."""
+    return {i.name: (int(i.shape[1]), int(i.shape[3])) for i in sess.get_inputs()
+            if i.name.startswith("past_key_values.")}
 
 
 def _wrapper(model, kv_cache: bool):
@@ -84,11 +102,27 @@ def io_names(config, kv_cache: bool) -> tuple[list[str], list[str]]:
     return ins, outs
 
 
+def _static_experts(model) -> str | None:
+    """Switch a mixture-of-experts model to transformers' ``batched_mm`` experts; return the old setting.
+
+    The default (``grouped_mm``/eager) experts sort tokens by expert and loop over the experts
+    that received any: shapes that depend on the data, which the dynamo exporter cannot
+    convert. ``batched_mm`` gathers each token's top-k expert weights and multiplies them
+    with one batched matmul: the same arithmetic with static shapes (``Gather`` + ``MatMul``
+    in the graph), so every expert stays in the ONNX file and routing happens at run time.
+    """
+    if not getattr(model, "_can_set_experts_implementation", lambda: False)():
+        return None
+    old = model.config._experts_implementation
+    model.set_experts_implementation("batched_mm")
+    return old
+
+
 def _export_raw(model, path: Path, kv_cache: bool, opset: int) -> None:
     import torch
     from torch.export import Dim
 
-    n_layers, kv_heads, head_dim = _dims(model.config)
+    shapes_kv = cache_shapes(model) if kv_cache else []
     batch, seq, past, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
     b, t, p = 2, 5, 3  # example sizes; every one of them is dynamic in the graph
     ids = torch.zeros(b, t, dtype=torch.long)
@@ -96,7 +130,7 @@ def _export_raw(model, path: Path, kv_cache: bool, opset: int) -> None:
     if kv_cache:
         mask = torch.ones(b, p + t, dtype=torch.long)
         pos = torch.arange(p, p + t).expand(b, t).contiguous()
-        pasts = tuple(torch.zeros(b, kv_heads, p, head_dim) for _ in range(2 * n_layers))
+        pasts = tuple(torch.zeros(b, h, p, d) for layer in shapes_kv for h, d in layer)
         args = (ids, mask, pos, *pasts)
         shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
                   "position_ids": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past} for _ in pasts)}
@@ -105,6 +139,7 @@ def _export_raw(model, path: Path, kv_cache: bool, opset: int) -> None:
         args = (ids, mask)
         shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
     size = sum(p.numel() * p.element_size() for p in model.parameters())
+    experts = _static_experts(model)
     try:
         import warnings
 
@@ -118,6 +153,9 @@ def _export_raw(model, path: Path, kv_cache: bool, opset: int) -> None:
             f"{str(exc).splitlines()[0][:300]}",
             fix="try onnx.kv_cache=false (a plain logits graph), or export with --format hf",
         ) from None
+    finally:
+        if experts is not None:
+            model.set_experts_implementation(experts)
     prog.save(str(path), external_data=size > LARGE)
 
 
@@ -175,12 +213,8 @@ def session(path: Path, threads: int | None = None):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _empty_past(config, batch: int, kv_cache: bool) -> dict:
-    if not kv_cache:
-        return {}
-    n_layers, kv_heads, head_dim = _dims(config)
-    return {f"past_key_values.{i}.{kv}": np.zeros((batch, kv_heads, 0, head_dim), np.float32)
-            for i in range(n_layers) for kv in ("key", "value")}
+def _empty_past(sess, batch: int) -> dict:
+    return {name: np.zeros((batch, h, 0, d), np.float32) for name, (h, d) in past_shapes(sess).items()}
 
 
 def ort_logits(sess, config, ids_list: list[list[int]], kv_cache: bool) -> list[np.ndarray]:
@@ -188,7 +222,7 @@ def ort_logits(sess, config, ids_list: list[list[int]], kv_cache: bool) -> list[
     out = []
     for ids in ids_list:
         x = np.array([ids], dtype=np.int64)
-        feed = {"input_ids": x, "attention_mask": np.ones_like(x), **_empty_past(config, 1, kv_cache)}
+        feed = {"input_ids": x, "attention_mask": np.ones_like(x), **_empty_past(sess, 1)}
         if kv_cache:
             feed["position_ids"] = np.arange(x.shape[1], dtype=np.int64)[None]
         out.append(sess.run(["logits"], feed)[0][0])
@@ -198,7 +232,7 @@ def ort_logits(sess, config, ids_list: list[list[int]], kv_cache: bool) -> list[
 def ort_decode_logits(sess, config, ids: list[int], prefill: int) -> np.ndarray:
     """Logits [T, V]: a prefill of ``prefill`` tokens, then one token per step through the cache."""
     ins, outs = io_names(config, True)
-    past = _empty_past(config, 1, True)
+    past = _empty_past(sess, 1)
     rows = []
     pos = 0
     steps = [ids[:prefill]] + [[t] for t in ids[prefill:]]
@@ -277,10 +311,12 @@ def export_onnx(src: common.Source, out: Path, cfg, console=None) -> dict:
     if getattr(src.model, "generation_config", None) is not None:
         src.model.generation_config.save_pretrained(str(out))
     ins, outs = io_names(model.config, oc.kv_cache)
-    n_layers, kv_heads, head_dim = _dims(model.config)
+    per_layer = cache_shapes(model) if oc.kv_cache else []
     sizes = {p.name: p.stat().st_size for p in out.glob("*.onnx*")}
     metrics["onnx"] = {"kv_cache": oc.kv_cache, "opset": oc.opset, "optimize": oc.optimize, "inputs": ins,
-                       "outputs": outs, "num_layers": n_layers, "kv_heads": kv_heads, "head_dim": head_dim,
+                       "outputs": outs, "num_layers": model.config.num_hidden_layers,
+                       "past_key_shape": list(per_layer[0][0]) if per_layer else None,
+                       "past_value_shape": list(per_layer[0][1]) if per_layer else None,
                        "bytes": sizes, "torch_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
                        "torch_version": torch.__version__}
     return metrics
@@ -295,7 +331,7 @@ def ort_greedy(sess, config, ids: list[int], max_new_tokens: int, eos_id: int | 
     """
     eos = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
     ins, outs = io_names(config, True)
-    past = _empty_past(config, 1, True)
+    past = _empty_past(sess, 1)
     chunk, pos, new = list(ids), 0, []
     for _ in range(max_new_tokens):
         x = np.array([chunk], dtype=np.int64)

@@ -46,7 +46,7 @@ class OnnxBackend(Backend):
             raise HomeforgeError(f"{path} does not exist" + (f" (found: {', '.join(found)})" if found else ""),
                                  where=str(d), fix="export the model first: `homeforge export MODEL --format onnx`"
                                                    + (f", or pass onnx_file={found[0]}" if found else ""))
-        from homeforge.export.onnx import _dims, io_names, session
+        from homeforge.export.onnx import io_names, past_shapes, session
 
         self.config = AutoConfig.from_pretrained(str(d), local_files_only=True)
         self.sess = session(path, threads)
@@ -55,14 +55,17 @@ class OnnxBackend(Backend):
             raise HomeforgeError(f"{path} was exported without a KV cache; serving needs one",
                                  where=str(path), fix="re-export with onnx.kv_cache=true (the default)")
         self.ins, self.outs = io_names(self.config, True)
-        self.n_layers, self.kv_heads, self.head_dim = _dims(self.config)
+        shapes = past_shapes(self.sess)  # (heads, dim) of every past input, as the graph declares them
+        self.n_layers = len(shapes) // 2
+        self.past = [(shapes[f"past_key_values.{i}.key"], shapes[f"past_key_values.{i}.value"])
+                     for i in range(self.n_layers)]
         self.max_context = int(getattr(self.config, "max_position_embeddings", 2048) or 2048)
         self.vocab_size = int(self.config.vocab_size)
         self.path = path
 
     def new_cache(self) -> ListCache:
-        empty = torch.zeros(1, self.kv_heads, 0, self.head_dim)
-        return ListCache([_Layer(empty, empty) for _ in range(self.n_layers)])
+        return ListCache([_Layer(torch.zeros(1, kh, 0, kd), torch.zeros(1, vh, 0, vd))
+                          for (kh, kd), (vh, vd) in self.past])
 
     def forward(self, input_ids, position_ids, attention_mask, cache: ListCache, last_only: bool = False):
         feed = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(),
@@ -71,7 +74,8 @@ class OnnxBackend(Backend):
         for i, layer in enumerate(cache.layers):
             k, v = layer.keys, layer.values
             if k.shape[0] != b:  # a fresh cache is made for batch 1; widen its empty tensors
-                k = v = torch.zeros(b, self.kv_heads, 0, self.head_dim)
+                (kh, kd), (vh, vd) = self.past[i]
+                k, v = torch.zeros(b, kh, 0, kd), torch.zeros(b, vh, 0, vd)
             feed[f"past_key_values.{i}.key"] = np.ascontiguousarray(k.numpy())
             feed[f"past_key_values.{i}.value"] = np.ascontiguousarray(v.numpy())
         res = self.sess.run(self.outs, feed)
