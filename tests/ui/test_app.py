@@ -52,6 +52,9 @@ def test_login_sessions_and_roles(ui):
     assert client.get("/security").status_code == 403 and client.get("/runs/new").status_code == 403
     # a viewer with a valid token still may not act
     assert client.post("/registry/promote", data={"name": "x", "csrf": csrf}).status_code == 403
+    rows = client.get("/audit?event=ui-login-failed").text  # the audit page, filtered like `audit show --event`
+    assert "ui-login-failed" in rows and "ui-refused" not in rows
+    assert "ui-refused" in client.get("/audit?user=&event=ui-refused").text
     st.keys.revoke("viewer")  # the session ends with its key
     assert client.get("/runs").status_code == 303
 

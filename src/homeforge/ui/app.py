@@ -8,8 +8,8 @@ Responses carry a strict Content-Security-Policy: the page may load nothing but 
 
 from __future__ import annotations
 
+import asyncio
 import json
-import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -147,7 +147,7 @@ def create_app(st: UiState) -> FastAPI:
         sess = st.sessions.login(str(form.get("token") or ""))
         if sess is None:
             actions.audit("login-failed", None, remote=request.client.host if request.client else None)
-            time.sleep(0.5)  # a little friction for guessing (a 256-bit token is not guessable anyway)
+            await asyncio.sleep(0.5)  # a little friction for guessing (a 256-bit token is not guessable anyway)
             return page(request, "login.html", status=401, title="Log in", next=nxt,
                         error="invalid or revoked API key")
         actions.audit("login", sess, remote=request.client.host if request.client else None)
