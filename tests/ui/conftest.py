@@ -32,6 +32,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-c
                  "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1, EXCLUDE localhost"]
 
 
+# a server the playground is pointed at that is not on this machine (TEST-NET-1): the egress guard of the
+# dashboard's process must refuse to connect to it
+OFF_MACHINE = "http://192.0.2.1:8000"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,7 +109,8 @@ def dash(tiny_dataset, tmp_path_factory):
     sport, uport = free_port(), free_port()
     serve_url, ui_url = f"http://127.0.0.1:{sport}", f"http://127.0.0.1:{uport}"
     ui = subprocess.Popen([sys.executable, "-m", "homeforge", "ui", "--root", str(root), "--port", str(uport),
-                           "--keys-file", str(tmp / "keys.json"), "--serve-url", serve_url, "--serve-url", serve_url],
+                           "--keys-file", str(tmp / "keys.json"), "--serve-url", serve_url, "--serve-url", serve_url,
+                           "--serve-url", OFF_MACHINE],
                           cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # while the dashboard starts: a weak and a better model of the dataset, each evaluated on the same documents
     # (the better one with the weak one as its baseline: paired tests), registered as docs v1 @champion and

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from .conftest import launch, screenshots_dir
+from .conftest import OFF_MACHINE, launch, screenshots_dir
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
@@ -264,6 +264,9 @@ def test_no_request_leaves_loopback(playwright, dash, tmp_path):
                 n = len(page.query_selector_all("div.chartbox[data-metric='loss'] path.series"))
                 assert n == path.count("ids="), (path, n)
                 shot(page, "compare")
+        page.goto(dash["url"] + "/playground")
+        unreachable = " ".join(e.inner_text() for e in page.query_selector_all("p.bad"))
+        assert "192.0.2.1" in unreachable and "refused" in unreachable  # the guard refused it
         page.goto(dash["url"] + "/audit")
         assert "audit log intact" in page.inner_text("#verify")
         shot(page, "audit")
@@ -281,4 +284,6 @@ def test_no_request_leaves_loopback(playwright, dash, tmp_path):
     assert len(ours) >= len(pages)  # the log holds the pages' requests
     outside = [r for r in ours if urlsplit(r["url"]).hostname not in LOOPBACK]
     assert not outside, f"requests of the dashboard's pages that left loopback: {outside}"
-    assert '"egress-refused"' not in dash["audit"].read_text()
+    # the dashboard's egress guard is on: it refused the one server configured off the machine, nothing else
+    refused = [json.loads(line) for line in dash["audit"].read_text().splitlines() if '"egress-refused"' in line]
+    assert refused and all(e["host"] == urlsplit(OFF_MACHINE).hostname for e in refused), refused
