@@ -148,28 +148,43 @@ def test_promote_through_the_gate_and_roll_back(chromium, dash):
 
 
 @pytest.mark.slow
-def test_playground_streams_from_the_real_server(chromium, dash, served):
+def test_playground_side_by_side_streams_two_versions(chromium, dash, served):
+    """Pane a: the server given with --serve-url (docs v2); pane b: docs@champion (v1 after the rollback),
+    served from the playground's own button. Each streamed answer is its server's greedy answer."""
     ctx, page = login(chromium, dash, "operator")
     try:
         page.goto(dash["url"] + "/playground")
         assert "docs-v2" in page.inner_text("#pane-a select")
+        page.click("#serve-docs-champion")  # `homeforge serve registry:docs@champion`, started by the dashboard
+        started = re.search(r"running at (http://127\.0\.0\.1:\d+)", page.inner_text("#serve-versions")).group(1)
+        deadline = time.time() + 120
+        while started not in page.inner_text("#pane-b select"):  # listed once its model is loaded
+            assert time.time() < deadline, "the registry version was not served"
+            time.sleep(1)
+            page.reload()
+        champion = httpx.get(started + "/v1/models", timeout=10).json()["data"][0]
+        assert champion.get("version", "").startswith("docs@v1")
+        value = page.eval_on_selector("#pane-b select.model", "(s, url) => [...s.options].find(o => o.text.includes(url)).value",
+                                      started)
+        page.select_option("#pane-b select.model", value=value)
         page.fill("#chat-input", "def add(a, b):")
         page.fill("#chat-max", "12")
         page.click("#send")
         for side in ("a", "b"):
             page.wait_for_selector(f"#pane-{side} .msg.assistant[data-done='yes']", timeout=60_000)
-        # greedy decoding: the streamed text is what the server answers to the same request without streaming
-        expected = httpx.post(dash["serve_url"] + "/v1/chat/completions", timeout=60, json={
-            "model": "docs-v2", "messages": [{"role": "user", "content": "def add(a, b):"}], "max_tokens": 12,
-            "temperature": 0}).json()["choices"][0]["message"]["content"]
-        for side in ("a", "b"):
+        for side, url, model in (("a", dash["serve_url"], "docs-v2"), ("b", started, champion["id"])):
+            expected = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+                "model": model, "messages": [{"role": "user", "content": "def add(a, b):"}], "max_tokens": 12,
+                "temperature": 0}).json()["choices"][0]["message"]["content"]
             answer = page.query_selector(f"#pane-{side} .msg.assistant")
             assert "bad" not in (answer.get_attribute("class") or "")
-            assert answer.text_content() == expected and expected
+            assert answer.text_content() == expected and expected, side
             assert int(answer.get_attribute("data-chunks")) >= 2  # streamed in pieces, not one block
         shot(page, "playground")
     finally:
         ctx.close()
+    log = dash["audit"].read_text()
+    assert '"ui-serve-start"' in log and '"ui-chat"' in log
 
 
 def test_viewer_is_refused(chromium, dash):

@@ -166,6 +166,56 @@ def rollback(name: str, alias: str) -> dict:
 # --------------------------------------------------------------------------- playground
 
 
+class Servers:
+    """`homeforge serve registry:NAME@ALIAS` processes this dashboard started for the playground (loopback only,
+    without keys, like `serve` on 127.0.0.1); their URLs join the playground's list."""
+
+    def __init__(self, urls: list[str]):
+        self.urls = urls
+        self.procs: dict[str, tuple[subprocess.Popen, str]] = {}
+        self._lock = threading.Lock()
+
+    def start(self, ref: str) -> str:
+        import socket
+        import tempfile
+
+        from homeforge.registry.store import Registry
+
+        Registry().resolve(ref)  # an unknown name or alias fails here, in the words `serve` would use
+        with self._lock:
+            if ref in self.procs and self.procs[ref][0].poll() is None:
+                return self.procs[ref][1]
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            url = f"http://127.0.0.1:{port}"
+            log = tempfile.NamedTemporaryFile(prefix="homeforge-ui-serve-", suffix=".log", delete=False)  # noqa: SIM115
+            try:
+                proc = subprocess.Popen([sys.executable, "-m", "homeforge", "serve", f"registry:{ref}", "--host",
+                                         "127.0.0.1", "--port", str(port), "require_keys=false"], stdout=log,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            finally:
+                log.close()
+            self.procs[ref] = (proc, url)
+            self.urls.append(url)
+            return url
+
+    def running(self) -> dict[str, str]:
+        return {ref: url for ref, (proc, url) in self.procs.items() if proc.poll() is None}
+
+    def close(self, grace: float = 10.0) -> None:
+        for proc, _ in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, _ in self.procs.values():
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+
 def served_models(urls: list[str], api_key: str | None) -> list[dict]:
     """``[{"endpoint": i, "url", "model"}]`` from each server's /v1/models (a server that is down is listed as such)."""
     import httpx

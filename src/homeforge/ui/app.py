@@ -48,6 +48,7 @@ class UiState:
     def __post_init__(self):
         self.sessions = Sessions(self.keys)
         self.runs = actions.Runs(self.root)
+        self.servers = actions.Servers(self.serve_urls)
 
 
 class Refused(Exception):
@@ -308,8 +309,16 @@ def create_app(st: UiState) -> FastAPI:
     @app.get("/playground")
     def playground(request: Request):
         need(request, "operator")
-        return page(request, "playground.html", title="Playground",
-                    models=actions.served_models(st.serve_urls, st.serve_key))
+        return page(request, "playground.html", title="Playground", started=st.servers.running(),
+                    models=actions.served_models(st.serve_urls, st.serve_key), registry=actions.registry_view())
+
+    @app.post("/playground/serve")
+    async def serve_version(request: Request):
+        sess, form = await form_of(request, "operator")
+        ref = str(form.get("ref", ""))
+        url = st.servers.start(ref)
+        actions.audit("serve-start", sess, ref=ref, url=url)
+        return RedirectResponse("/playground", status_code=303)
 
     @app.post("/api/chat")
     async def chat(request: Request):

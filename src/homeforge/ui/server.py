@@ -45,4 +45,5 @@ def run(root: Path, host: str = "127.0.0.1", port: int = 8600, keys_file: Path |
         server.run(sockets=[sock])
     finally:
         st.runs.close()
+        st.servers.close()
         sock.close()

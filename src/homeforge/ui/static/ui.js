@@ -112,6 +112,7 @@ async function streamChat(pane, history, maxTokens, temperature) {
       } catch (e) { /* a partial line: wait for the rest */ }
     }
   }
+  if (!out.textContent.trim()) out.classList.add("blank");  // an answer of newlines/spaces, said so
   out.dataset.done = "yes";
   return out.textContent;
 }
