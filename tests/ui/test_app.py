@@ -83,11 +83,24 @@ def test_paths_stay_inside_the_root(ui):
 
 
 def test_live_metrics_while_a_line_is_half_written(ui):
-    client, tokens, _ = ui
+    client, tokens, st = ui
     login(client, tokens["viewer"])
-    m = client.get("/api/metrics/exp/r1?since=0").json()
-    assert m["next"] == 3 and [p[0] for p in m["curves"]["loss"]] == [10, 20, 30] and m["curves"]["mfu"] == []
-    assert client.get("/api/metrics/exp/r1?since=3").json()["next"] == 3  # the half line waits for the next poll
+    f = st.root / "exp" / "r1" / "metrics.jsonl"
+    m = client.get("/api/metrics/exp/r1").json()
+    assert m["records"] == 3 and [p[0] for p in m["curves"]["loss"]] == [10, 20, 30] and m["curves"]["mfu"] == []
+    assert m["offset"] == f.read_bytes().rfind(b"\n") + 1  # the half line waits for the next poll
+    again = client.get(f"/api/metrics/exp/r1?offset={m['offset']}&inode={m['inode']}").json()
+    assert again["records"] == 0 and again["offset"] == m["offset"] and not again["reset"]
+    with open(f, "a") as fh:  # the trainer finishes the line and writes another
+        fh.write('ss": 1.0}\n{"step": 50, "loss": 0.5}\n')
+    more = client.get(f"/api/metrics/exp/r1?offset={m['offset']}&inode={m['inode']}").json()
+    assert more["records"] == 2 and [p[0] for p in more["curves"]["loss"]] == [40, 50]
+    # a resumed run rewrites the file (a new inode): read again from the start, the page told to reset
+    from homeforge._fs import atomic_write_text
+
+    atomic_write_text(f, '{"step": 10, "loss": 4.0}\n')
+    redo = client.get(f"/api/metrics/exp/r1?offset={more['offset']}&inode={more['inode']}").json()
+    assert redo["reset"] and redo["records"] == 1
     page = client.get("/compare?ids=exp/r1&ids=exp/r1").text
     assert 'data-compare="[&#34;exp/r1&#34;, &#34;exp/r1&#34;]"' in page and page.count('href="/runs/exp/r1"') == 2
 

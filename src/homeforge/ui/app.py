@@ -254,13 +254,15 @@ def create_app(st: UiState) -> FastAPI:
                     config_path=str(cfg))
 
     @app.get("/api/metrics/{rel:path}")
-    def api_metrics(request: Request, rel: str, since: int = 0):
+    def api_metrics(request: Request, rel: str, offset: int = 0, inode: int | None = None):
+        """New records since byte ``offset`` of metrics.jsonl (each poll reads only what was appended)."""
         need(request)
         p = catalog.find(st.root, rel)
-        recs = catalog.metrics(p, since)
+        new = catalog.metrics_after(p, offset, inode)
         name = Path(rel).name
         running = st.runs.running(name) if rel == f"{actions.RUNS}/{name}" else None
-        return JSONResponse({"since": since, "next": since + len(recs), "curves": catalog.curves(recs),
+        return JSONResponse({"offset": new["offset"], "inode": new["inode"], "reset": new["reset"],
+                             "records": len(new["records"]), "curves": catalog.curves(new["records"]),
                              "running": running, "finished": (p / "model" / "homeforge.json").is_file(),
                              "active": bool(running) or catalog.recently_written(p)})
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from homeforge import artifacts
 from homeforge.errors import HomeforgeError
-from homeforge.train.tracking import read_metrics
 
 MAX_DEPTH = 4
 SKIP = {".git", ".venv", "node_modules", "__pycache__", "checkpoints", "tensorboard", "mlflow-artifacts"}
@@ -117,22 +116,26 @@ def lineage(m: dict) -> dict:
 # --------------------------------------------------------------------------- runs
 
 
-def metrics(run_dir: Path, since: int = 0) -> list[dict]:
-    """The run's metric records after line ``since`` (a half-written last line is left for the next poll)."""
+def metrics_after(run_dir: Path, offset: int = 0, inode: int | None = None) -> dict:
+    """New metric records from byte ``offset`` on: ``{"records", "offset", "inode", "reset"}``.
+
+    Only whole lines are read (a line being written waits for the next poll). A resumed run rewrites the
+    file (``tracking.truncate_metrics``: a new inode, maybe shorter): then it is read again from the start
+    and ``reset`` tells the page to drop what it drew."""
     f = Path(run_dir) / "metrics.jsonl"
-    if not f.is_file():
-        return []
     try:
-        return read_metrics(f)[since:]
-    except json.JSONDecodeError:  # the trainer is writing the last line right now
-        lines = f.read_text(encoding="utf-8").splitlines()[since:]
-        out = []
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-        return out
+        st = f.stat()
+    except FileNotFoundError:
+        return {"records": [], "offset": 0, "inode": None, "reset": offset > 0}
+    reset = (inode is not None and inode != st.st_ino) or offset > st.st_size
+    if reset:
+        offset = 0
+    with open(f, "rb") as fh:
+        fh.seek(offset)
+        data = fh.read()
+    whole = data[:data.rfind(b"\n") + 1]
+    records = [json.loads(line) for line in whole.decode("utf-8").splitlines() if line.strip()]
+    return {"records": records, "offset": offset + len(whole), "inode": st.st_ino, "reset": reset}
 
 
 def recently_written(run_dir: Path, seconds: float = 120.0) -> bool:
@@ -163,7 +166,7 @@ def run(root: Path, rel: str) -> dict:
             m = artifacts.read_manifest(model)
         except HomeforgeError:
             m = None
-    recs = metrics(p)
+    recs = metrics_after(p)["records"]
     cfg_file = p / "train.yaml"
     return {"id": rel, "path": str(p), "records": len(recs), "last": recs[-1] if recs else {},
             "finished": m is not None, "model": m, "model_id": f"{rel}/model" if m else None,

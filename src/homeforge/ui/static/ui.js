@@ -55,19 +55,20 @@ function chartBoxes(root) {
 async function liveCurves(root) {
   const url = root.dataset.curves, boxes = chartBoxes(root);
   const data = Object.fromEntries(METRICS.map(([k]) => [k, []]));
-  let since = 0, live = root.dataset.live === "yes";
+  let offset = 0, inode = "", records = 0, live = root.dataset.live === "yes";
   const poll = async () => {
     try {
-      const r = await fetch(`${url}?since=${since}`, {credentials: "same-origin"});
+      const r = await fetch(`${url}?offset=${offset}${inode === "" ? "" : `&inode=${inode}`}`, {credentials: "same-origin"});
       if (!r.ok) return;
       const j = await r.json();
+      if (j.reset) { for (const [k] of METRICS) data[k] = []; records = 0; }  // a resumed run rewrote the file
       for (const [k] of METRICS) data[k].push(...(j.curves[k] || []));
-      since = j.next;
+      offset = j.offset; inode = j.inode === null ? "" : j.inode; records += j.records;
       for (const [k, title] of METRICS) drawChart(boxes[k], title, [{name: k, points: data[k]}]);
-      const n = document.getElementById("nrec"); if (n) n.textContent = since;
-      root.dataset.records = since;
+      const n = document.getElementById("nrec"); if (n) n.textContent = records;
+      root.dataset.records = records;
       // keep polling while the dashboard's trainer runs or the file is still being written (a CLI run)
-      live = live && (j.running === true || j.active || (!j.finished && j.running === null && j.next === 0));
+      live = live && (j.running === true || j.active || (!j.finished && j.running === null && records === 0));
       if (j.running === false && j.finished) { const s = document.getElementById("state"); if (s) s.textContent = "finished"; }
     } finally {
       if (live) setTimeout(poll, 1000);
