@@ -123,6 +123,12 @@ def test_bind_needs_keys_off_loopback(tmp_path):
                        timeout=120)
     assert r.returncode == 2 and "refusing to listen on 0.0.0.0 without API keys" in r.stderr
     assert "Traceback" not in r.stderr
+    from homeforge.ui.server import run
+
+    with pytest.raises(HomeforgeError, match="does not exist"):
+        run(tmp_path / "nowhere", keys_file=tmp_path / "none.json")
+    with pytest.raises(HomeforgeError, match="not an http"):
+        run(tmp_path, keys_file=tmp_path / "none.json", serve_urls=["ftp://127.0.0.1"])
 
 
 def test_assets_fetch_nothing_from_elsewhere():
