@@ -13,7 +13,10 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from .conftest import OFF_MACHINE, launch, screenshots_dir
+from .conftest import OFF_MACHINE, browser_missing, launch, screenshots_dir
+
+# decided before any fixture is built: without a browser nothing is trained or started
+pytestmark = pytest.mark.skipif(browser_missing() is not None, reason=browser_missing() or "")
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
