@@ -105,6 +105,22 @@ def test_live_metrics_while_a_line_is_half_written(ui):
     assert 'data-compare="[&#34;exp/r1&#34;, &#34;exp/r1&#34;]"' in page and page.count('href="/runs/exp/r1"') == 2
 
 
+def test_verify_button_finds_a_changed_file(ui):
+    from homeforge import artifacts
+
+    client, tokens, st = ui
+    with artifacts.write_artifact(st.root / "notes", stage="prepare", config={"x": 1}) as art:
+        (art.dir / "shard.bin").write_bytes(b"\x00" * 64)
+    csrf = login(client, tokens["operator"])
+    ok = client.post("/verify", data={"rel": "notes", "csrf": csrf})
+    assert ok.status_code == 200 and "every check passed" in ok.text
+    blob = st.root / "notes" / "shard.bin"
+    blob.chmod(0o644)
+    blob.write_bytes(b"\x01" + b"\x00" * 63)  # one flipped byte, same size
+    bad = client.post("/verify", data={"rel": "notes", "csrf": csrf})
+    assert bad.status_code == 409 and "MISMATCH" in bad.text and "shard.bin" in bad.text
+
+
 def test_no_keys_means_local_admin(tmp_path):
     st = UiState(tmp_path, KeyStore.open(tmp_path / "none.json"))
     client = TestClient(create_app(st), follow_redirects=False)

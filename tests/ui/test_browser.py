@@ -99,6 +99,10 @@ def test_login_and_dataset_report(chromium, dash):
         # the plots prepare drew are served and decode as images
         assert page.eval_on_selector("img.plot", "img => img.complete && img.naturalWidth > 100")
         shot(page, "dataset")
+        page.click("#verify")  # `homeforge verify` from the page: seal, every file, recorded inputs
+        page.wait_for_selector("#provenance")
+        assert "every check passed" in page.inner_text("#verify-result")
+        assert "files match their recorded hashes" in page.inner_text("#provenance")
         page.click("#logout")
         page.wait_for_url(re.compile(r".*/login$"))
         page.goto(dash["url"] + "/datasets")

@@ -192,6 +192,19 @@ def create_app(st: UiState) -> FastAPI:
         need(request)
         return FileResponse(catalog.plot_file(st.root, rel, name), media_type="image/png")
 
+    @app.post("/verify")
+    async def verify(request: Request):
+        """`homeforge verify ARTIFACT --allow-missing-inputs`: the seal, every file, the recorded inputs, recursively."""
+        sess, form = await form_of(request, "operator")
+        from homeforge.security.provenance import verify_tree
+
+        rel = str(form.get("rel", ""))
+        checks = verify_tree(catalog.find(st.root, rel), allow_missing=True)
+        ok = all(c.ok for c in checks)
+        actions.audit("verify", sess, artifact=rel, ok=ok, checks=len(checks))
+        return page(request, "verify.html", status=200 if ok else 409, title=f"Provenance of {rel}", rel=rel,
+                    checks=checks, ok=ok)
+
     # ----------------------------------------------------------------- runs
 
     @app.get("/runs")
