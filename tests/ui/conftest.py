@@ -107,7 +107,6 @@ def dash(tiny_dataset, tmp_path_factory):
     from homeforge.serve.auth import KeyStore
     from homeforge.train.run import run
 
-    t0 = time.perf_counter()
     tmp = tmp_path_factory.mktemp("ui")
     root = tmp / "root"
     shutil.copytree(tiny_dataset, root / "data")
@@ -142,7 +141,6 @@ def dash(tiny_dataset, tmp_path_factory):
     reg.register(root / "better" / "model", "docs", eval_dir=evals["better"], alias="candidate")
     try:
         wait_http(ui_url + "/login", ui)
-        print(f"dashboard ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         from homeforge import paths
 
         yield {"url": ui_url, "root": root, "tokens": tokens, "serve_url": serve_url, "serve_port": sport, "env": env,
