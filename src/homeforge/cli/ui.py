@@ -12,7 +12,7 @@ from homeforge.cli._common import app, console
 
 @app.command()
 def ui(
-    host: Annotated[str, typer.Option(help="bind address (others than loopback need API keys)")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="bind address (an address other than loopback needs API keys)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0 = any free port)")] = 8600,
     root: Annotated[Path, typer.Option(help="folder with the datasets, runs, evaluations and exports to show "
                                        "(searched 4 levels deep); runs started from the page go to ROOT/runs")] = Path("."),
