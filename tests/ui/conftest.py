@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -146,12 +145,14 @@ def dash(tiny_dataset, tmp_path_factory):
         yield {"url": ui_url, "root": root, "tokens": tokens, "serve_url": serve_url, "serve_port": sport, "env": env,
                "audit": paths.audit_log(), "tmp": tmp}
     finally:
-        stop(ui)
-        for pid_file in (root / "runs").glob("*.pid"):  # trainers the dashboard started, if it could not stop them
-            try:
-                os.kill(int(pid_file.read_text()), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
+        import psutil
+
+        children = psutil.Process(ui.pid).children(recursive=True) if ui.poll() is None else []
+        stop(ui)  # SIGTERM: the dashboard stops the trainers and servers it started, then exits
+        _, alive = psutil.wait_procs(children, timeout=20)
+        for proc in alive:
+            proc.kill()
+        assert not alive, f"the dashboard left processes running: {[p.pid for p in alive]}"
 
 
 @pytest.fixture(scope="module")

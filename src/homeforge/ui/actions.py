@@ -97,7 +97,6 @@ class Runs:
             finally:
                 log.close()
             self.procs[name] = proc
-            (self.root / RUNS / f"{name}.pid").write_text(str(proc.pid), encoding="utf-8")
             return proc
 
     def stop(self, name: str) -> int:

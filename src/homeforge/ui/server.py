@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 from homeforge.errors import HomeforgeError
@@ -21,6 +22,7 @@ def run(root: Path, host: str = "127.0.0.1", port: int = 8600, keys_file: Path |
         serve_urls: list[str] | None = None, serve_key: str | None = None, console=None) -> None:
     import uvicorn
 
+    from homeforge.serve.app import uvicorn_server
     from homeforge.serve.auth import KeyStore
     from homeforge.serve.net import bind, url
     from homeforge.ui.app import UiState, create_app
@@ -40,10 +42,14 @@ def run(root: Path, host: str = "127.0.0.1", port: int = 8600, keys_file: Path |
         auth = f"log in with an API key ({len(keys.active())} active)" if keys.active() \
             else "no API keys: local access only, as admin"
         console.print(f"homeforge ui at {url(host, sock.getsockname()[1])} — {auth}; root {root}", highlight=False)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    # a SIGTERM/SIGINT stops the server without being re-raised, so the trainers and servers it started are
+    # stopped below before this process ends
+    server = uvicorn_server(uvicorn.Config(app, log_level="warning", access_log=False))
     try:
         server.run(sockets=[sock])
     finally:
         st.runs.close()
         st.servers.close()
         sock.close()
+    if signal.SIGINT in server.stopped_by:
+        raise KeyboardInterrupt
