@@ -121,11 +121,18 @@ def test_verify_button_finds_a_changed_file(ui):
     assert bad.status_code == 409 and "MISMATCH" in bad.text and "shard.bin" in bad.text
 
 
-def test_no_keys_means_local_admin(tmp_path):
+def test_no_keys_means_local_admin(tmp_path, monkeypatch):
     st = UiState(tmp_path, KeyStore.open(tmp_path / "none.json"))
     client = TestClient(create_app(st), follow_redirects=False)
     r = client.get("/audit")
     assert r.status_code == 200 and "local · admin" in r.text
+    from homeforge.ui import sessions
+
+    monkeypatch.setattr(sessions, "MAX_SESSIONS", 20)
+    for _ in range(50):  # clients that never keep the cookie do not grow the server's memory without bound
+        client.cookies.clear()
+        client.get("/runs")
+    assert len(st.sessions._by_id) <= 20
 
 
 def test_bind_needs_keys_off_loopback(tmp_path):

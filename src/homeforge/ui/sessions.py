@@ -20,6 +20,7 @@ UI_ROLE = {"admin": "admin", "operator": "operator", "user": "operator", "viewer
 LEVEL = {"viewer": 0, "operator": 1, "admin": 2}
 COOKIE = "homeforge_session"
 IDLE_S = 8 * 3600
+MAX_SESSIONS = 10_000  # held in memory; past it the idle (else the oldest) are forgotten
 
 
 @dataclass
@@ -59,7 +60,12 @@ class Sessions:
 
     def _new(self, role: str, name: str, key_id: str | None) -> Session:
         s = Session(secrets.token_urlsafe(32), role, name, key_id)
+        now = time.monotonic()
         with self._lock:
+            if len(self._by_id) >= MAX_SESSIONS:  # forget idle ones first, then the oldest
+                idle = [k for k, v in self._by_id.items() if now - v.last > IDLE_S]
+                for k in idle or sorted(self._by_id, key=lambda k: self._by_id[k].last)[:len(self._by_id) // 10 + 1]:
+                    del self._by_id[k]
             self._by_id[s.id] = s
         return s
 
