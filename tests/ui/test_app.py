@@ -121,6 +121,25 @@ def test_verify_button_finds_a_changed_file(ui):
     assert bad.status_code == 409 and "MISMATCH" in bad.text and "shard.bin" in bad.text
 
 
+def test_encrypted_dataset_shown_as_such(tmp_path, monkeypatch):
+    from homeforge import artifacts
+    from homeforge.security import keys
+
+    monkeypatch.setenv("HOMEFORGE_HOME", str(tmp_path / "home"))
+    for var in ("HOMEFORGE_KEY", "HOMEFORGE_KEY_FILE", "HOMEFORGE_KEY_COMMAND", "HOMEFORGE_ENCRYPT"):
+        monkeypatch.delenv(var, raising=False)
+    key = keys.init_key()
+    root = tmp_path / "root"
+    with artifacts.write_artifact(root / "secret", stage="prepare", config={}, encrypt=True) as art:
+        (art.dir / "report.json").write_text(json.dumps({"kind": "text", "records": {"in": 5, "out": 4,
+                                                          "dropped": {"too_short": 1}, "splits": {"train": 4}}}))
+        (art.dir / "train.bin").write_bytes(b"\x01" * 32)
+    client = TestClient(create_app(UiState(root, KeyStore.open(tmp_path / "none.json"))), follow_redirects=False)
+    assert f"yes ({key.key_id})" in client.get("/datasets").text
+    page = client.get("/datasets/secret").text
+    assert f"encrypted at rest, key {key.key_id}" in page and "too_short" in page
+
+
 def test_no_keys_means_local_admin(tmp_path, monkeypatch):
     st = UiState(tmp_path, KeyStore.open(tmp_path / "none.json"))
     client = TestClient(create_app(st), follow_redirects=False)
