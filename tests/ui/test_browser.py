@@ -43,13 +43,15 @@ def start_live_run(page, dash) -> None:
     for field, value in (("max_steps", "100000"), ("seq_len", "32"), ("log_every", "5"), ("eval_every", "100000"),
                          ("threads", "1")):
         page.fill(f"input[name='{field}']", value)
-    assert "max_steps: 100000" in page.inner_text("#yaml-preview")
+    page.fill("#run-overrides", "optim.weight_decay=0.05")
+    assert "max_steps: 100000" in page.inner_text("#yaml-preview") and "weight_decay: 0.05" in page.inner_text("#yaml-preview")
     shot(page, "new-run")
     page.click("#start")
     page.wait_for_url(re.compile(r".*/runs/runs/live$"))
     # the YAML `homeforge train --config` takes, written and shown
     assert "max_steps: 100000" in page.inner_text("#config-yaml")
-    assert "max_steps: 100000" in (dash["root"] / "runs" / "live.yaml").read_text()
+    written = (dash["root"] / "runs" / "live.yaml").read_text()
+    assert "max_steps: 100000" in written and "weight_decay: 0.05" in written
 
 
 @pytest.mark.slow
@@ -70,10 +72,12 @@ def test_run_form_checks_the_config_like_the_cli(chromium, dash):
         page.fill("#run-name", "bad")
         page.fill("input[name='max_steps']", "-3")
         page.fill("input[name='optim.lr']", "fast")
+        page.fill("#run-overrides", "optim.nonsense=1")
         page.click("#start")
         page.wait_for_selector("#run-error")
         err = page.inner_text("#run-error")
-        assert "invalid configuration" in err and "max_steps" in err and "optim.lr" in err
+        assert "invalid configuration (3 problems)" in err and "max_steps" in err and "optim.lr" in err
+        assert "optim.nonsense: unknown key" in err  # the CLI's own words for a bad override
         assert not (dash["root"] / "runs" / "bad.yaml").exists() and not (dash["root"] / "runs" / "bad").exists()
         shot(page, "new-run-refused")
     finally:

@@ -37,23 +37,23 @@ def audit(event: str, session, **fields: Any) -> None:
 # --------------------------------------------------------------------------- runs
 
 
-def run_config(root: Path, name: str, data: str, values: dict[str, str]) -> tuple[dict, str]:
-    """The config dict and its YAML for a run form; validated by the CLI's loader (a bad field fails here)."""
+def run_config(root: Path, name: str, data: str, values: dict[str, str], overrides: str = "") -> tuple[dict, str]:
+    """The config dict and its YAML for a run form: its fields and extra ``KEY.SUB=VALUE`` lines, parsed like
+    the CLI's overrides and validated by its loader (a bad field fails here, in the same words)."""
     from homeforge.config import TrainConfig, load_config
+    from homeforge.config.base import deep_merge, parse_overrides
+    from homeforge.errors import ConfigError
 
     if not NAME_RE.match(name or ""):
         raise HomeforgeError(f"run name {name!r} is not allowed", fix="letters, digits, '.', '_' or '-' (at most 64)")
-    out = root / RUNS / name
-    cfg: dict[str, Any] = {"data": str(Path(data)), "output_dir": str(out)}
-    for key in FORM_FIELDS:
-        raw = (values.get(key) or "").strip()
-        if raw:
-            node = cfg
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = yaml.safe_load(raw)
-    cfg.setdefault("tracking", {})["tensorboard"] = False
+    lines = [f"{k}={(values.get(k) or '').strip()}" for k in FORM_FIELDS if (values.get(k) or "").strip()]
+    lines += [x.strip() for x in overrides.splitlines() if x.strip() and not x.strip().startswith("#")]
+    extra, problems = parse_overrides(lines)
+    if problems:
+        raise ConfigError(problems, where="the run form")
+    cfg = deep_merge({"tracking": {"tensorboard": False}}, extra)
+    cfg = {"data": str(Path(data)), "output_dir": str(root / RUNS / name),  # always the form's, never an override's
+           **{k: v for k, v in cfg.items() if k not in ("data", "output_dir")}}
     load_config(TrainConfig, overrides=[], base=cfg)  # the same validation as `homeforge train --config`
     return cfg, yaml.safe_dump(cfg, sort_keys=False)
 

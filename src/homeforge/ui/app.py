@@ -226,7 +226,8 @@ def create_app(st: UiState) -> FastAPI:
         name, data = str(form.get("name", "")), str(form.get("data", ""))
         try:
             data_dir = catalog.find(st.root, data)
-            _, text = actions.run_config(st.root, name, str(data_dir), {k: str(form.get(k, "")) for k in actions.FORM_FIELDS})
+            _, text = actions.run_config(st.root, name, str(data_dir), {k: str(form.get(k, "")) for k in actions.FORM_FIELDS},
+                                         str(form.get("overrides", "")))
             proc = st.runs.start(name, text)
         except HomeforgeError as exc:
             return page(request, "new_run.html", status=400, title="New run", error=exc.render(), values=form,

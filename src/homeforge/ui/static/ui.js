@@ -143,8 +143,13 @@ function yamlPreview(form) {
   const pre = document.getElementById("yaml-preview");
   const render = () => {
     const f = new FormData(form), tree = {data: f.get("data"), output_dir: `runs/${f.get("name") || "NAME"}`};
-    for (const [k, v] of f.entries()) {
-      if (["csrf", "name", "data"].includes(k) || !String(v).trim()) continue;
+    const pairs = [...f.entries()].filter(([k]) => k !== "overrides");
+    for (const line of String(f.get("overrides") || "").split("\n")) {
+      const i = line.indexOf("=");
+      if (i > 0 && !line.trim().startsWith("#")) pairs.push([line.slice(0, i).trim(), line.slice(i + 1).trim()]);
+    }
+    for (const [k, v] of pairs) {
+      if (["csrf", "name", "data", "output_dir"].includes(k) || !String(v).trim()) continue;
       const parts = k.split("."); let node = tree;
       for (const p of parts.slice(0, -1)) node = node[p] = node[p] || {};
       node[parts[parts.length - 1]] = v;
