@@ -135,7 +135,7 @@ def check_bind(cfg: ServeConfig, keys: KeyStore) -> None:
             fix="create a key first (`homeforge keys add --name app --role user`), or bind to 127.0.0.1 or ::1")
 
 
-def _uvicorn_server(config):
+def uvicorn_server(config):
     """A uvicorn server that remembers the signals that stopped it instead of re-raising them."""
     import uvicorn
 
@@ -200,7 +200,7 @@ class Runner:
                           highlight=False)
             if cfg.grpc_port is not None:
                 console.print(f"gRPC (homeforge.v1.Inference) at {url(cfg.host, cfg.grpc_port)[7:]}", highlight=False)
-        self.server = _uvicorn_server(uvicorn.Config(app, log_level="warning", access_log=False,
+        self.server = uvicorn_server(uvicorn.Config(app, log_level="warning", access_log=False,
                                                      timeout_graceful_shutdown=int(cfg.graceful_timeout) or None))
 
     def run(self) -> None:

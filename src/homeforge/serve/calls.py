@@ -19,7 +19,7 @@ from homeforge.serve.driver import Generation, Ledger
 from homeforge.serve.errors import ApiError
 from homeforge.serve.state import ServerState
 
-INFERENCE = ("admin", "user")
+INFERENCE = ("admin", "user", "operator")
 PUBLIC = frozenset({"/health", "/ready"})
 # route -> (roles allowed, counted by the key's rate limits); any other path needs a valid key of any role
 ACCESS: dict[str, tuple[tuple[str, ...], bool]] = {
