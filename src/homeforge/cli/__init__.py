@@ -1,7 +1,7 @@
 """The `homeforge` command: one thin function per command; the work lives in the library.
 
 One module per command group (``quickstart``, ``data``, ``train``, ``evaluate``, ``export``,
-``serve``, ``security``, ``tools``, ``pipeline``, ``registry``, ``ui``); each registers its commands on the shared ``app``.
+``serve``, ``security``, ``tools``, ``pipeline``, ``registry``, ``ui``, ``continual``); each registers its commands on the shared ``app``.
 """
 
 from __future__ import annotations
