@@ -126,7 +126,11 @@ def learn(cfg: LearnConfig, *, force: bool = False, console: Console | None = No
     tcfg = cfg.train.model_copy(update={"method": method, "data": str(new_data), "output_dir": str(run_dir),
                                         "encrypt": cfg.encrypt, "model": {"path": str(champion), "preset": None}})
     tcfg = type(tcfg).model_validate(tcfg.model_dump())
-    prepare_run_dir(run_dir, None, force, True)
+    try:
+        prepare_run_dir(run_dir, None, force, True)
+    except HomeforgeError:
+        raise HomeforgeError(f"{run_dir} already holds the checkpoints of an earlier learn run", where=str(run_dir),
+                             fix="choose another --output, or pass --force to start over there") from None
     task = build_task(tcfg, new_data)
     if task.val is None:
         raise HomeforgeError(f"the new data {new_data} has no validation split, so the gain cannot be measured",
