@@ -58,7 +58,12 @@ def test_reexport_real_model_to_onnx_int8(imported, tmp_path):
     m = json.loads((out / "homeforge.json").read_text())["metrics"]
     assert m["parity"]["passed"] and m["parity"]["kv_decode"]["passed"]
     assert m["parity_int8"]["passed"]
-    assert m["onnx"]["bytes"]["model.int8.onnx"] < 0.5 * m["onnx"]["bytes"]["model.onnx"]
+    # blockwise int8 keeps the model: max. rel. logit error 0.039 measured (the per-tensor dynamic
+    # scheme: 0.236). Top-1 agreement over the 40 parity positions is too few to assert on (0.90
+    # measured; benchmarks/int8.py measures it over 2,048 positions)
+    assert m["parity_int8"]["max_rel_error"] < 0.08
+    # 0.52: the embeddings (tied, 28M of 135M parameters) and the down projections stay fp32
+    assert m["onnx"]["bytes"]["model.int8.onnx"] < 0.6 * m["onnx"]["bytes"]["model.onnx"]
     from homeforge.export.onnx import ort_greedy, session
 
     model, tok = load_causal_lm(imported)

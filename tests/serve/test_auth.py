@@ -48,7 +48,7 @@ def test_rate_limiter_windows():
 @pytest.fixture
 def keyed(serve_cfg, tmp_path):
     store = KeyStore.open(serve_cfg.keys_file)
-    tokens = {role: store.add(role, role)[1] for role in ("admin", "user", "metrics")}
+    tokens = {role: store.add(role, role)[1] for role in ("admin", "user", "metrics", "operator", "viewer")}
     tokens["limited"] = store.add("limited", "user", requests_per_minute=3)[1]
     return serve_cfg, store, tokens
 
@@ -73,9 +73,12 @@ def test_roles_and_missing_or_wrong_keys(keyed, tmp_path):
         assert post(tokens["user"], json_body={"prompt": 1}).status_code == 400  # known key: now the body counts
         assert post(None, json_body={"prompt": 1}).status_code == 401  # unknown caller: the key comes first
         assert post(tokens["user"]).status_code == 200 and post(tokens["admin"]).status_code == 200
+        # the dashboard's roles (homeforge ui): an operator may call the model, a viewer may not
+        assert post(tokens["operator"]).status_code == 200 and post(tokens["viewer"]).status_code == 403
         assert httpx.get(base + "/health").status_code == 200  # liveness needs no key
         m = lambda t: httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {t}"})  # noqa: E731
         assert m(tokens["metrics"]).status_code == 200 and m(tokens["user"]).status_code == 403
+        assert m(tokens["viewer"]).status_code == 403
         assert httpx.get(base + "/metrics").status_code == 401
         # the official client with a key
         c = openai.OpenAI(base_url=base + "/v1", api_key=tokens["user"], max_retries=0)
@@ -102,7 +105,7 @@ def test_roles_and_missing_or_wrong_keys(keyed, tmp_path):
     audit.close()
     lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
     ok = [x for x in lines if x.get("route") == "/v1/completions" and x["status"] == 200]
-    assert ok and all(x["key_id"] and x["role"] in ("user", "admin", "limited") or x["role"] == "user" for x in ok)
+    assert ok and all(x["key_id"] and x["role"] in ("user", "admin", "operator") for x in ok)
     assert ok[0]["prompt_tokens"] >= 1 and ok[0]["completion_tokens"] == 2 and ok[0]["latency_ms"] > 0
     assert ok[0]["model"] == "tiny" and "prompt" not in ok[0] and "completion" not in ok[0]
     assert {401, 403, 429} <= {x["status"] for x in lines}

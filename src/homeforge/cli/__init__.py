@@ -1,7 +1,7 @@
 """The `homeforge` command: one thin function per command; the work lives in the library.
 
 One module per command group (``quickstart``, ``data``, ``train``, ``evaluate``, ``export``,
-``serve``, ``security``, ``tools``, ``pipeline``, ``registry``); each registers its commands on the shared ``app``.
+``serve``, ``security``, ``tools``, ``pipeline``, ``registry``, ``ui``, ``continual``); each registers its commands on the shared ``app``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _root(
 
 
 # the command groups register themselves on `app` when imported
-from homeforge.cli import quickstart, data, train, evaluate, export, serve, tools, security, pipeline, registry  # noqa: E402,F401,I001
+from homeforge.cli import quickstart, data, train, evaluate, export, serve, tools, security, pipeline, registry, ui, continual  # noqa: E402,F401,I001
 
 
 def main() -> None:

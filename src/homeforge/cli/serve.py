@@ -118,7 +118,7 @@ def chat(
 @keys_app.command("add")
 def keys_add(
     name: Annotated[str, typer.Option(help="a name for the key (who or what uses it)")],
-    role: Annotated[str, typer.Option(help="admin (everything), user (inference) or metrics (/metrics only)")] = "user",
+    role: Annotated[str, typer.Option(help="admin (everything), user (inference), metrics (/metrics only); for `homeforge ui` also operator (inference, runs, promotions) or viewer (read-only pages)")] = "user",
     rpm: Annotated[int | None, typer.Option(min=1, help="requests per minute allowed (default: no limit)")] = None,
     tpm: Annotated[int | None, typer.Option(min=1, help="tokens per minute allowed (default: no limit)")] = None,
     keys_file: Annotated[Path | None, typer.Option(help="API key store (default ~/.homeforge/api_keys.json)")] = None,

@@ -17,6 +17,14 @@ from homeforge.config.base import (
     register_stage,
     to_yaml,
 )
+from homeforge.config.continual import (
+    AbConfig,
+    EwcConfig,
+    FeedbackConfig,
+    LearnConfig,
+    MonitorThresholds,
+    ReplayConfig,
+)
 from homeforge.config.models import (
     DEFAULT_PARITY_TEXTS,
     CompressConfig,
@@ -77,9 +85,12 @@ STAGES.update({
     "serve": ServeConfig,
     "eval": EvalConfig,
     "compress": CompressConfig,
+    "learn": LearnConfig,
 })
 
 __all__ = [
+    "AbConfig",
+    "FeedbackConfig",
     "AugmentConfig",
     "CheckpointConfig",
     "ClassifyConfig",
@@ -92,6 +103,7 @@ __all__ = [
     "DistillConfig",
     "DistributedConfig",
     "EvalConfig",
+    "EwcConfig",
     "EvalGates",
     "ExportConfig",
     "GatewayConfig",
@@ -100,8 +112,10 @@ __all__ = [
     "HfExportConfig",
     "ImportConfig",
     "InputFields",
+    "LearnConfig",
     "LoraConfig",
     "ModelSpec",
+    "MonitorThresholds",
     "OnnxExportConfig",
     "OptimConfig",
     "PIIConfig",
@@ -112,6 +126,7 @@ __all__ = [
     "PruneConfig",
     "QatConfig",
     "QuickstartConfig",
+    "ReplayConfig",
     "ReportConfig",
     "RobustnessConfig",
     "STAGES",

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from homeforge.config.base import Section
+from homeforge.config.continual import AbConfig, FeedbackConfig
 
 
 class UpstreamConfig(Section):
@@ -76,6 +77,8 @@ class ServeConfig(Section):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     grpc_port: int | None = Field(None, ge=0, le=65535, description="also serve gRPC on this port (same host, keys "
                                   "and audit; 0 = any free port; default: off)")
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    ab: AbConfig = Field(default_factory=AbConfig)
 
     @field_validator("upstreams", mode="before")
     @classmethod

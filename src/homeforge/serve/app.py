@@ -58,6 +58,8 @@ async def _lifespan(app: FastAPI):
         st.close_ledgers()
         if st.audit is not None:
             await asyncio.to_thread(st.audit.flush)
+        if st.feedback is not None:
+            await asyncio.to_thread(st.feedback.flush)
 
 
 async def _follow_alias(st: ServerState) -> None:
@@ -110,6 +112,10 @@ def make_driver(st: ServerState):
         from homeforge.serve.gateway import GatewayDriver
 
         return GatewayDriver(st)
+    if st.cfg.ab.candidate:  # live A/B: champion and candidate in this process
+        from homeforge.serve.ab import ABDriver
+
+        return ABDriver(st)
     from homeforge.serve.local import LocalDriver  # torch: only when this process runs the model
 
     return LocalDriver(st)
@@ -129,7 +135,7 @@ def check_bind(cfg: ServeConfig, keys: KeyStore) -> None:
             fix="create a key first (`homeforge keys add --name app --role user`), or bind to 127.0.0.1 or ::1")
 
 
-def _uvicorn_server(config):
+def uvicorn_server(config):
     """A uvicorn server that remembers the signals that stopped it instead of re-raising them."""
     import uvicorn
 
@@ -194,7 +200,7 @@ class Runner:
                           highlight=False)
             if cfg.grpc_port is not None:
                 console.print(f"gRPC (homeforge.v1.Inference) at {url(cfg.host, cfg.grpc_port)[7:]}", highlight=False)
-        self.server = _uvicorn_server(uvicorn.Config(app, log_level="warning", access_log=False,
+        self.server = uvicorn_server(uvicorn.Config(app, log_level="warning", access_log=False,
                                                      timeout_graceful_shutdown=int(cfg.graceful_timeout) or None))
 
     def run(self) -> None:

@@ -7,7 +7,9 @@ it is created. The server re-reads the file when it changes, so a revoked key st
 working without a restart.
 
 Roles: ``admin`` (everything, including model reload), ``user`` (inference),
-``metrics`` (only /metrics).
+``metrics`` (only /metrics); for the dashboard (`homeforge ui`, ui/sessions.py) also ``operator``
+(inference here; runs, promotions and the playground there) and ``viewer`` (read-only pages there,
+nothing but the OpenAPI document here).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from homeforge.errors import HomeforgeError
 
-ROLES = ("admin", "user", "metrics")
+ROLES = ("admin", "user", "metrics", "operator", "viewer")
 PREFIX = "hfk_"
 
 

@@ -19,7 +19,7 @@ from homeforge.serve.driver import Generation, Ledger
 from homeforge.serve.errors import ApiError
 from homeforge.serve.state import ServerState
 
-INFERENCE = ("admin", "user")
+INFERENCE = ("admin", "user", "operator")
 PUBLIC = frozenset({"/health", "/ready"})
 # route -> (roles allowed, counted by the key's rate limits); any other path needs a valid key of any role
 ACCESS: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -28,6 +28,7 @@ ACCESS: dict[str, tuple[tuple[str, ...], bool]] = {
     "/v1/chat/completions": (INFERENCE, True),
     "/v1/embeddings": (INFERENCE, True),
     "/v1/classifications": (INFERENCE, True),
+    "/v1/feedback": (INFERENCE, False),
     "/metrics": (("admin", "metrics"), False),
     "/admin/reload": (("admin",), False),
     "/openapi.json": (ROLES, False),
@@ -125,9 +126,13 @@ async def start_generation(st: ServerState, info: dict, body, route: str) -> tup
     bad = body.unsupported()
     if bad:
         raise ApiError(400, bad[1], param=bad[0], code="unsupported_parameter")
+    if st.cfg.ab.candidate:  # the A/B split by key needs the caller
+        from homeforge.serve.ab import CALLER
+
+        CALLER.set(info.get("key_id"))
     job = d.prepare(body)
     ticket = reserve(st, info, job.budget)
-    ledger = Ledger(job.choices, job.prompt_tokens, keep_text=st.cfg.audit_text)
+    ledger = Ledger(job.choices, job.prompt_tokens, keep_text=st.cfg.audit_text or st.feedback is not None)
     st.open_ledgers.add(ledger)  # before the start: the producer may finish before `start` returns
     ledger.when_done(accountant(st, info, route, ticket))
     try:

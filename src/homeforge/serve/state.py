@@ -105,6 +105,18 @@ def make_engine(cfg: ServeConfig, backend, tok) -> Engine:
     return Engine(backend, tok, **kw)
 
 
+def open_feedback(cfg: ServeConfig):
+    """The feedback log (``continual.feedback``) when ``feedback.enabled``, else None."""
+    fc = cfg.feedback
+    if not fc.enabled:
+        return None
+    from homeforge import paths
+    from homeforge.continual.feedback import FeedbackLog
+
+    return FeedbackLog(fc.dir or paths.home() / "feedback", encrypt=fc.encrypt, max_mb=fc.max_mb,
+                       retention_days=fc.retention_days, max_files=fc.max_files, scrub=fc.scrub)
+
+
 class ServerState:
     """Config and services of one server, and the model it serves (``driver`` is set by ``create_app``)."""
 
@@ -134,6 +146,8 @@ class ServerState:
         self.open_ledgers: set = set()  # generations whose accounting is not complete yet
         self.grpc_port: int | None = None  # bound by the app's lifespan when cfg.grpc_port is set
         self.ready = False
+        self.feedback = open_feedback(cfg)  # None unless feedback.enabled
+        self.responses: dict[str, str | None] = {}  # recent response id -> arm (what feedback may refer to)
 
     def load(self) -> None:
         import torch
@@ -194,6 +208,12 @@ class ServerState:
                 if isinstance(tid, int) and tid != self.tok.unk_token_id and tid >= 0:
                     ids.add(tid)
         return ids
+
+    def remember(self, response_id: str, arm: str | None) -> None:
+        """Keep a response id that feedback may refer to (the oldest are forgotten past feedback.remember)."""
+        self.responses[response_id] = arm
+        while len(self.responses) > self.cfg.feedback.remember:
+            self.responses.pop(next(iter(self.responses)))
 
     def close_ledgers(self) -> None:
         """Complete the accounting of generations whose producer will not report any more (shutdown)."""

@@ -27,6 +27,7 @@ from homeforge.serve.protocol import (
     usage,
 )
 from homeforge.serve.routes.common import COMMON, errors, server
+from homeforge.serve.routes.feedback import capture
 
 router = APIRouter()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -49,9 +50,11 @@ class _Shape:
         self.acc = [self.empty(i) for i in range(choices)]
 
     fingerprint: str | None = None  # the model version that produced the response (serving a registry alias)
+    arm: str | None = None  # live A/B: champion or candidate
 
     def _version(self) -> dict:
-        return {"system_fingerprint": self.fingerprint} if self.fingerprint else {}
+        return {**({"system_fingerprint": self.fingerprint} if self.fingerprint else {}),
+                **({"arm": self.arm} if self.arm else {})}
 
     def wrap(self, choices: list[dict], **extra) -> dict:
         return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.name,
@@ -169,10 +172,12 @@ async def chat_completions(request: Request, body: ChatRequest):
 
 async def generate(request: Request, body: CompletionRequest | ChatRequest, shape_cls: type[_Shape],
                    logprobs: bool):
-    gen, name, choices = await start_generation(server(request), request.scope.setdefault("state", {}), body,
-                                                shape_cls.route)
+    started = time.perf_counter()
+    st = server(request)
+    gen, name, choices = await start_generation(st, request.scope.setdefault("state", {}), body, shape_cls.route)
     shape = shape_cls(name, choices, logprobs)
-    shape.fingerprint = getattr(gen, "version", None)
+    shape.fingerprint, shape.arm = getattr(gen, "version", None), getattr(gen, "arm", None)
+    capture(st, body, shape, gen, started, shape.arm)
     if body.stream:
         usage_chunk = body.stream_options is None or body.stream_options.include_usage
         return StreamingResponse(_stream(gen, shape, usage_chunk, request.is_disconnected),
