@@ -76,6 +76,15 @@ def test_training_resume_and_evaluate(tiny_image_model, image_dataset):
     r = evaluate(tiny_image_model / "model", image_dataset, "val")
     assert r["n"] > 0 and 0 <= r["accuracy"] <= 1 and len(r["confusion_matrix"]) == 3
     assert 0 <= r["calibration"]["ece"] <= 1 and "augmented_accuracy" in r["robustness"]
+    from rich.console import Console
+
+    from homeforge.evaluate.run import GateError
+    from homeforge.vision.evaluate import run_eval
+
+    out = tiny_image_model / "eval"
+    with pytest.raises(GateError, match="min_accuracy") as exc:
+        run_eval(tiny_image_model / "model", image_dataset, "val", out, False, Console(quiet=True), min_accuracy=1.01)
+    assert exc.value.exit_code == 3 and (out / "eval.md").is_file() and "Confusion" in (out / "eval.md").read_text()
 
 
 def test_resume_is_exact(image_dataset, tmp_path):

@@ -45,7 +45,12 @@ def eval_cmd(
         from homeforge.vision.evaluate import run_eval
 
         read_manifest(data)
-        run_eval(model_dir, data, cfg.split, output, force, console)
+        if baseline is not None:
+            from homeforge.errors import HomeforgeError
+
+            raise HomeforgeError("--baseline (paired tests) is not supported for image classifiers yet",
+                                 fix="evaluate each model on its own")
+        run_eval(model_dir, data, cfg.split, output, force, console, cfg.gates.min_accuracy)
         return
     check_model_dir(model_dir)  # wrong paths are said before torch is imported
     read_manifest(data)

@@ -229,8 +229,8 @@ def _run(pipe: Pipeline, name: str, cfg, console: Console) -> None:
     elif name == "eval" and is_vision_model(_existing(pipe, name, "model")):
         from homeforge.vision.evaluate import run_eval
 
-        run_eval(_existing(pipe, name, "model"), _existing(pipe, name, "data"), cfg.split or "val",
-                 output(pipe, name), False, console)
+        run_eval(_existing(pipe, name, "model"), _existing(pipe, name, "data"), cfg.split, output(pipe, name), False,
+                 console, cfg.gates.min_accuracy)
     elif name == "eval":
         from homeforge.evaluate.run import run as evaluate
 

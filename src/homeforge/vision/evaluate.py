@@ -163,8 +163,10 @@ def onnx_accuracy(path: str | Path, x: torch.Tensor, y: np.ndarray) -> float:
     return float((np.concatenate(preds) == y).mean()) if preds else math.nan
 
 
-def run_eval(model_dir: Path, data: Path, split: str, output: Path | None, force: bool, console) -> dict:
-    """``homeforge eval`` on an image classifier: eval.json + eval.md in an artifact directory."""
+def run_eval(model_dir: Path, data: Path, split: str, output: Path | None, force: bool, console,
+             min_accuracy: float | None = None) -> dict:
+    """``homeforge eval`` on an image classifier: eval.json + eval.md in an artifact directory; a failed
+    ``gates.min_accuracy`` raises ``GateError`` (exit code 3) after the report is written."""
     import json
 
     from homeforge.artifacts import write_artifact
@@ -180,6 +182,11 @@ def run_eval(model_dir: Path, data: Path, split: str, output: Path | None, force
     console.print(f"[green]eval[/] {split}: accuracy {r['accuracy']:.4f}, macro-F1 {r['macro_f1']:.4f}, "
                   f"ECE {r['calibration']['ece']:.4f}, under augmentation {r['robustness']['augmented_accuracy']:.4f}"
                   f"; report: {out / 'eval.md'}", highlight=False)
+    if min_accuracy is not None and r["accuracy"] < min_accuracy:
+        from homeforge.evaluate.run import GateError
+
+        raise GateError(f"gate min_accuracy failed: accuracy {r['accuracy']:.4f} < {min_accuracy}",
+                         where=str(out / "eval.md"), fix="improve the model, or lower gates.min_accuracy")
     return r
 
 
