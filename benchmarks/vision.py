@@ -199,7 +199,7 @@ def onnx_rows(work: Path) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--minutes", type=float, default=1.5, help="training budget per image run")
+    ap.add_argument("--minutes", type=float, default=2.0, help="training budget per image run")
     ap.add_argument("--rebuild", action="store_true", help="render and prepare the data again in --work")
     ap.add_argument("--fusion-steps", type=int, default=200, help="optimizer steps per fusion run (the same for all "
                     "four, so the comparison does not depend on the machine's load)")
