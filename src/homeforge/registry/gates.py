@@ -35,9 +35,10 @@ def check(cand: dict | None, champ: dict | None, gates, cand_no: int, champ_no: 
         t = metrics.paired_bootstrap(a, b)
         gain = champ["ppl"] / cand["ppl"] - 1  # > 0: the candidate's perplexity is lower
         ok = gain >= gates.min_improvement and t["delta"] < 0 and t["p_value"] < gates.p_value
-        detail = (f"perplexity {cand['ppl']:.3f} vs {champ['ppl']:.3f} ({-gain:+.2%}), paired bootstrap "
-                  f"p={t['p_value']:.4g} over {len(a)} documents; needs an improvement >= {gates.min_improvement:.2%} "
-                  f"with p < {gates.p_value}")
+        change = cand["ppl"] / champ["ppl"] - 1
+        detail = (f"perplexity {cand['ppl']:.3f} vs {champ['ppl']:.3f} ({change:+.2%}, an improvement of {gain:.2%}), "
+                  f"paired bootstrap p={t['p_value']:.4g} over {len(a)} documents; needs an improvement >= "
+                  f"{gates.min_improvement:.2%} with p < {gates.p_value}")
     elif gates.metric == "accuracy":
         a, b = champ.get("correct"), cand.get("correct")
         if not a or not b or len(a) != len(b):
