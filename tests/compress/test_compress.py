@@ -79,8 +79,14 @@ def test_quantized_artifact_loads_and_matches(method, trained, tiny_dataset, tmp
     ref, _ = load_causal_lm(trained)
     layer = model.model.layers[0].self_attn.q_proj
     if method == "int8-dynamic":
-        assert type(layer).__module__.startswith("torch.ao.nn.quantized.dynamic")
-        assert type(model.lm_head).__module__.startswith("torch.ao.nn.quantized.dynamic")
+        assert isinstance(layer, quantized.Int8Linear) and isinstance(model.lm_head, quantized.Int8Linear)
+        # the int8 kernel computes exactly: int8 rows x int8 columns, int32 sums, then the two scales
+        h = torch.randn(3, layer.in_features) * torch.tensor([[1.0], [50.0], [0.01]])  # rows of very different scale
+        qw, sw = quantize.quantize_int8(ref.model.layers[0].self_attn.q_proj.weight)
+        sx = h.abs().amax(-1, keepdim=True) / 127
+        want = (torch.round(h / sx).double() @ qw.double().t()) * sx.double() * sw.double()
+        with torch.no_grad():
+            assert torch.allclose(layer(h).double(), want, rtol=1e-5, atol=1e-6 * want.abs().max())
         assert dt["lm_head.qweight"] == "I8" and dt["model.embed_tokens.weight"] == "F32"
         assert torch.equal(model.model.embed_tokens.weight, ref.model.embed_tokens.weight)
     else:  # weight-only on a CPU: exactly the dequantized weights

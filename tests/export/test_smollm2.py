@@ -64,11 +64,16 @@ def test_reexport_real_model_to_onnx_int8(imported, tmp_path):
     assert m["parity_int8"]["max_rel_error"] < 0.08
     # 0.52: the embeddings (tied, 28M of 135M parameters) and the down projections stay fp32
     assert m["onnx"]["bytes"]["model.int8.onnx"] < 0.6 * m["onnx"]["bytes"]["model.onnx"]
-    from homeforge.export.onnx import ort_greedy, session
+    from homeforge.export.onnx import ort_greedy, ort_logits, session
 
     model, tok = load_causal_lm(imported)
     text = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True)
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    for name in ("model.onnx", "model.int8.onnx"):
-        new = ort_greedy(session(out / name), model.config, ids, 20, eos_id=tok.convert_tokens_to_ids("<|im_end|>"))
-        assert "Paris" in tok.decode(new, skip_special_tokens=True), name
+    answer = ort_greedy(session(out / "model.onnx"), model.config, ids, 20, eos_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    assert "Paris" in tok.decode(answer, skip_special_tokens=True)
+    # int8, teacher-forced on the fp32 answer. Its first token is a near-tie in fp32 ("The" 25.33 vs
+    # "L" 25.24): int8 picks "L" and then answers "L'Étoile, ...", exactly as llama.cpp's own q8_0
+    # file of this model does. Every later token of the fp32 answer must be int8's top-1 too.
+    logits = ort_logits(session(out / "model.int8.onnx"), model.config, [ids + answer], True)[0]
+    picks = logits[len(ids) - 1:-1].argmax(-1).tolist()
+    assert sum(p != a for p, a in zip(picks, answer, strict=True)) <= 1 and picks[1:] == answer[1:]
