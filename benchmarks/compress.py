@@ -163,7 +163,8 @@ def main() -> None:
     from homeforge.compress import run as C
     from homeforge.compress.quantize import linear_weight_bytes
     from homeforge.config import CompressConfig, load_config
-    from homeforge.evaluate.run import _text_docs, read_jsonl
+    from homeforge.data.dataset import read_jsonl
+    from homeforge.evaluate.lm import text_docs
     from homeforge.models.io import load_causal_lm
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="hf-bench-compress-"))
@@ -231,7 +232,7 @@ def main() -> None:
 
     # perplexity: the same val documents, each cut to `seq` tokens, for every variant
     rows = read_jsonl(data / "val.jsonl", p["ppl_docs"])
-    docs = [d[: p["seq"]] for d in _text_docs(rows, tok, data / "val.jsonl")[0] if len(d) >= 8]
+    docs = [d[: p["seq"]] for d in text_docs(rows, tok, data / "val.jsonl")[0] if len(d) >= 8]
     ppl = {}
     for name, m in variants.items():
         nll, n = 0.0, 0
