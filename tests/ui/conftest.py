@@ -107,6 +107,10 @@ def dash(tiny_dataset, tmp_path_factory):
     from homeforge.train.run import run
 
     tmp = tmp_path_factory.mktemp("ui")
+    from homeforge import paths
+
+    # the session's audit log is shared with every other test: this module reads only what comes after here
+    audit_start = paths.audit_log().stat().st_size if paths.audit_log().is_file() else 0
     root = tmp / "root"
     shutil.copytree(tiny_dataset, root / "data")
     store = KeyStore.open(tmp / "keys.json")
@@ -140,10 +144,8 @@ def dash(tiny_dataset, tmp_path_factory):
     reg.register(root / "better" / "model", "docs", eval_dir=evals["better"], alias="candidate")
     try:
         wait_http(ui_url + "/login", ui)
-        from homeforge import paths
-
         yield {"url": ui_url, "root": root, "tokens": tokens, "serve_url": serve_url, "serve_port": sport, "env": env,
-               "audit": paths.audit_log(), "tmp": tmp}
+               "audit": paths.audit_log(), "audit_start": audit_start, "tmp": tmp}
     finally:
         import psutil
 
