@@ -40,10 +40,13 @@ class Budget:
 
 
 def fit_to_budget(cfg: TrainConfig, state: RunState, clock: Budget, info: DistInfo) -> int:
-    """The step count, re-fitted to the time left under ``max_minutes`` (at the first 3 steps of a
-    session, then at every log step, so the learning-rate schedule ends when the time does). The
-    run stops before a step that would not finish within the budget: a wall-clock cap."""
-    if clock.limit is None or not (clock.steps <= 3 or state.step % cfg.log_every == 0):
+    """The step count, re-fitted to the time left under ``max_minutes`` (so the learning-rate schedule
+    ends when the time does): before every step of a single-process run; in a distributed run at the
+    first 3 steps of a session and then at every log step, since the ranks must agree through a
+    collective. The run stops before a step that would not finish within the budget at the pace so
+    far: a wall-clock cap, give or take how much one step differs from the average."""
+    refit = clock.steps <= 3 or state.step % cfg.log_every == 0 or not info.enabled
+    if clock.limit is None or not refit:
         return state.total_steps
     left = clock.steps_left(info)
     return state.total_steps if left is None else min(cfg.max_steps, state.step + left)
