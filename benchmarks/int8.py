@@ -84,7 +84,6 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
-    from transformers import AutoTokenizer
 
     from homeforge.config import ExportConfig, load_config
     from homeforge.export import onnx as hx
@@ -93,10 +92,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     src = smollm2_dir()
-    tok = AutoTokenizer.from_pretrained(str(src))
-    wins = windows(tok, args.windows, args.seq)
-    model, _ = load_causal_lm(src)
+    model, tok = load_causal_lm(src)
     model.eval()
+    wins = windows(tok, args.windows, args.seq)
     with torch.no_grad():
         ref = [model(torch.tensor([w])).logits[0].float().numpy() for w in wins]
     gaps = np.concatenate([np.sort(r, -1)[:, -1] - np.sort(r, -1)[:, -2] for r in ref])
@@ -176,7 +174,7 @@ def main() -> None:
 
 
 def _size(d: Path) -> int:
-    return sum(p.stat().st_size for p in d.glob("*.safetensors")) or sum(p.stat().st_size for p in d.glob("*.pt"))
+    return sum(p.stat().st_size for p in d.glob("*.safetensors"))
 
 
 def _llama(threads: int, src: Path) -> dict | None:

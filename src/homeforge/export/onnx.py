@@ -127,11 +127,12 @@ def _static_experts(model) -> str | None:
     return old
 
 
-def _export_raw(model, path: Path, kv_cache: bool, opset: int) -> None:
+def _export_raw(model, path: Path, shapes_kv: list | None, opset: int) -> None:
+    """The raw dynamo graph; ``shapes_kv`` (``cache_shapes``) adds the KV-cache inputs, None a plain logits graph."""
     import torch
     from torch.export import Dim
 
-    shapes_kv = cache_shapes(model) if kv_cache else []
+    kv_cache = shapes_kv is not None
     batch, seq, past, total = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
     b, t, p = 2, 5, 3  # example sizes; every one of them is dynamic in the graph
     ids = torch.zeros(b, t, dtype=torch.long)
@@ -319,9 +320,10 @@ def export_onnx(src: common.Source, out: Path, cfg, console=None) -> dict:
     ids = common.parity_ids(src.tokenizer, cfg.parity.texts)
     ref = common.torch_logits(src.reference, ids)
     metrics: dict = {}
+    per_layer = cache_shapes(model) if oc.kv_cache else None
     with tempfile.TemporaryDirectory(prefix=".onnx-raw-", dir=out.parent) as scratch:
         raw = Path(scratch) / "raw.onnx"
-        _export_raw(model, raw, oc.kv_cache, oc.opset)
+        _export_raw(model, raw, per_layer, oc.opset)
         _ort_optimize(raw, out / "model.onnx", oc.optimize)
         res = _parity(session(out / "model.onnx"), src, ids, ref, oc.kv_cache,
                       common.tolerance_for("float32", cfg.parity.max_rel_error), cfg.parity.min_top1_agreement)
@@ -346,7 +348,6 @@ def export_onnx(src: common.Source, out: Path, cfg, console=None) -> dict:
     if getattr(src.model, "generation_config", None) is not None:
         src.model.generation_config.save_pretrained(str(out))
     ins, outs = io_names(model.config, oc.kv_cache)
-    per_layer = cache_shapes(model) if oc.kv_cache else []
     sizes = {p.name: p.stat().st_size for p in out.glob("*.onnx*")}
     metrics["onnx"] = {"kv_cache": oc.kv_cache, "opset": oc.opset, "optimize": oc.optimize, "inputs": ins,
                        "outputs": outs, "num_layers": model.config.num_hidden_layers,

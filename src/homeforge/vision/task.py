@@ -140,8 +140,8 @@ def build_model(vcfg, n_classes: int):
         from transformers import AutoModel, AutoTokenizer
 
         tdir = text_encoder_dir(vcfg.text_encoder)
-        tok = AutoTokenizer.from_pretrained(str(tdir))
-        enc = AutoModel.from_pretrained(str(tdir), dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(tdir), local_files_only=True)
+        enc = AutoModel.from_pretrained(str(tdir), dtype=torch.float32, local_files_only=True)
         text_cfg = str(tdir)
         model = FusionClassifier(bcfg, enc, n_classes, vcfg.fusion, dropout=vcfg.dropout)
     if vcfg.weights:
@@ -211,7 +211,7 @@ def load_model(path: str | Path, onnx: str | None = None, threads: int | None = 
         if meta["fusion"] != "none":
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(str(p / "text_encoder"))
+            tok = AutoTokenizer.from_pretrained(str(p / "text_encoder"), local_files_only=True)
         return OnnxImageModel(p / onnx, threads), meta, tok
     if not is_vision_model(p) or not (p / "model.safetensors").is_file():
         raise HomeforgeError(f"{p} is not an image classifier directory (no {META} or model.safetensors)",
@@ -225,8 +225,8 @@ def load_model(path: str | Path, onnx: str | None = None, threads: int | None = 
     else:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(p / "text_encoder"))
-        enc = AutoModel.from_config(AutoConfig.from_pretrained(str(p / "text_encoder")))
+        tok = AutoTokenizer.from_pretrained(str(p / "text_encoder"), local_files_only=True)
+        enc = AutoModel.from_config(AutoConfig.from_pretrained(str(p / "text_encoder"), local_files_only=True))
         model = FusionClassifier(bcfg, enc, n, meta["fusion"], dropout=meta["dropout"])
     model.load_state_dict(load_file(str(p / "model.safetensors")), strict=False)
     model.backbone.to(memory_format=torch.channels_last)
