@@ -138,11 +138,26 @@ def smollm2_dir() -> Path:
     return import_gguf(fetch_smollm2(root), out, load_config(ImportConfig))
 
 
+def calibration_data(model_dir: Path) -> Path:
+    """A text dataset in ``model_dir``'s tokenizer (stdlib docstrings) for compress's calibration and gate."""
+    from homeforge.data.corpus import stdlib_docstrings
+
+    out = model_dir.parent / (model_dir.name + "-calib-data")
+    if not (out / "index.json").is_file():
+        src = model_dir.parent / (model_dir.name + "-calib-text.jsonl")
+        src.write_text("".join(json.dumps({"text": t}) + "\n" for t in stdlib_docstrings(400_000)))
+        subprocess.run([sys.executable, "-m", "homeforge", "prepare", str(src), "--tokenizer-from", str(model_dir),
+                        "-o", str(out)], check=True, capture_output=True)
+    return out
+
+
 def int8_dir(model_dir: Path) -> Path:
+    """``homeforge compress -m int8-dynamic`` with its defaults (SmoothQuant calibrated on the dataset)."""
     out = model_dir.parent / (model_dir.name + "-int8-dynamic")
     if not (out / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "homeforge", "compress", str(model_dir), "--method", "int8-dynamic",
-                        "--output", str(out), "--force"], check=True, capture_output=True)
+                        "--data", str(calibration_data(model_dir)), "--output", str(out), "--force"], check=True,
+                       capture_output=True)
     return out
 
 

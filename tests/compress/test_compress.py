@@ -60,7 +60,9 @@ def test_int8_and_int4_math():
 @pytest.mark.parametrize("method", ["int8-dynamic", "int8-weight-only", "int4-weight-only"])
 def test_quantized_artifact_loads_and_matches(method, trained, tiny_dataset, tmp_path):
     out = tmp_path / method
-    r = C.run(trained, tiny_dataset, _cfg(f"method={method}", "group_size=32"), out, False, QUIET)
+    # the plain int8 path (no SmoothQuant, every Linear and the head int8): the kernel is checked exactly below
+    plain_int8 = ["smoothquant_alpha=null", "quantize_head=true", "keep_fp32=[]"]
+    r = C.run(trained, tiny_dataset, _cfg(f"method={method}", "group_size=32", *plain_int8), out, False, QUIET)
     manifest = json.loads((out / "homeforge.json").read_text())
     q = manifest["quantization"]
     # 2 layers x (q, k, v, o, gate, up, down), and for int8-dynamic the output head (quantize_head)
@@ -275,3 +277,74 @@ def test_gpu_path_without_torchao_falls_back_with_a_warning(trained, monkeypatch
     with pytest.warns(UserWarning, match="torchao is not installed"):
         quantized._torchao_quantize(model, "int8-weight-only", 64)
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
+
+
+def test_smoothquant_folds_exactly_and_cuts_int8_error_on_outlier_channels():
+    """SmoothQuant changes nothing in fp32 and, on a model whose activations have outlier channels
+    (as real LLMs do), makes per-token int8 much closer to fp32 than quantizing it as it is."""
+    import copy
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from homeforge.compress import smooth
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)  # grouped-query attention, q/k/v biases
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # a few channels 30x larger than the rest, as in trained LLMs
+            layer.input_layernorm.weight[[3, 17]] = 30.0
+            layer.post_attention_layernorm.weight[[5, 40]] = 30.0
+            layer.mlp.up_proj.weight[[7, 90]] *= 30.0
+    batches = [torch.randint(0, 128, (1, 48)) for _ in range(4)]
+    x = torch.randint(0, 128, (1, 40))
+    with torch.no_grad():
+        ref = model(x).logits
+        smoothed = copy.deepcopy(model)
+        info = smooth.smooth(smoothed, batches, alpha=0.5)  # random weights have no outliers of their own
+        assert info["folded"] == 8 and not info["skipped"]  # 2 layers x (qkv, gate/up, down, o)
+        assert (smoothed(x).logits - ref).abs().max() < 1e-4 * ref.abs().max()  # exact in fp32
+        errors = []
+        for m in (copy.deepcopy(model), smoothed):
+            quantized.to_dynamic_int8(m)
+            errors.append(float((m(x).logits - ref).pow(2).mean().sqrt() / ref.std()))  # relative RMS error
+    assert errors[1] < 0.5 * errors[0], errors  # measured 0.028 vs 0.062
+
+
+@pytest.mark.parametrize("bar", [0.0, 1.0])
+def test_int8_layout_is_the_fastest_that_keeps_agreement(bar, trained, tiny_dataset, tmp_path):
+    """Defaults: SmoothQuant, then layouts fastest first (all int8, down projections fp32, head fp32 too);
+    the first reaching int8_min_agreement is written, else the most accurate one."""
+    out = tmp_path / "int8"
+    r = C.run(trained, tiny_dataset, _cfg("method=int8-dynamic", f"int8_min_agreement={bar}"), out, False, QUIET)
+    q = json.loads((out / "homeforge.json").read_text())["quantization"]
+    assert q["smoothing"]["folded"] == 8 and q["smoothing"]["alpha"] == 0.8  # 2 layers x (qkv, gate/up, down, o)
+    tried = q["layout"]["tried"]
+    if bar == 0.0:  # the fastest layout passes at once: every Linear and the head int8
+        assert len(tried) == 1 and len(q["modules"]) == 15 and "lm_head" in q["modules"]
+    else:  # tried in order until one agrees on every token; else all three, and the most accurate kept
+        order = [(True, []), (True, ["down_proj"]), (False, ["down_proj"])]
+        assert [(t["quantize_head"], t["keep_fp32"]) for t in tried] == order[:len(tried)]
+        assert all(t["agreement"] < 1.0 for t in tried[:-1])
+        best = tried[-1] if tried[-1]["agreement"] >= 1.0 else max(tried, key=lambda t: t["agreement"])
+        assert len(tried) == 3 or best is tried[-1]
+        assert (q["layout"]["quantize_head"], q["layout"]["keep_fp32"]) == (best["quantize_head"], best["keep_fp32"])
+        names = q["modules"]
+        assert ("lm_head" in names) == best["quantize_head"]
+        assert any(n.endswith("down_proj") for n in names) == (best["keep_fp32"] == [])
+    assert r["gate"]["passed"] and abs(r["gate"]["ppl_change"]) < 0.01
+
+
+def test_int8_dynamic_keeps_the_named_layers_fp32(trained, tiny_dataset, tmp_path):
+    out = tmp_path / "int8"
+    C.run(trained, tiny_dataset, _cfg("method=int8-dynamic", "keep_fp32=[down_proj]", "quantize_head=false"), out,
+          False, QUIET)
+    q = json.loads((out / "homeforge.json").read_text())["quantization"]
+    assert "layout" not in q and len(q["modules"]) == 12
+    assert not any(m.endswith("down_proj") or m == "lm_head" for m in q["modules"])
+    dt = _dtypes(out)
+    assert dt["model.layers.0.mlp.down_proj.weight"] == "F32" and dt["model.layers.0.mlp.up_proj.qweight"] == "I8"
+    model, _ = load_causal_lm(out)
+    assert isinstance(model.model.layers[0].mlp.up_proj, quantized.Int8Linear)
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear

@@ -82,15 +82,15 @@ def test_onnx_int8_is_smaller_and_close(onnx_dir, llama_dir):
     assert np.abs(q - ref).max() < 0.1 * np.abs(ref).max()
     assert not np.allclose(q, ref, atol=1e-6)  # it really is quantized
     sizes = json.loads((onnx_dir / "homeforge.json").read_text())["metrics"]["onnx"]["bytes"]
-    # 0.56 measured: the embeddings and down projections stay fp32, one fp32 scale per 32 weights
-    assert sizes["model.int8.onnx"] < 0.6 * sizes["model.onnx"]
+    # 0.72 measured: the embeddings, down projections and head stay fp32, one fp32 scale per 32 weights
+    assert sizes["model.int8.onnx"] < 0.75 * sizes["model.onnx"]
     import onnx
 
     ops = [n.op_type for n in onnx.load(str(onnx_dir / "model.int8.onnx")).graph.node]
-    # blockwise int8 (MatMulNBits), with the down projections (one per layer) left fp32
-    assert ops.count("MatMulNBits") == 2 * 6 + 1  # q, k, v, o, gate, up per layer + lm_head
+    # blockwise int8 (MatMulNBits), with the down projections (one per layer) and the output head left fp32
+    assert ops.count("MatMulNBits") == 2 * 6  # q, k, v, o, gate, up per layer
     parity = json.loads((onnx_dir / "homeforge.json").read_text())["metrics"]["parity_int8"]
-    assert parity["scheme"] == "blockwise" and parity["fp32_nodes"] == 2
+    assert parity["scheme"] == "blockwise" and parity["fp32_nodes"] == 3
 
 
 def test_onnx_without_cache_is_a_plain_logits_graph(qwen2_dir, tmp_path):

@@ -19,18 +19,19 @@ from homeforge.models.quantized import (
 )
 
 
-def quantize_state_dict(model, method: str, group_size: int = 64,
-                        include_head: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
+def quantize_state_dict(model, method: str, group_size: int = 64, include_head: bool = False,
+                        keep: list[str] | tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The state dict to save for ``method``: quantized Linear weights replaced by qweight/scales.
 
     A quantized head tied to the embeddings gets its own int8 copy; the embeddings stay fp32.
+    Layers named (or whose names end with a name) in ``keep`` stay fp32.
     """
     if method not in METHODS:
         raise HomeforgeError(f"unknown quantization method {method!r}", fix=f"choose one of: {', '.join(METHODS)}")
     if include_head and method != "int8-dynamic":
         raise HomeforgeError(f"quantize_head is for int8-dynamic only (with {method} on a CPU the head would run "
                              "dequantized and, tied to the embeddings, save nothing)", fix="set quantize_head=false")
-    names = quantizable_linears(model, include_head)
+    names = [n for n in quantizable_linears(model, include_head) if not kept(n, keep)]
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     for name in names:
         w = sd.pop(f"{name}.weight")
@@ -41,6 +42,10 @@ def quantize_state_dict(model, method: str, group_size: int = 64,
         sd[f"{name}.qweight"] = q
         sd[f"{name}.scales"] = s.contiguous()
     return sd, names
+
+
+def kept(name: str, keep) -> bool:
+    return any(name == k or name.endswith("." + k) for k in keep)
 
 
 def fake_quantized_weights(model, method: str, group_size: int = 64) -> dict[str, torch.Tensor]:
@@ -60,7 +65,7 @@ def fake_quantized_weights(model, method: str, group_size: int = 64) -> dict[str
 
 
 def save_quantized(model, tokenizer, out: str | Path, method: str, group_size: int = 64,
-                   include_head: bool = False) -> dict:
+                   include_head: bool = False, keep: list[str] | tuple[str, ...] = ()) -> dict:
     """Write a quantized model directory into ``out`` (a temp dir of an artifact writer).
 
     Returns the ``quantization`` entry for homeforge.json.
@@ -73,7 +78,7 @@ def save_quantized(model, tokenizer, out: str | Path, method: str, group_size: i
     save_model_dir(model, tokenizer, out)  # config, tokenizer, generation config (and fp32 weights)
     for f in out.glob("*.safetensors*"):
         f.unlink()
-    sd, names = quantize_state_dict(model, method, group_size, include_head)
+    sd, names = quantize_state_dict(model, method, group_size, include_head, keep)
     sd = _untie(model, sd)
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt", "homeforge_quantization": FORMAT})
     return {"format": FORMAT, "method": method, "bits": 4 if method.startswith("int4") else 8,

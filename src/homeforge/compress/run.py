@@ -145,8 +145,35 @@ def _train_on_engine(task, tcfg, console: Console, title: str) -> list[float]:
     return [r["loss"] for r in state.history]
 
 
+def _int8_prepare(model, tok, data: Path | None, cfg: CompressConfig, classifier: bool,
+                  console: Console) -> tuple[bool, tuple[str, ...], dict]:
+    """SmoothQuant folded into ``model`` and the layer layout, from calibration text of the train split
+    (compress/smooth.py). Returns (quantize the head, layers kept fp32, facts for the manifest)."""
+    from homeforge.compress import smooth
+
+    auto = cfg.quantize_head is None or cfg.keep_fp32 is None
+    if classifier or data is None or (cfg.smoothquant_alpha is None and not auto):
+        # no calibration text: the layout as given, else every Linear for classifiers (their head is never
+        # quantized) and the cautious layout (head and down projections fp32) for language models
+        keep = cfg.keep_fp32 if cfg.keep_fp32 is not None else ([] if classifier else ["down_proj"])
+        return bool(cfg.quantize_head), tuple(keep), {}
+    texts = _train_texts(data, cfg.train_split, limit=5_000)
+    batches = smooth.calibration_batches(texts, tok, max(1, cfg.calibration_tokens // cfg.context), cfg.context)
+    facts: dict = {}
+    with torch.no_grad():
+        if cfg.smoothquant_alpha is not None:
+            with console.status(f"SmoothQuant: calibrating on {sum(b.numel() for b in batches):,} tokens"):
+                facts["smoothing"] = smooth.smooth(model, batches, cfg.smoothquant_alpha)
+        if not auto:
+            return bool(cfg.quantize_head), tuple(cfg.keep_fp32), facts
+        with console.status("choosing the int8 layout (fastest that keeps top-1 agreement)"):
+            facts["layout"] = smooth.int8_layout(model, batches, cfg.quantize_head, cfg.keep_fp32,
+                                                 cfg.int8_min_agreement)
+    return facts["layout"]["quantize_head"], tuple(facts["layout"]["keep_fp32"]), facts
+
+
 def compress_into(model, tok, method: str, tmp: Path, data: Path | None, cfg: CompressConfig,
-                  console: Console) -> dict:
+                  console: Console, classifier: bool = False) -> dict:
     """Write the compressed model directory into ``tmp``; returns method facts for the manifest."""
     from homeforge.compress import prune, quantize
     from homeforge.models.io import save_model_dir
@@ -154,19 +181,24 @@ def compress_into(model, tok, method: str, tmp: Path, data: Path | None, cfg: Co
 
     facts: dict = {}
     if method in QUANT:
-        head = cfg.quantize_head and method == "int8-dynamic"
-        facts["quantization"] = quantize.save_quantized(model, tok, tmp, method, cfg.group_size, include_head=head)
+        head, keep, found = False, (), {}
+        if method == "int8-dynamic":
+            head, keep, found = _int8_prepare(model, tok, data, cfg, classifier, console)
+        facts["quantization"] = quantize.save_quantized(model, tok, tmp, method, cfg.group_size, include_head=head,
+                                                        keep=keep)
+        facts["quantization"].update(found, keep_fp32=list(keep))
     elif method == "qat":
         q = cfg.qat
         tokens = ct.token_stream(_train_texts(data, cfg.train_split), tok)
         tcfg = ct.short_run_config(steps=q.steps, lr=q.lr, seq_len=q.seq_len, batch_size=q.batch_size, seed=0,
                                    output_dir=str(tmp / "training"), threads=cfg.threads)
-        names = quantize.quantizable_linears(model, cfg.quantize_head)
+        qat_head = cfg.quantize_head is not False  # null: the head is trained and stored int8
+        names = quantize.quantizable_linears(model, qat_head)
         losses = _train_on_engine(ct.qat_task(model, tokens, tcfg, names), tcfg, console, "QAT fine-tuning")
         ct.swap_fake_quant(model, names, wrap=False)
         model.eval()
         facts["qat"] = {"first_loss": losses[0], "last_loss": losses[-1], "steps": len(losses)}
-        facts["quantization"] = quantize.save_quantized(model, tok, tmp, "int8-dynamic", include_head=cfg.quantize_head)
+        facts["quantization"] = quantize.save_quantized(model, tok, tmp, "int8-dynamic", include_head=qat_head)
         facts["quantization"]["trained_with"] = "qat"
     elif method == "distill":
         from homeforge.models.presets import build_model, preset_config
@@ -259,7 +291,7 @@ def _run(model_dir: Path, data: Path | None, cfg: CompressConfig, output: Path |
         before = measure(model, model_dir, docs, cfg)
     with plan.write() as art:
         with art.timed("compress"):
-            facts = compress_into(model, tok, cfg.method, art.dir, data, cfg, console)
+            facts = compress_into(model, tok, cfg.method, art.dir, data, cfg, console, classifier)
         del model
         with console.status("measuring the compressed model"):
             (art.dir / "homeforge.json").write_text(json.dumps({"quantization": facts.get("quantization")}))

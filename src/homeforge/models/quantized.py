@@ -81,10 +81,10 @@ def quantizable_linears(model, include_head: bool = False) -> list[str]:
     output head with ``include_head``. Sequence-classification heads always stay fp32.
 
     By default the head stays in full precision: in the presets it is tied to the
-    embeddings, and it carries much of the quantization error of small models. With
-    int8-dynamic, quantizing it (a separate int8 copy; the embedding table stays fp32)
-    measured 1.3-1.6x more speed on the `small` preset, whose 8192-token head is ~14% of
-    the FLOPs -- so `homeforge compress` does it there by default (``quantize_head``).
+    embeddings, and it carries much of the quantization error (SmolLM2-135M int8-dynamic:
+    top-1 agreement with fp32 0.966 with the head fp32, 0.926 with it int8). Quantizing it
+    (a separate int8 copy; the embedding table stays fp32) measured 1.3-1.6x more speed on
+    the `small` preset, whose 8192-token head is ~14% of the FLOPs: ``quantize_head``.
     """
     head = model.get_output_embeddings()
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head
