@@ -25,7 +25,7 @@ Measured in one process, alternating the variants round by round (median of roun
 
     python benchmarks/export.py --quick     # smoke run (~2 minutes)
     python benchmarks/export.py             # full run (SmolLM2-135M; ~15 minutes on 2 cores)
-    python benchmarks/export.py --archs     # tiny Llama/Qwen2/Qwen2-MoE/DeepSeek-V3 in llama.cpp
+    python benchmarks/export.py --archs     # tiny Llama/Qwen2/Qwen2-MoE/DeepSeek-V3 in llama.cpp (~5 min)
 """
 
 from __future__ import annotations
@@ -223,6 +223,7 @@ def tiny_archs(args) -> None:
     from homeforge.config import ExportConfig, load_config
     from homeforge.data.tokenizer import train_bpe
     from homeforge.export import run_export
+    from homeforge.export.common import ParityError
     from homeforge.models.io import save_model_dir
 
     if llamacpp.binary("llama-server") is None:
@@ -254,8 +255,14 @@ def tiny_archs(args) -> None:
         src = root / arch
         save_model_dir(model, tok, src)
         for outtype in ("f32", "f16", "q8_0"):
-            out = run_export(src, root / f"{arch}-{outtype}", load_config(ExportConfig, overrides=[
-                "format=gguf", f"gguf.outtype={outtype}"]))
+            overrides = ["format=gguf", f"gguf.outtype={outtype}"]
+            try:
+                out = run_export(src, root / f"{arch}-{outtype}", load_config(ExportConfig, overrides=overrides))
+            except ParityError as exc:  # our own gate refused it: say so, and measure it in llama.cpp anyway
+                print(f"  {arch} {outtype}: homeforge's parity gate refused the file ({exc}); measured with "
+                      "parity.max_rel_error=1 below")
+                out = run_export(src, root / f"{arch}-{outtype}", load_config(
+                    ExportConfig, overrides=[*overrides, "parity.max_rel_error=1"]), force=True)
             with llamacpp.LlamaServer(out / f"model-{outtype}.gguf", threads=args.threads) as server:
                 res = llamacpp.runtime_parity(server, model, prompts, n=32, eog=llamacpp.eog_ids(tok))
                 t_llama, t_torch = [], []

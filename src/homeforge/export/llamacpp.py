@@ -175,7 +175,8 @@ def runtime_parity(server: LlamaServer, model, prompts: list[list[int]], n: int 
     Per prompt: the identical-token prefix of the two free-running greedy continuations; then,
     teacher-forced on transformers' continuation (the same context at every position), the
     fraction of positions where llama.cpp's top-1 token is transformers' (top-1 agreement),
-    the largest |log-probability difference| over llama.cpp's top ``n_probs`` tokens, and how
+    the largest |log-probability difference| over llama.cpp's top ``n_probs`` tokens (each taken
+    relative to the first of them, so that the two sides' normalisations cancel), and how
     many different top-1 tokens are *not* near-ties (transformers' own gap between the two
     tokens larger than twice that position's log-prob difference): a correct file can differ
     at a near-tie through float rounding alone; it should not differ anywhere else. ``eog``:
@@ -192,7 +193,11 @@ def runtime_parity(server: LlamaServer, model, prompts: list[list[int]], n: int 
             step = server.greedy(ids + ref[:i], 1, n_probs, cache=True)
             agree.append(step["tokens"][0] == ref[i])
             top = [(tid, lp) for tid, lp in (step["top"][0] if step["top"] else []) if tid not in (eog or ())]
-            diffs.append(max((abs(float(ref_lp[i][tid]) - lp) for tid, lp in top), default=0.0))
+            # relative to the first of those tokens: the two sides normalise over different sets (llama.cpp's
+            # probabilities include the end-of-generation tokens that transformers' side suppresses)
+            a, a_lp = top[0] if top else (None, 0.0)
+            diffs.append(max((abs(float(ref_lp[i][tid] - ref_lp[i][a]) - (lp - a_lp)) for tid, lp in top),
+                             default=0.0))
             if not agree[-1]:  # a different top-1 is a near-tie if transformers' own top-2 are closer than the error
                 gap = float(ref_lp[i][ref[i]] - ref_lp[i][step["tokens"][0]])
                 untied += gap > 2 * diffs[-1]
