@@ -62,8 +62,9 @@ def test_reexport_real_model_to_onnx_int8(imported, tmp_path):
     # scheme: 0.236). Top-1 agreement over the 40 parity positions is too few to assert on (0.90
     # measured; benchmarks/int8.py measures it over 2,048 positions)
     assert m["parity_int8"]["max_rel_error"] < 0.08
-    # 0.52: the embeddings (tied, 28M of 135M parameters) and the down projections stay fp32
-    assert m["onnx"]["bytes"]["model.int8.onnx"] < 0.6 * m["onnx"]["bytes"]["model.onnx"]
+    # 0.65 measured: the embeddings and the output head (tied in the model, 28M of 135M parameters each
+    # in the graph) and the down projections stay fp32
+    assert m["onnx"]["bytes"]["model.int8.onnx"] < 0.7 * m["onnx"]["bytes"]["model.onnx"]
     from homeforge.export.onnx import ort_greedy, ort_logits, session
 
     model, tok = load_causal_lm(imported)
