@@ -31,7 +31,7 @@ def quantize_state_dict(model, method: str, group_size: int = 64, include_head: 
     if include_head and method != "int8-dynamic":
         raise HomeforgeError(f"quantize_head is for int8-dynamic only (with {method} on a CPU the head would run "
                              "dequantized and, tied to the embeddings, save nothing)", fix="set quantize_head=false")
-    names = [n for n in quantizable_linears(model, include_head) if not kept(n, keep)]
+    names = linears_to_quantize(model, include_head, keep)
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     for name in names:
         w = sd.pop(f"{name}.weight")
@@ -44,8 +44,10 @@ def quantize_state_dict(model, method: str, group_size: int = 64, include_head: 
     return sd, names
 
 
-def kept(name: str, keep) -> bool:
-    return any(name == k or name.endswith("." + k) for k in keep)
+def linears_to_quantize(model, include_head: bool = False, keep: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """``quantizable_linears`` without the layers named (or whose names end with a name) in ``keep``."""
+    return [n for n in quantizable_linears(model, include_head)
+            if not any(n == k or n.endswith("." + k) for k in keep)]
 
 
 def fake_quantized_weights(model, method: str, group_size: int = 64) -> dict[str, torch.Tensor]:

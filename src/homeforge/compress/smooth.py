@@ -86,14 +86,6 @@ def groups(model) -> list[tuple[str, str, list[str]]]:
     return out
 
 
-def _heads(model) -> tuple[int, int, int] | None:
-    c = model.config
-    heads = getattr(c, "num_attention_heads", None)
-    kv = getattr(c, "num_key_value_heads", None) or heads
-    dim = getattr(c, "head_dim", None) or (c.hidden_size // heads if heads else None)
-    return (heads, kv, dim) if heads and dim else None
-
-
 @torch.no_grad()
 def smooth(model, batches: list[torch.Tensor], alpha: float = 0.5, tolerance: float = 1e-3) -> dict:
     """Fold SmoothQuant scales into ``model`` in place; returns what was done for the manifest.
@@ -108,7 +100,6 @@ def smooth(model, batches: list[torch.Tensor], alpha: float = 0.5, tolerance: fl
     check = batches[0][:, :64]
     ref = model(check).logits.float()
     scale_ref = ref.abs().amax().clamp(min=1e-6)
-    heads = _heads(model)
     done, skipped = [], []
     for kind, producer, consumers in groups(model):
         if any(c not in maxima for c in consumers):
@@ -116,16 +107,14 @@ def smooth(model, batches: list[torch.Tensor], alpha: float = 0.5, tolerance: fl
         prev, lins = modules[producer], [modules[c] for c in consumers]
         a_max = maxima[consumers[0]]
         s = _scales(a_max, [lin.weight for lin in lins], alpha)
-        if kind == "attention":
-            if heads is None:
+        if kind == "attention":  # the attention module knows its head size and query heads per key/value head
+            attn = modules[producer.rpartition(".")[0]]
+            dim, rep = getattr(attn, "head_dim", None), getattr(attn, "num_key_value_groups", None)
+            if not dim or not rep or s.numel() != prev.weight.shape[0] * rep:
                 skipped.append(producer)
                 continue
-            n, kv, dim = heads
-            if s.numel() != n * dim or prev.weight.shape[0] != kv * dim:
-                skipped.append(producer)
-                continue
-            s_kv = s.view(kv, n // kv, dim).amax(1)  # one scale per key/value channel, shared by its query heads
-            s = s_kv[:, None, :].expand(kv, n // kv, dim).reshape(-1)
+            s_kv = s.view(-1, rep, dim).amax(1)  # one scale per key/value channel, shared by its query heads
+            s = s_kv[:, None, :].expand(-1, rep, dim).reshape(-1)
             s_prev = s_kv.reshape(-1)
         else:
             s_prev = s
@@ -154,8 +143,8 @@ def calibration_batches(texts: list[str], tok, samples: int, seq_len: int) -> li
             ids.append(eos)
         if len(ids) >= samples * seq_len:
             break
-    n = min(samples, len(ids) // seq_len) if len(ids) >= seq_len else (1 if ids else 0)
-    width = seq_len if len(ids) >= seq_len else len(ids)
+    width = min(seq_len, len(ids))  # a text shorter than one window gives one shorter window
+    n = min(samples, len(ids) // width) if width else 0
     return [torch.tensor([ids[i * width:(i + 1) * width]]) for i in range(n)]
 
 
@@ -172,8 +161,8 @@ def int8_layout(model, batches: list[torch.Tensor], head: bool | None, keep: lis
     """
     import copy
 
-    from homeforge.compress.quantize import kept
-    from homeforge.models.quantized import quantizable_linears, quantize_int8, to_dynamic_int8
+    from homeforge.compress.quantize import linears_to_quantize
+    from homeforge.models.quantized import quantize_int8, to_dynamic_int8
 
     ref = [model(b).logits.argmax(-1) for b in batches]
     candidates = list(dict.fromkeys((h if head is None else head, tuple(k) if keep is None else tuple(keep))
@@ -182,8 +171,7 @@ def int8_layout(model, batches: list[torch.Tensor], head: bool | None, keep: lis
     for h, k in candidates:
         m = copy.deepcopy(model)
         mods = dict(m.named_modules())
-        names = [n for n in quantizable_linears(m, h) if not kept(n, k)]
-        to_dynamic_int8(m, {n: quantize_int8(mods[n].weight) for n in names})
+        to_dynamic_int8(m, {n: quantize_int8(mods[n].weight) for n in linears_to_quantize(m, h, k)})
         agree = torch.cat([(m(b).logits.argmax(-1) == r).flatten() for b, r in zip(batches, ref, strict=True)])
         tried.append({"quantize_head": h, "keep_fp32": list(k), "agreement": round(float(agree.float().mean()), 4)})
         del m
