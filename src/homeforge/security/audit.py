@@ -518,12 +518,3 @@ def check_anchor(anchor: dict, where: str = "") -> str | None:
         last_seq = s_
     return (f"the audit log ends at line {last_seq}, but {where or 'this artifact'} was made when it held {seq} lines: "
             "lines were deleted from its end")
-
-
-_command_notes: dict[str, Any] = {}
-
-
-def note_command(**fields: Any) -> None:
-    """Add fields to this process's command audit line (e.g. the signal that stopped a server;
-    written by ``audit_command.audited_command``)."""
-    _command_notes.update(fields)

@@ -15,12 +15,19 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from homeforge import paths
 from homeforge.errors import HomeforgeError
-from homeforge.security import audit
 from homeforge.security.audit import AuditError, AuditLog
 from homeforge.security.masking import mask_args, mask_text, secret_values
+
+_command_notes: dict[str, Any] = {}
+
+
+def note_command(**fields: Any) -> None:
+    """Add fields to this process's command audit line (e.g. the signal that stopped a server)."""
+    _command_notes.update(fields)
 
 
 def _path_candidates(argv: list[str]) -> list[str]:
@@ -124,8 +131,8 @@ class audited_command:  # noqa: N801 - used as a context manager
             record["error"] = mask_text(error, {v for v in secrets if len(v) >= 6})[:500]
         if unverified := integrity.skipped():
             record["unverified"] = unverified  # loaded with --no-verify
-        record.update({k: v for k, v in audit._command_notes.items() if k not in record})  # audit.note_command
-        audit._command_notes.clear()
+        record.update({k: v for k, v in _command_notes.items() if k not in record})  # note_command
+        _command_notes.clear()
         try:
             self.log.append(record)
         except HomeforgeError as e:

@@ -204,7 +204,7 @@ class Runner:
                                                      timeout_graceful_shutdown=int(cfg.graceful_timeout) or None))
 
     def run(self) -> None:
-        from homeforge.security.audit import note_command
+        from homeforge.security.audit_command import note_command
 
         try:
             self.server.run(sockets=[self.sock])
