@@ -13,7 +13,11 @@ tokens (``ignore_eos``, so every request produces the same count) and measures t
 first token (TTFT) and end-to-end latency; throughput is completion tokens / wall time of
 the whole level. Levels of 1, 4 and 16 concurrent clients (``--levels 1,4,16,64``); for
 every level the servers alternate (homeforge, llama.cpp, then reversed, ...) and medians
-over rounds are reported. Peak resident memory of each server process is read from /proc
+over rounds are reported. Prompts are the first 40 words of stdlib docstrings, and no
+round sends a prompt an earlier round sent (both servers of a round get the same ones):
+repeats would be answered from llama-server's per-slot prompt cache or homeforge's
+prefix cache, and later rounds would measure those caches instead of the engines
+(``--repeat-prompts`` does exactly that, for comparison). Peak resident memory of each server process is read from /proc
 (VmHWM). A greedy 32-token completion of the same prompt is compared between the servers.
 
 ``--naive`` adds the server people write first (transformers ``generate`` one request at a
@@ -272,17 +276,19 @@ async def one_request(client, base: str, prompt: str, max_tokens: int) -> tuple[
     return ttft if ttft is not None else float("nan"), time.perf_counter() - t0, tokens if tokens else chunks
 
 
-async def level(base: str, prompts: list[str], clients: int, per_client: int, max_tokens: int) -> dict:
+async def level(base: str, prompts: list[str], clients: int, per_client: int, max_tokens: int,
+                warm: str) -> dict:
+    """One closed-loop run; request ``k * per_client + j`` of the run sends ``prompts[...]`` (all distinct)."""
     import httpx
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)) as c:
         # no keep-alive: llama-server closes idle connections, which a pooled client would reuse and fail on
-        await one_request(c, base, prompts[0], 2)  # warm-up
+        await one_request(c, base, warm, 16)  # warm-up, on a prompt no measured request sends
         results: list[tuple[float, float, int]] = []
 
         async def client(k: int):
             for j in range(per_client):
-                results.append(await one_request(c, base, prompts[(k * per_client + j) % len(prompts)], max_tokens))
+                results.append(await one_request(c, base, prompts[k * per_client + j], max_tokens))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client(k) for k in range(clients)))
@@ -325,6 +331,8 @@ def main() -> None:
     ap.add_argument("--llamacpp", type=Path, help="llama.cpp tree with build/bin/llama-server")
     ap.add_argument("--naive", action="store_true", help="also run the naive one-request-at-a-time server")
     ap.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp")
+    ap.add_argument("--repeat-prompts", action="store_true",
+                    help="every round of a level resends the first round's prompts (lets prompt caches hit)")
     ap.add_argument("--plot", type=Path, help="write a PNG: tokens/s and TTFT against concurrent clients")
     ap.add_argument("--naive-server", type=str, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -341,7 +349,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="hf-bench-serve-"))
     model_dir = args.model or (quick_model(tmp / "model") if args.quick else smollm2_dir())
     served = int8_dir(model_dir) if args.precision == "int8" else model_dir
-    llama = None if args.no_llamacpp else llamacpp_root(args.llamacpp)
+    # the --quick model's tokenizer is a local stand-in llama.cpp's converter does not recognise
+    llama = None if args.no_llamacpp or args.quick else llamacpp_root(args.llamacpp)
     kinds = ["homeforge"]
     targets: dict = {"homeforge": served, "naive": model_dir}
     if llama is not None:
@@ -349,6 +358,8 @@ def main() -> None:
         targets["llama.cpp"] = (llama, gguf)
         kinds.append("llama.cpp")
         print(f"llama.cpp: {llama} ({gguf.name})")
+    elif args.quick:
+        print("--quick: llama.cpp skipped (its converter does not know the random model's tokenizer)")
     elif not args.no_llamacpp:
         print("llama.cpp not found (pass --llamacpp DIR with build/bin/llama-server): peer skipped")
     if args.naive:
@@ -358,19 +369,30 @@ def main() -> None:
     from homeforge.data.corpus import stdlib_docstrings
 
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    docs = stdlib_docstrings(400_000)
-    prompts = [" ".join(d.split()[: s["prompt_words"]]) for d in docs if len(d.split()) >= s["prompt_words"]][:64]
-    ctx = max(len(tok(p)["input_ids"]) for p in prompts) + s["max_tokens"] + 16
+    # every (level, round) gets prompts no earlier run sent: a repeated prompt would be served from
+    # llama-server's per-slot prompt cache (it picks the slot with the longest common prefix), so the
+    # rounds after the first would measure that cache rather than the engine (seen: llama.cpp TTFT
+    # 1.97 s in round 0, 0.14 s in rounds 1-2 at 16 clients when rounds repeated their prompts)
+    need = sum(n * s["requests_per_client"] for n in s["levels"]) * s["rounds"] + 2
+    docs = stdlib_docstrings(400_000 * (1 + need // 400))
+    pool = list(dict.fromkeys(" ".join(d.split()[: s["prompt_words"]]) for d in docs
+                              if len(d.split()) >= s["prompt_words"]))
+    if len(pool) < need:
+        raise SystemExit(f"only {len(pool)} distinct prompts of {s['prompt_words']} words; {need} needed")
+    first, warm, pool = pool[0], pool[1], pool[2:]
+    ctx = max(len(tok(p)["input_ids"]) for p in pool[:need] + [first, warm]) + s["max_tokens"] + 16
     load_before = os.getloadavg()[0]
     servers = {k: start(k, targets[k], args.threads, parallel, ctx) for k in kinds}
     rows: dict = {}
     try:
-        texts = {k: greedy_text(servers[k][1], prompts[0]) for k in kinds}
+        texts = {k: greedy_text(servers[k][1], first) for k in kinds}
         for clients in s["levels"]:
             for rnd in range(s["rounds"]):
+                if rnd == 0 or not args.repeat_prompts:
+                    batch, pool = pool[:clients * s["requests_per_client"]], pool[clients * s["requests_per_client"]:]
                 for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
-                    r = asyncio.run(level(servers[kind][1], prompts, clients, s["requests_per_client"],
-                                          s["max_tokens"]))
+                    r = asyncio.run(level(servers[kind][1], batch, clients, s["requests_per_client"],
+                                          s["max_tokens"], warm))
                     rows.setdefault((clients, kind), []).append(r)
                     print(f"  clients={clients:>2} round={rnd} {kind:<9} {r['tok_s']:8.1f} tok/s  "
                           f"p50 {r['p50']:.2f}s  p99 {r['p99']:.2f}s  ttft p50 {r['ttft_p50']:.3f}s", flush=True)
@@ -393,7 +415,8 @@ def report(args, s: dict, kinds: list[str], rows: dict, peaks: dict, texts: dict
     print()
     print(f"model {model_dir.name} ({args.precision}), {s['max_tokens']} new tokens per request, greedy, "
           f"{args.threads} threads per server, medians of {s['rounds']} rounds; 1-minute load average "
-          f"{load[0]:.2f} before, {load[1]:.2f} after ({os.cpu_count()} CPUs)")
+          f"{load[0]:.2f} before, {load[1]:.2f} after ({os.cpu_count()} CPUs); prompts "
+          + ("repeated in every round of a level" if args.repeat_prompts else "distinct in every round"))
     cols = " | ".join(f"{k} tok/s" for k in kinds)
     head = f"| clients | {cols} |" + (f" ratio vs {peer} |" if peer else "") + \
         "".join(f" {k} p50 / p99 s | {k} TTFT p50 / p99 s |" for k in kinds)

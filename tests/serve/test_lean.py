@@ -32,9 +32,17 @@ class Tok:  # the engine decodes text for streaming; ids are what these tests co
 
 
 def tiny(kind: str, int8: bool = False):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
-    cls, cfg_cls = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config)}[kind]
+    cls, cfg_cls = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config),
+                    "qwen3": (Qwen3ForCausalLM, Qwen3Config)}[kind]
     torch.manual_seed(0)
     cfg = cfg_cls(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.3)
@@ -56,7 +64,7 @@ PROMPTS = [[1, 5, 7, 9, 20, 31, 4], [3, 4], [100, 200, 50, 6, 7, 8, 9, 10, 11, 1
            [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 17, 18, 19, 21, 22, 23, 24, 25, 26, 27]]
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_lean_engine_equals_transformers_generate(kind):
     """Staggered arrivals, prefill chunks of 3 tokens between decode steps, rows leaving at
     different lengths: every request gets exactly the tokens transformers' generate picks."""

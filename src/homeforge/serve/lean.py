@@ -74,22 +74,27 @@ def _fuse(layer):
 
 
 class _Packed:
-    """A linear whose weight oneDNN has reordered once for its blocked kernels.
+    """A linear whose weight oneDNN has reordered once for its blocked kernels; one row goes to MKL.
 
-    Measured on the 2-core CPU here (SmolLM2-135M shapes, fp32): 2.0-3.3x faster than
-    ``F.linear`` (MKL) at 16-60 rows, about equal at 1 row, for the same fp32 math (the
-    results differ from MKL's only in summation order). The reordered copy costs the
-    memory of the weight once more.
+    Measured on the 2-core CPUs here (SmolLM2-135M shapes, fp32): 2.0-3.3x faster than
+    ``F.linear`` (MKL) at 16-60 rows and 1.2-1.3x at 4 rows, but slower at 1 row, where a
+    whole decode step took 49.6 ms packed against 42.6 ms with MKL (medians of 12
+    interleaved rounds). So a single row (one stream decoding) keeps ``F.linear`` on the
+    original weight. The results differ from MKL's only in summation order. The reordered
+    copy costs the memory of the weight once more.
     """
 
-    __slots__ = ("w", "b")
+    __slots__ = ("w", "b", "weight")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
-        self.w = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+        self.weight = weight.detach()
+        self.w = torch.ops.mkldnn._reorder_linear_weight(self.weight, rows)
         self.b = None if bias is None else bias.detach()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if x.numel() == shape[-1]:
+            return F.linear(x, self.weight, self.b)
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), self.w, self.b, "none", [], "")
         return y.view(*shape[:-1], y.shape[-1])
 
@@ -108,9 +113,33 @@ def _linear(weight, bias, pack: bool, rows: int):
     return lambda x: F.linear(x, weight, bias)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """transformers' ``x * cos + rotate_half(x) * sin`` in four ops, bit for bit.
+
+    ``signed_sin`` is ``sin`` with its first half negated: ``roll`` swaps the halves, and
+    ``x2 * -s`` is exactly ``-x2 * s``.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+
+
+def _norm(module):
+    """An RMSNorm as one ``F.rms_norm`` call where that gives the module's output bit for bit.
+
+    transformers' RMSNorm is seven ops (cast, square, mean, add, rsqrt, two products); the
+    fused op saves ~12 us per call, 61 calls per SmolLM2 step. Checked on a random input at
+    construction; anything that differs (another formula, another dtype) keeps the module.
+    """
+    w, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.dtype != torch.float32 or not isinstance(eps, float):
+        return module
+    shape = (w.shape[0],)
+
+    def fused(x):
+        return F.rms_norm(x, shape, w, eps)
+
+    with torch.no_grad():
+        x = torch.randn(3, w.shape[0], generator=torch.Generator().manual_seed(0)) * 3
+        return fused if torch.equal(fused(x), module(x)) else module
 
 
 class SlotLM:
@@ -130,6 +159,8 @@ class SlotLM:
         self.vocab_size = int(cfg.vocab_size)
         self.dtype = self.embed.weight.dtype
         self.fused = [_fuse(layer) for layer in self.layers]
+        self.norms = [(_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)) for layer in self.layers]
+        self.final_norm = _norm(self.norm)
         # per layer: q/k/v, o, gate/up, down as callables (oneDNN-packed where possible), or None for the modules
         self.mats: list = []
         for layer, fused in zip(self.layers, self.fused, strict=True):
@@ -252,26 +283,34 @@ class SlotLM:
         b, t = x.shape[:2]
         hd = self.head_dim
         cos, sin = self.rotary(x, pos)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        half = hd // 2
+        cos, sin = cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
         for i, layer in enumerate(self.layers):
-            a, fused, mats = layer.self_attn, self.fused[i], self.mats[i]
-            h = layer.input_layernorm(x)
-            if fused is not None:
-                q, k, v = mats[0](h).split(fused[2], dim=-1)
-                q, k, v = q.view(b, t, -1, hd), k.view(b, t, -1, hd), v.reshape(b, t, -1, hd).transpose(1, 2)
+            a, fused, mats, (norm1, norm2) = layer.self_attn, self.fused[i], self.mats[i], self.norms[i]
+            h = norm1(x)
+            if fused is not None and not self.qk_norm:  # rotate q and k heads together: one rope per layer
+                nq, nk, _ = fused[2]
+                qkv = mats[0](h)
+                qk = _rope(qkv[..., :nq + nk].view(b, t, -1, hd).transpose(1, 2), cos, sin)
+                q, k = qk[:, :nq // hd], qk[:, nq // hd:]
+                v = qkv[..., nq + nk:].reshape(b, t, -1, hd).transpose(1, 2)
             else:
-                q = a.q_proj(h).view(b, t, -1, hd)
-                k = a.k_proj(h).view(b, t, -1, hd)
-                v = a.v_proj(h).view(b, t, -1, hd).transpose(1, 2)
-            if self.qk_norm:
-                q, k = a.q_norm(q), a.k_norm(k)
-            q = _rope(q.transpose(1, 2), cos, sin)
-            k = _rope(k.transpose(1, 2), cos, sin)
+                if fused is not None:
+                    q, k, v = mats[0](h).split(fused[2], dim=-1)
+                    q, k, v = q.view(b, t, -1, hd), k.view(b, t, -1, hd), v.reshape(b, t, -1, hd).transpose(1, 2)
+                else:
+                    q = a.q_proj(h).view(b, t, -1, hd)
+                    k = a.k_proj(h).view(b, t, -1, hd)
+                    v = a.v_proj(h).view(b, t, -1, hd).transpose(1, 2)
+                if self.qk_norm:
+                    q, k = a.q_norm(q), a.k_norm(k)
+                q = _rope(q.transpose(1, 2), cos, sin)
+                k = _rope(k.transpose(1, 2), cos, sin)
             keys, values = write(self.k, i, k), write(self.v, i, v)
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal and t > 1,
                                                scale=a.scaling, enable_gqa=True)
             x = x + (mats[1] if mats else a.o_proj)(o.transpose(1, 2).reshape(b, t, -1))
-            h = layer.post_attention_layernorm(x)
+            h = norm2(x)
             if fused is not None:
                 gate, up = mats[2](h).chunk(2, dim=-1)
                 x = x + mats[3](fused[5](gate) * up)
@@ -279,5 +318,5 @@ class SlotLM:
                 x = x + layer.mlp(h)
         if pick is not None:  # each row's own last position
             x = x[torch.arange(b), pick].unsqueeze(1)
-        x = self.norm(x[:, -1:] if last_only else x)
+        x = self.final_norm(x[:, -1:] if last_only else x)
         return self.head(x).float()
