@@ -31,7 +31,7 @@ class Tok:  # the engine decodes text for streaming; ids are what these tests co
         return " ".join(map(str, ids))
 
 
-def tiny(kind: str, int8: bool = False):
+def tiny(kind: str, int8: bool | str = False):
     from transformers import (
         LlamaConfig,
         LlamaForCausalLM,
@@ -47,7 +47,11 @@ def tiny(kind: str, int8: bool = False):
     cfg = cfg_cls(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.3)
     model = cls(cfg).eval()
-    if int8:
+    if int8 == "homeforge":  # what `compress -m int8-dynamic` loads: Int8Linear, per-row activation scales
+        from homeforge.models.quantized import to_dynamic_int8
+
+        model = to_dynamic_int8(model)
+    elif int8:
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     return model
 
@@ -64,12 +68,13 @@ PROMPTS = [[1, 5, 7, 9, 20, 31, 4], [3, 4], [100, 200, 50, 6, 7, 8, 9, 10, 11, 1
            [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 17, 18, 19, 21, 22, 23, 24, 25, 26, 27]]
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
-def test_lean_engine_equals_transformers_generate(kind):
+@pytest.mark.parametrize("kind,int8", [("llama", False), ("qwen2", False), ("qwen3", False), ("llama", "homeforge")])
+def test_lean_engine_equals_transformers_generate(kind, int8):
     """Staggered arrivals, prefill chunks of 3 tokens between decode steps, rows leaving at
-    different lengths: every request gets exactly the tokens transformers' generate picks."""
+    different lengths: every request gets exactly the tokens transformers' generate picks
+    (homeforge's int8 too: its activation scales are per row, so rows do not mix)."""
     torch.set_num_threads(1)
-    model = tiny(kind)
+    model = tiny(kind, int8)
     assert supports(model)
     want = {tuple(p): hf_greedy(model, p, 26) for p in PROMPTS}
     assert len({tuple(w) for w in want.values()}) == len(PROMPTS)
@@ -90,14 +95,18 @@ def test_lean_engine_equals_transformers_generate(kind):
         eng.shutdown()
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_lean_engine_int8_equals_transformers_generate_per_stream(kind):
-    """int8 dynamic quantization scales activations per tensor, so a row's numbers depend on
+@pytest.mark.parametrize("kind,scheme", [("llama", "torch.ao"), ("qwen2", "torch.ao"), ("llama", "homeforge"),
+                                         ("qwen2", "homeforge")])
+def test_lean_engine_int8_equals_transformers_generate_per_stream(kind, scheme):
+    """torch.ao's dynamic int8 scales activations per tensor, so a row's numbers depend on
     the other rows of its batch (in transformers' own batched generate too); one stream at a
-    time the lean engine picks exactly generate's tokens."""
+    time the lean engine picks exactly generate's tokens. homeforge's Int8Linear runs q/k/v
+    and gate/up fused in the lean engine (one activation quantization each)."""
     torch.set_num_threads(1)
-    model = tiny(kind, int8=True)
+    model = tiny(kind, int8=True if scheme == "torch.ao" else scheme)
     assert supports(model)
+    fused = SlotLM(model, 2).fused
+    assert all(f is not None for f in fused) == (scheme == "homeforge")
     eng = SlotEngine(TorchBackend(model), Tok(), max_batch_size=3, prefix_cache_tokens=0).start()
     try:
         for p in PROMPTS:

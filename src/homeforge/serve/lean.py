@@ -73,6 +73,32 @@ def _fuse(layer):
     return out[0], out[1], sizes, out[2], out[3], mlp.act_fn
 
 
+def _fuse_int8(layer):
+    """q/k/v and gate/up as one ``Int8Linear`` each, when all five are (``compress -m int8-dynamic``).
+
+    The activation scale is per row of the input, so one call quantizes the input once and
+    runs one int8 matmul where three (two) did the same work: bit-identical outputs, 5 of
+    the 7 per-call quantizations of a layer saved. The fused int8 weights are a copy
+    (SmolLM2: 69 MB); the modules keep theirs for the transformers forward.
+    -> (q/k/v module, sizes, gate/up module, activation) or None.
+    """
+    from homeforge.models.quantized import Int8Linear
+
+    a, mlp = layer.self_attn, layer.mlp
+    lins = [a.q_proj, a.k_proj, a.v_proj]
+    mlp_lins = [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)]
+    if not all(type(m) is Int8Linear for m in lins + mlp_lins) or not hasattr(mlp, "act_fn"):
+        return None
+    out = []
+    for group in (lins, mlp_lins):
+        if len({m.in_features for m in group}) != 1 or len({m.bias is None for m in group}) != 1:
+            return None
+        q = torch.cat([m.qweight_t for m in group], dim=1).t()  # Int8Linear takes [N, K]
+        bias = None if group[0].bias is None else torch.cat([m.bias for m in group])
+        out.append(Int8Linear(q, torch.cat([m.scales for m in group]), bias))
+    return out[0], [m.out_features for m in lins], out[1], mlp.act_fn
+
+
 class _Packed:
     """A linear whose weight oneDNN has reordered once for its blocked kernels; one row goes to MKL.
 
@@ -102,6 +128,13 @@ class _Packed:
 def _packable(*mods) -> bool:
     return all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 for m in mods) and \
         torch.backends.mkldnn.is_available()
+
+
+def _proj(module, pack: bool, rows: int):
+    """One projection as a callable: a plain fp32 linear packed (see ``_Packed``), anything else its module."""
+    if type(module) is torch.nn.Linear:
+        return _linear(module.weight, module.bias, pack and _packable(module), rows)
+    return module
 
 
 def _linear(weight, bias, pack: bool, rows: int):
@@ -158,20 +191,28 @@ class SlotLM:
         self.max_context = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
         self.vocab_size = int(cfg.vocab_size)
         self.dtype = self.embed.weight.dtype
-        self.fused = [_fuse(layer) for layer in self.layers]
         self.norms = [(_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)) for layer in self.layers]
         self.final_norm = _norm(self.norm)
-        # per layer: q/k/v, o, gate/up, down as callables (oneDNN-packed where possible), or None for the modules
+        # per layer: (q/k/v sizes, activation) when q/k/v and gate/up run fused, else None (the modules), and
+        # q/k/v, o, gate/up, down as callables (fp32: oneDNN-packed where possible; int8: the modules)
+        self.fused: list = []
         self.mats: list = []
-        for layer, fused in zip(self.layers, self.fused, strict=True):
+        fp32 = packed and torch.backends.mkldnn.is_available()
+        for layer in self.layers:
             a, mlp = layer.self_attn, layer.mlp
-            if fused is None:
+            f = _fuse(layer)
+            q8 = None if f is not None else _fuse_int8(layer)
+            if f is not None:
+                pack = fp32 and f[0].dtype == torch.float32
+                self.fused.append((f[2], f[5]))
+                self.mats.append((_linear(f[0], f[1], pack, slots), _proj(a.o_proj, packed, slots),
+                                  _linear(f[3], f[4], pack, slots), _proj(mlp.down_proj, packed, slots)))
+            elif q8 is not None:
+                self.fused.append((q8[1], q8[3]))
+                self.mats.append((q8[0], _proj(a.o_proj, packed, slots), q8[2], _proj(mlp.down_proj, packed, slots)))
+            else:
+                self.fused.append(None)
                 self.mats.append(None)
-                continue
-            pack = packed and _packable(a.o_proj, mlp.down_proj)
-            self.mats.append((_linear(fused[0], fused[1], pack, slots), _linear(a.o_proj.weight, a.o_proj.bias, pack, slots),
-                              _linear(fused[3], fused[4], pack, slots),
-                              _linear(mlp.down_proj.weight, mlp.down_proj.bias, pack, slots)))
         head = self.lm_head
         self.head = _linear(head.weight, head.bias, packed and _packable(head), slots) \
             if type(head) is torch.nn.Linear else head
@@ -289,14 +330,14 @@ class SlotLM:
             a, fused, mats, (norm1, norm2) = layer.self_attn, self.fused[i], self.mats[i], self.norms[i]
             h = norm1(x)
             if fused is not None and not self.qk_norm:  # rotate q and k heads together: one rope per layer
-                nq, nk, _ = fused[2]
+                nq, nk, _ = fused[0]
                 qkv = mats[0](h)
                 qk = _rope(qkv[..., :nq + nk].view(b, t, -1, hd).transpose(1, 2), cos, sin)
                 q, k = qk[:, :nq // hd], qk[:, nq // hd:]
                 v = qkv[..., nq + nk:].reshape(b, t, -1, hd).transpose(1, 2)
             else:
                 if fused is not None:
-                    q, k, v = mats[0](h).split(fused[2], dim=-1)
+                    q, k, v = mats[0](h).split(fused[0], dim=-1)
                     q, k, v = q.view(b, t, -1, hd), k.view(b, t, -1, hd), v.reshape(b, t, -1, hd).transpose(1, 2)
                 else:
                     q = a.q_proj(h).view(b, t, -1, hd)
@@ -313,7 +354,7 @@ class SlotLM:
             h = norm2(x)
             if fused is not None:
                 gate, up = mats[2](h).chunk(2, dim=-1)
-                x = x + mats[3](fused[5](gate) * up)
+                x = x + mats[3](fused[1](gate) * up)
             else:
                 x = x + layer.mlp(h)
         if pick is not None:  # each row's own last position
