@@ -17,7 +17,8 @@ over rounds are reported. Prompts are the first 40 words of stdlib docstrings, a
 round sends a prompt an earlier round sent (both servers of a round get the same ones):
 repeats would be answered from llama-server's per-slot prompt cache or homeforge's
 prefix cache, and later rounds would measure those caches instead of the engines
-(``--repeat-prompts`` does exactly that, for comparison). Peak resident memory of each server process is read from /proc
+(``--repeat-prompts`` resends the first round's prompts in every round of a level, for
+comparison). No two prompts share their first 8 words. Peak resident memory of each server process is read from /proc
 (VmHWM). A greedy 32-token completion of the same prompt is compared between the servers.
 
 ``--naive`` adds the server people write first (transformers ``generate`` one request at a
@@ -350,7 +351,8 @@ def main() -> None:
     model_dir = args.model or (quick_model(tmp / "model") if args.quick else smollm2_dir())
     served = int8_dir(model_dir) if args.precision == "int8" else model_dir
     # the --quick model's tokenizer is a local stand-in llama.cpp's converter does not recognise
-    llama = None if args.no_llamacpp or args.quick else llamacpp_root(args.llamacpp)
+    stand_in = args.quick and args.model is None
+    llama = None if args.no_llamacpp or stand_in else llamacpp_root(args.llamacpp)
     kinds = ["homeforge"]
     targets: dict = {"homeforge": served, "naive": model_dir}
     if llama is not None:
@@ -358,7 +360,7 @@ def main() -> None:
         targets["llama.cpp"] = (llama, gguf)
         kinds.append("llama.cpp")
         print(f"llama.cpp: {llama} ({gguf.name})")
-    elif args.quick:
+    elif stand_in:
         print("--quick: llama.cpp skipped (its converter does not know the random model's tokenizer)")
     elif not args.no_llamacpp:
         print("llama.cpp not found (pass --llamacpp DIR with build/bin/llama-server): peer skipped")
@@ -373,10 +375,14 @@ def main() -> None:
     # llama-server's per-slot prompt cache (it picks the slot with the longest common prefix), so the
     # rounds after the first would measure that cache rather than the engine (seen: llama.cpp TTFT
     # 1.97 s in round 0, 0.14 s in rounds 1-2 at 16 clients when rounds repeated their prompts)
-    need = sum(n * s["requests_per_client"] for n in s["levels"]) * s["rounds"] + 2
+    need = sum(n * s["requests_per_client"] for n in s["levels"]) * (1 if args.repeat_prompts else s["rounds"]) + 2
     docs = stdlib_docstrings(400_000 * (1 + need // 400))
-    pool = list(dict.fromkeys(" ".join(d.split()[: s["prompt_words"]]) for d in docs
-                              if len(d.split()) >= s["prompt_words"]))
+    pool, seen = [], set()
+    for d in docs:  # distinct in their first 8 words, so that a prompt cache reuses little of an earlier one
+        words = d.split()
+        if len(words) >= s["prompt_words"] and " ".join(words[:8]) not in seen:
+            seen.add(" ".join(words[:8]))
+            pool.append(" ".join(words[: s["prompt_words"]]))
     if len(pool) < need:
         raise SystemExit(f"only {len(pool)} distinct prompts of {s['prompt_words']} words; {need} needed")
     first, warm, pool = pool[0], pool[1], pool[2:]

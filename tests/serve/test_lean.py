@@ -47,6 +47,10 @@ def tiny(kind: str, int8: bool | str = False):
     cfg = cfg_cls(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.3)
     model = cls(cfg).eval()
+    with torch.no_grad():  # transformers initialises biases to 0 and norm weights to 1: make both matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(0.5, 0.5)
     if int8 == "homeforge":  # what `compress -m int8-dynamic` loads: Int8Linear, per-row activation scales
         from homeforge.models.quantized import to_dynamic_int8
 
@@ -217,3 +221,35 @@ def test_generic_backend_uses_the_current_cache_argument():
         warnings.simplefilter("error")
         logits, cache = backend.forward(ids, torch.arange(3).unsqueeze(0), torch.ones_like(ids), backend.new_cache())
     assert cache.get_seq_length() == 3 and logits.shape == (1, 3, 320)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_slot_forward_is_the_transformers_forward_bit_for_bit(kind):
+    """Without oneDNN packing the slot forward runs the same fp32 ops as transformers (fused
+    RMSNorm, rope on q and k together, fused q/k/v): a prefill's logits are bitwise equal.
+    The fused norms must actually be in use (a silent fallback would only cost speed)."""
+    torch.set_num_threads(1)
+    model = tiny(kind)
+    ids = PROMPTS[2]
+    with torch.inference_mode():
+        want = model(torch.tensor([ids])).logits[0]
+    lm = SlotLM(model, 2, packed=False)
+    assert torch.equal(lm.prefill(0, ids, 0, last_only=False), want)
+    assert all(n is not layer.input_layernorm for n, layer in zip((a for a, _ in lm.norms), lm.layers, strict=True))
+
+
+def test_fused_int8_projections_equal_the_modules():
+    """q/k/v and gate/up of homeforge's Int8Linear run as one module each: bitwise the same
+    outputs as the separate modules (biases non-zero)."""
+    from homeforge.serve.lean import _fuse_int8
+
+    model = tiny("qwen2", int8="homeforge")
+    layer = model.model.layers[0]
+    qkv, sizes, gate_up, _ = _fuse_int8(layer)
+    a, mlp = layer.self_attn, layer.mlp
+    assert a.q_proj.bias is not None and a.q_proj.bias.abs().sum() > 0
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        assert torch.equal(qkv(x), torch.cat([a.q_proj(x), a.k_proj(x), a.v_proj(x)], -1))
+        assert torch.equal(gate_up(x), torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1))
+    assert sizes == [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features]

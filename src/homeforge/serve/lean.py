@@ -7,11 +7,12 @@ per model, ``[layers, slots, kv_heads, capacity, head_dim]``, preallocated and g
 doubling; a running sequence lives in one slot (row ``i`` of the batch is slot ``i``) and
 writes its new key/value at its own position, so joining, leaving and decoding never copy
 the cache (only a leaving row's hole is filled by moving the last row into it). The
-forward calls the model's own modules (norms, projections, rotary embedding, MLP), so
-int8 dynamic-quantized linears work unchanged, and runs attention with
-``scaled_dot_product_attention`` over the slots' views with a boolean length mask built
-in one op. Greedy tokens equal transformers' ``generate`` (tested on Llama and Qwen2, fp32
-and int8).
+forward uses the model's own weights and rotary embedding: fp32 q/k/v and gate/up fused
+into one matrix each (oneDNN-packed), homeforge's ``Int8Linear`` fused the same way, other
+linears (torch.ao int8) as the modules, RMSNorm as ``F.rms_norm`` where bit-identical; it
+runs attention with ``scaled_dot_product_attention`` over the slots' views with a length
+mask built in one op. Greedy tokens equal transformers' ``generate`` (tested on Llama,
+Qwen2 and Qwen3 in fp32, Llama and Qwen2 in both int8 schemes).
 
 Supported: decoder-only Llama, Mistral (without sliding window), Qwen2 and Qwen3 layouts;
 anything else keeps the generic path.
@@ -106,8 +107,10 @@ class _Packed:
     ``F.linear`` (MKL) at 16-60 rows and 1.2-1.3x at 4 rows, but slower at 1 row, where a
     whole decode step took 49.6 ms packed against 42.6 ms with MKL (medians of 12
     interleaved rounds). So a single row (one stream decoding) keeps ``F.linear`` on the
-    original weight. The results differ from MKL's only in summation order. The reordered
-    copy costs the memory of the weight once more.
+    original weight. The results differ from MKL's only in summation order, so a request's
+    logits can differ in the last bits depending on whether it decodes alone or in a batch
+    (a one-row step matches transformers' own forward, which uses MKL). The reordered copy
+    costs the memory of the weight once more.
     """
 
     __slots__ = ("w", "b", "weight")
@@ -155,15 +158,18 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
     return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
-def _norm(module):
+def _norm(module, dtype: torch.dtype):
     """An RMSNorm as one ``F.rms_norm`` call where that gives the module's output bit for bit.
 
     transformers' RMSNorm is seven ops (cast, square, mean, add, rsqrt, two products); the
-    fused op saves ~12 us per call, 61 calls per SmolLM2 step. Checked on a random input at
-    construction; anything that differs (another formula, another dtype) keeps the module.
+    fused op saves ~12 us per call, 61 calls per SmolLM2 step. Only for fp32 activations
+    and weights (other dtypes cast differently), and checked at construction on rows of
+    very different scale (variance far above and near ``eps``, a zero row, a strided
+    slice); anything that differs (another formula) keeps the module.
     """
     w, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
-    if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.dtype != torch.float32 or not isinstance(eps, float):
+    if dtype != torch.float32 or not isinstance(w, torch.Tensor) or w.dim() != 1 or w.dtype != torch.float32 \
+            or not isinstance(eps, float):
         return module
     shape = (w.shape[0],)
 
@@ -171,8 +177,10 @@ def _norm(module):
         return F.rms_norm(x, shape, w, eps)
 
     with torch.no_grad():
-        x = torch.randn(3, w.shape[0], generator=torch.Generator().manual_seed(0)) * 3
-        return fused if torch.equal(fused(x), module(x)) else module
+        x = torch.randn(2, 6, w.shape[0], generator=torch.Generator().manual_seed(0))
+        x = x * torch.tensor([3.0, 1e-3, 0.0, 1e3, 1e-6, 1.0]).view(1, 6, 1)
+        probes = (x, x[:, -1:], x.transpose(0, 1))
+        return fused if all(torch.equal(fused(p), module(p)) for p in probes) else module
 
 
 class SlotLM:
@@ -191,10 +199,12 @@ class SlotLM:
         self.max_context = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
         self.vocab_size = int(cfg.vocab_size)
         self.dtype = self.embed.weight.dtype
-        self.norms = [(_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)) for layer in self.layers]
-        self.final_norm = _norm(self.norm)
+        self.norms = [(_norm(layer.input_layernorm, self.dtype), _norm(layer.post_attention_layernorm, self.dtype))
+                      for layer in self.layers]
+        self.final_norm = _norm(self.norm, self.dtype)
         # per layer: (q/k/v sizes, activation) when q/k/v and gate/up run fused, else None (the modules), and
-        # q/k/v, o, gate/up, down as callables (fp32: oneDNN-packed where possible; int8: the modules)
+        # q/k/v, o, gate/up, down as callables (fp32: oneDNN-packed where possible; Int8Linear: fused copies
+        # for q/k/v and gate/up; other linears: the modules)
         self.fused: list = []
         self.mats: list = []
         fp32 = packed and torch.backends.mkldnn.is_available()
