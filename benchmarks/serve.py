@@ -18,8 +18,8 @@ round sends a prompt an earlier round sent (both servers of a round get the same
 repeats would be answered from llama-server's per-slot prompt cache or homeforge's
 prefix cache, and later rounds would measure those caches instead of the engines
 (``--repeat-prompts`` resends the first round's prompts in every round of a level, for
-comparison). No two prompts share their first 8 words. Peak resident memory of each server process is read from /proc
-(VmHWM). A greedy 32-token completion of the same prompt is compared between the servers.
+comparison). No two prompts share their first 8 words. Peak resident memory of each
+server process is read from /proc (VmHWM). A greedy 32-token completion of the same prompt is compared between the servers.
 
 ``--naive`` adds the server people write first (transformers ``generate`` one request at a
 time behind a lock, streamed through a ``BaseStreamer``).
@@ -277,6 +277,22 @@ async def one_request(client, base: str, prompt: str, max_tokens: int) -> tuple[
     return ttft if ttft is not None else float("nan"), time.perf_counter() - t0, tokens if tokens else chunks
 
 
+def distinct_prompts(n_words: int, need: int) -> list[str]:
+    """``need`` prompts of the first ``n_words`` words of stdlib docstrings, no two sharing their first 8 words
+    (so that a prompt cache reuses little of an earlier one)."""
+    from homeforge.data.corpus import stdlib_docstrings
+
+    pool, seen = [], set()
+    for d in stdlib_docstrings(400_000 * (1 + need // 400)):
+        words = d.split()
+        if len(words) >= n_words and " ".join(words[:8]) not in seen:
+            seen.add(" ".join(words[:8]))
+            pool.append(" ".join(words[:n_words]))
+    if len(pool) < need:
+        raise SystemExit(f"only {len(pool)} distinct prompts of {n_words} words; {need} needed")
+    return pool
+
+
 async def level(base: str, prompts: list[str], clients: int, per_client: int, max_tokens: int,
                 warm: str) -> dict:
     """One closed-loop run; request ``k * per_client + j`` of the run sends ``prompts[...]`` (all distinct)."""
@@ -368,24 +384,11 @@ def main() -> None:
         kinds.append("naive")
     from transformers import AutoTokenizer
 
-    from homeforge.data.corpus import stdlib_docstrings
-
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    # every (level, round) gets prompts no earlier run sent: a repeated prompt would be served from
-    # llama-server's per-slot prompt cache (it picks the slot with the longest common prefix), so the
-    # rounds after the first would measure that cache rather than the engine (seen: llama.cpp TTFT
-    # 1.97 s in round 0, 0.14 s in rounds 1-2 at 16 clients when rounds repeated their prompts)
+    # prompts no earlier round sent (see the module docstring; seen with repeats: llama.cpp TTFT 1.97 s
+    # in round 0, 0.14 s in rounds 1-2 at 16 clients)
     need = sum(n * s["requests_per_client"] for n in s["levels"]) * (1 if args.repeat_prompts else s["rounds"]) + 2
-    docs = stdlib_docstrings(400_000 * (1 + need // 400))
-    pool, seen = [], set()
-    for d in docs:  # distinct in their first 8 words, so that a prompt cache reuses little of an earlier one
-        words = d.split()
-        if len(words) >= s["prompt_words"] and " ".join(words[:8]) not in seen:
-            seen.add(" ".join(words[:8]))
-            pool.append(" ".join(words[: s["prompt_words"]]))
-    if len(pool) < need:
-        raise SystemExit(f"only {len(pool)} distinct prompts of {s['prompt_words']} words; {need} needed")
-    first, warm, pool = pool[0], pool[1], pool[2:]
+    first, warm, *pool = distinct_prompts(s["prompt_words"], need)
     ctx = max(len(tok(p)["input_ids"]) for p in pool[:need] + [first, warm]) + s["max_tokens"] + 16
     load_before = os.getloadavg()[0]
     servers = {k: start(k, targets[k], args.threads, parallel, ctx) for k in kinds}

@@ -44,17 +44,26 @@ def supports(model) -> bool:
         all(hasattr(layer, a) for a in ("input_layernorm", "post_attention_layernorm", "mlp"))
 
 
+def _groups(layer, cls):
+    """([q, k, v], [gate, up]) when all five are exactly ``cls`` and the MLP has ``act_fn``, else None."""
+    a, mlp = layer.self_attn, layer.mlp
+    lins = [a.q_proj, a.k_proj, a.v_proj]
+    mlp_lins = [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)]
+    if not all(type(m) is cls for m in lins + mlp_lins) or not hasattr(mlp, "act_fn"):
+        return None
+    return lins, mlp_lins
+
+
 def _fuse(layer):
     """One weight for q/k/v and one for gate/up, when they are plain linears (not quantized).
 
     The modules' own weights become views of the fused ones, so memory does not grow and
     the transformers model (used for embeddings and the generic path) stays intact.
     """
-    a, mlp = layer.self_attn, layer.mlp
-    lins = [a.q_proj, a.k_proj, a.v_proj]
-    mlp_lins = [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)]
-    if not all(type(m) is torch.nn.Linear for m in lins + mlp_lins) or not hasattr(mlp, "act_fn"):
+    groups = _groups(layer, torch.nn.Linear)
+    if groups is None:
         return None
+    lins, mlp_lins = groups
     with torch.no_grad():
         sizes = [m.out_features for m in lins]
         out = []
@@ -71,7 +80,7 @@ def _fuse(layer):
                     m.bias.data = b[at:at + n]
                 at += n
             out += [w, b]
-    return out[0], out[1], sizes, out[2], out[3], mlp.act_fn
+    return out[0], out[1], sizes, out[2], out[3], layer.mlp.act_fn
 
 
 def _fuse_int8(layer):
@@ -85,19 +94,17 @@ def _fuse_int8(layer):
     """
     from homeforge.models.quantized import Int8Linear
 
-    a, mlp = layer.self_attn, layer.mlp
-    lins = [a.q_proj, a.k_proj, a.v_proj]
-    mlp_lins = [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)]
-    if not all(type(m) is Int8Linear for m in lins + mlp_lins) or not hasattr(mlp, "act_fn"):
+    groups = _groups(layer, Int8Linear)
+    if groups is None:
         return None
     out = []
-    for group in (lins, mlp_lins):
+    for group in groups:
         if len({m.in_features for m in group}) != 1 or len({m.bias is None for m in group}) != 1:
             return None
         q = torch.cat([m.qweight_t for m in group], dim=1).t()  # Int8Linear takes [N, K]
         bias = None if group[0].bias is None else torch.cat([m.bias for m in group])
         out.append(Int8Linear(q, torch.cat([m.scales for m in group]), bias))
-    return out[0], [m.out_features for m in lins], out[1], mlp.act_fn
+    return out[0], [m.out_features for m in groups[0]], out[1], layer.mlp.act_fn
 
 
 class _Packed:
@@ -207,13 +214,12 @@ class SlotLM:
         # for q/k/v and gate/up; other linears: the modules)
         self.fused: list = []
         self.mats: list = []
-        fp32 = packed and torch.backends.mkldnn.is_available()
         for layer in self.layers:
             a, mlp = layer.self_attn, layer.mlp
             f = _fuse(layer)
             q8 = None if f is not None else _fuse_int8(layer)
             if f is not None:
-                pack = fp32 and f[0].dtype == torch.float32
+                pack = packed and f[0].dtype == torch.float32 and torch.backends.mkldnn.is_available()
                 self.fused.append((f[2], f[5]))
                 self.mats.append((_linear(f[0], f[1], pack, slots), _proj(a.o_proj, packed, slots),
                                   _linear(f[3], f[4], pack, slots), _proj(mlp.down_proj, packed, slots)))
