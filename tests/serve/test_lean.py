@@ -55,6 +55,13 @@ def tiny(kind: str, int8: bool | str = False):
         from homeforge.models.quantized import to_dynamic_int8
 
         model = to_dynamic_int8(model)
+    elif int8 == "block":  # what `compress -m int8-block` loads: Q8Linear everywhere, the head included
+        from homeforge.models.q8 import quantize_q8, to_q8
+
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        model = to_q8(model, {n: quantize_q8(m.weight) for n, m in model.named_modules()
+                              if isinstance(m, torch.nn.Linear)})
     elif int8:
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     return model
@@ -72,11 +79,13 @@ PROMPTS = [[1, 5, 7, 9, 20, 31, 4], [3, 4], [100, 200, 50, 6, 7, 8, 9, 10, 11, 1
            [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 17, 18, 19, 21, 22, 23, 24, 25, 26, 27]]
 
 
-@pytest.mark.parametrize("kind,int8", [("llama", False), ("qwen2", False), ("qwen3", False), ("llama", "homeforge")])
+@pytest.mark.parametrize("kind,int8", [("llama", False), ("qwen2", False), ("qwen3", False), ("llama", "homeforge"),
+                                      ("qwen2", "block"), ("qwen3", "block")])
 def test_lean_engine_equals_transformers_generate(kind, int8):
     """Staggered arrivals, prefill chunks of 3 tokens between decode steps, rows leaving at
     different lengths: every request gets exactly the tokens transformers' generate picks
-    (homeforge's int8 too: its activation scales are per row, so rows do not mix)."""
+    (homeforge's int8 too: its activation scales are per row or per block of a row, so rows
+    do not mix)."""
     torch.set_num_threads(1)
     model = tiny(kind, int8)
     assert supports(model)
@@ -100,7 +109,7 @@ def test_lean_engine_equals_transformers_generate(kind, int8):
 
 
 @pytest.mark.parametrize("kind,scheme", [("llama", "torch.ao"), ("qwen2", "torch.ao"), ("llama", "homeforge"),
-                                         ("qwen2", "homeforge")])
+                                         ("qwen2", "homeforge"), ("llama", "block")])
 def test_lean_engine_int8_equals_transformers_generate_per_stream(kind, scheme):
     """torch.ao's dynamic int8 scales activations per tensor, so a row's numbers depend on
     the other rows of its batch (in transformers' own batched generate too); one stream at a
@@ -110,7 +119,7 @@ def test_lean_engine_int8_equals_transformers_generate_per_stream(kind, scheme):
     model = tiny(kind, int8=True if scheme == "torch.ao" else scheme)
     assert supports(model)
     fused = SlotLM(model, 2).fused
-    assert all(f is not None for f in fused) == (scheme == "homeforge")
+    assert all(f is not None for f in fused) == (scheme != "torch.ao")
     eng = SlotEngine(TorchBackend(model), Tok(), max_batch_size=3, prefix_cache_tokens=0).start()
     try:
         for p in PROMPTS:
@@ -238,12 +247,14 @@ def test_slot_forward_is_the_transformers_forward_bit_for_bit(kind):
     assert all(n is not layer.input_layernorm for n, layer in zip((a for a, _ in lm.norms), lm.layers, strict=True))
 
 
-def test_fused_int8_projections_equal_the_modules():
-    """q/k/v and gate/up of homeforge's Int8Linear run as one module each: bitwise the same
-    outputs as the separate modules (biases non-zero)."""
+@pytest.mark.parametrize("scheme", ["homeforge", "block"])
+def test_fused_int8_projections_equal_the_modules(scheme):
+    """q/k/v and gate/up of homeforge's Int8Linear (Q8Linear) run as one module each: bitwise
+    the same outputs as the separate modules (biases non-zero)."""
     from homeforge.serve.lean import _fuse_int8
 
-    model = tiny("qwen2", int8="homeforge")
+    model = tiny("qwen2", int8=scheme)
+    assert type(qkv := _fuse_int8(model.model.layers[0])[0]) is type(model.model.layers[0].self_attn.q_proj), qkv
     layer = model.model.layers[0]
     qkv, sizes, gate_up, _ = _fuse_int8(layer)
     a, mlp = layer.self_attn, layer.mlp

@@ -63,8 +63,9 @@ def eval_cmd(
 def compress(
     ctx: typer.Context,
     model_dir: Annotated[Path, typer.Argument(help="local model directory (causal LM or classifier)")],
-    method: Annotated[str | None, typer.Option("--method", "-m", help="int8-dynamic, int8-weight-only, "
-                                               "int4-weight-only, qat, distill, prune")] = None,
+    method: Annotated[str | None, typer.Option("--method", "-m", help="int8-dynamic, int8-block (llama.cpp's "
+                                               "q8_0 arithmetic), int8-weight-only, int4-weight-only, qat, distill, "
+                                               "prune")] = None,
     data: Annotated[Path | None, typer.Option("--data", "-d", help="text dataset artifact for the quality gate "
                                               "(and training for qat/distill)")] = None,
     overrides: Overrides = None,
@@ -82,6 +83,7 @@ def compress(
     Examples:
 
         homeforge compress runs/qs/model --method int8-dynamic --data runs/qs/data
+        homeforge compress runs/qs/model -m int8-block -d runs/qs/data
         homeforge compress runs/qs/model -m int4-weight-only -d runs/qs/data group_size=32 gates.max_ppl_increase=0.1
         homeforge compress runs/qs/model -m prune -d runs/qs/data prune.kind=structured prune.mlp_keep=0.5
         homeforge compress runs/qs/model -m distill -d runs/qs/data distill.student_preset=debug distill.steps=500

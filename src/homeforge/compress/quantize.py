@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 
 from homeforge.errors import HomeforgeError
+from homeforge.models.q8 import BLOCK, quantize_q8
 from homeforge.models.quantized import (
     FORMAT,
     METHODS,
-    dequantize_int4,
-    dequantize_int8,
+    dequantize_weight,
     quantizable_linears,
     quantize_int4,
     quantize_int8,
@@ -28,17 +28,14 @@ def quantize_state_dict(model, method: str, group_size: int = 64, include_head: 
     """
     if method not in METHODS:
         raise HomeforgeError(f"unknown quantization method {method!r}", fix=f"choose one of: {', '.join(METHODS)}")
-    if include_head and method != "int8-dynamic":
+    if include_head and method not in ("int8-dynamic", "int8-block"):
         raise HomeforgeError(f"quantize_head is for int8-dynamic only (with {method} on a CPU the head would run "
                              "dequantized and, tied to the embeddings, save nothing)", fix="set quantize_head=false")
     names = linears_to_quantize(model, include_head, keep)
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     for name in names:
         w = sd.pop(f"{name}.weight")
-        if method == "int4-weight-only":
-            q, s = quantize_int4(w, group_size)
-        else:
-            q, s = quantize_int8(w)
+        q, s = quantize(method, w, group_size)
         sd[f"{name}.qweight"] = q
         sd[f"{name}.scales"] = s.contiguous()
     return sd, names
@@ -55,12 +52,17 @@ def fake_quantized_weights(model, method: str, group_size: int = 64) -> dict[str
     out = {}
     modules = dict(model.named_modules())
     for name in quantizable_linears(model):
-        w = modules[name].weight
-        if method == "int4-weight-only":
-            out[name] = dequantize_int4(*quantize_int4(w, group_size))
-        else:
-            out[name] = dequantize_int8(*quantize_int8(w))
+        out[name] = dequantize_weight(method, *quantize(method, modules[name].weight, group_size))
     return out
+
+
+def quantize(method: str, w: torch.Tensor, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qweight, scales) of one weight as ``method`` stores it."""
+    if method == "int4-weight-only":
+        return quantize_int4(w, group_size)
+    if method == "int8-block":
+        return quantize_q8(w)
+    return quantize_int8(w)
 
 
 # --------------------------------------------------------------------------- save / load
@@ -84,7 +86,8 @@ def save_quantized(model, tokenizer, out: str | Path, method: str, group_size: i
     sd = _untie(model, sd)
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt", "homeforge_quantization": FORMAT})
     return {"format": FORMAT, "method": method, "bits": 4 if method.startswith("int4") else 8,
-            "group_size": group_size if method.startswith("int4") else None, "symmetric": True,
+            "group_size": group_size if method.startswith("int4") else BLOCK if method == "int8-block" else None,
+            "symmetric": True,
             "modules": names, "head_quantized": bool(include_head)}
 
 

@@ -17,7 +17,7 @@ from homeforge import artifacts
 from homeforge.config import CompressConfig
 from homeforge.errors import HomeforgeError
 
-QUANT = ("int8-dynamic", "int8-weight-only", "int4-weight-only")
+QUANT = ("int8-dynamic", "int8-block", "int8-weight-only", "int4-weight-only")
 
 
 class CompressGateError(HomeforgeError):
@@ -184,6 +184,8 @@ def compress_into(model, tok, method: str, tmp: Path, data: Path | None, cfg: Co
         head, keep, found = False, (), {}
         if method == "int8-dynamic":
             head, keep, found = _int8_prepare(model, tok, data, cfg, classifier, console)
+        elif method == "int8-block":  # like llama.cpp's q8_0: every Linear and the head, unless told otherwise
+            head, keep = cfg.quantize_head is not False, tuple(cfg.keep_fp32 or ())
         facts["quantization"] = quantize.save_quantized(model, tok, tmp, method, cfg.group_size, include_head=head,
                                                         keep=keep)
         facts["quantization"].update(found, keep_fp32=list(keep))

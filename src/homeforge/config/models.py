@@ -187,20 +187,23 @@ class CompressGates(Section):
 class CompressConfig(Section):
     """Compress a model directory into a new one, with a before/after table and a quality gate."""
 
-    method: Literal["int8-dynamic", "int8-weight-only", "int4-weight-only", "qat", "distill", "prune"] = Field(
+    method: Literal["int8-dynamic", "int8-block", "int8-weight-only", "int4-weight-only", "qat", "distill",
+                    "prune"] = Field(
         "int8-dynamic", description="compression method")
     group_size: int = Field(64, ge=2, description="int4: input columns sharing one scale")
-    quantize_head: bool | None = Field(None, description="int8-dynamic / qat: also quantize the output head (an int8 "
-                                       "copy when tied; embeddings stay fp32). null: int8-dynamic decides with the "
-                                       "layer layout (int8_min_agreement); qat quantizes it")
+    quantize_head: bool | None = Field(None, description="int8-dynamic / int8-block / qat: also quantize the output "
+                                       "head (an int8 copy when tied; embeddings stay fp32). null: int8-dynamic "
+                                       "decides with the layer layout (int8_min_agreement); int8-block and qat "
+                                       "quantize it")
     smoothquant_alpha: float | None = Field(0.8, ge=0, le=1, description="int8-dynamic: SmoothQuant strength "
                                             "(activation outliers moved into the weights, calibrated on the train "
                                             "split; null: off)")
     calibration_tokens: int = Field(8192, ge=16, description="int8-dynamic: tokens of train-split text that "
                                     "calibrate SmoothQuant and the layout choice (windows of `context` tokens)")
-    keep_fp32: list[str] | None = Field(None, description="int8-dynamic: Linear layers kept in fp32, by name or "
-                                        "name ending (e.g. [down_proj]; [] quantizes all). null: the fastest layout "
-                                        "whose top-1 agreement with fp32 reaches int8_min_agreement")
+    keep_fp32: list[str] | None = Field(None, description="int8-dynamic / int8-block: Linear layers kept in fp32, by name or "
+                                        "name ending (e.g. [down_proj]; [] quantizes all). null: for int8-dynamic "
+                                        "the fastest layout whose top-1 agreement with fp32 reaches "
+                                        "int8_min_agreement; for int8-block none")
     int8_min_agreement: float = Field(0.97, ge=0, le=1, description="int8-dynamic with quantize_head / keep_fp32 null: "
                                       "layouts are tried fastest first (all int8; down projections fp32; also the "
                                       "head fp32) on calibration text, and the first whose next-token top-1 "

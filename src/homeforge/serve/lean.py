@@ -84,26 +84,31 @@ def _fuse(layer):
 
 
 def _fuse_int8(layer):
-    """q/k/v and gate/up as one ``Int8Linear`` each, when all five are (``compress -m int8-dynamic``).
+    """q/k/v and gate/up as one ``Int8Linear`` (``Q8Linear``) each, when all five are
+    (``compress -m int8-dynamic`` / ``-m int8-block``).
 
-    The activation scale is per row of the input, so one call quantizes the input once and
-    runs one int8 matmul where three (two) did the same work: bit-identical outputs, 5 of
-    the 7 per-call quantizations of a layer saved. The fused int8 weights are a copy
-    (SmolLM2: 69 MB); the modules keep theirs for the transformers forward.
-    -> (q/k/v module, sizes, gate/up module, activation) or None.
+    The activation scales are per row (per 32-value block) of the input, so one call
+    quantizes the input once and runs one int8 matmul where three (two) did the same work:
+    bit-identical outputs, 5 of the 7 per-call quantizations of a layer saved. The fused
+    int8 weights are a copy (SmolLM2: 69 MB); the modules keep theirs for the transformers
+    forward. -> (q/k/v module, sizes, gate/up module, activation) or None.
     """
+    from homeforge.models.q8 import Q8Linear
     from homeforge.models.quantized import Int8Linear
 
-    groups = _groups(layer, Int8Linear)
-    if groups is None:
+    for cls in (Int8Linear, Q8Linear):
+        groups = _groups(layer, cls)
+        if groups is not None:
+            break
+    else:
         return None
     out = []
     for group in groups:
         if len({m.in_features for m in group}) != 1 or len({m.bias is None for m in group}) != 1:
             return None
-        q = torch.cat([m.qweight_t for m in group], dim=1).t()  # Int8Linear takes [N, K]
+        q = torch.cat([m.qweight for m in group])
         bias = None if group[0].bias is None else torch.cat([m.bias for m in group])
-        out.append(Int8Linear(q, torch.cat([m.scales for m in group]), bias))
+        out.append(cls(q, torch.cat([m.scales for m in group]), bias))
     return out[0], [m.out_features for m in groups[0]], out[1], layer.mlp.act_fn
 
 
