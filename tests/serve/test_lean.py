@@ -250,17 +250,22 @@ def test_slot_forward_is_the_transformers_forward_bit_for_bit(kind):
 @pytest.mark.parametrize("scheme", ["homeforge", "block"])
 def test_fused_int8_projections_equal_the_modules(scheme):
     """q/k/v and gate/up of homeforge's Int8Linear (Q8Linear) run as one module each: bitwise
-    the same outputs as the separate modules (biases non-zero)."""
+    the same outputs as the separate modules gave before the fusion (biases non-zero), and the
+    modules, which now read row slices of the fused weights, still give them."""
     from homeforge.serve.lean import _fuse_int8
 
     model = tiny("qwen2", int8=scheme)
-    assert type(qkv := _fuse_int8(model.model.layers[0])[0]) is type(model.model.layers[0].self_attn.q_proj), qkv
     layer = model.model.layers[0]
-    qkv, sizes, gate_up, _ = _fuse_int8(layer)
     a, mlp = layer.self_attn, layer.mlp
     assert a.q_proj.bias is not None and a.q_proj.bias.abs().sum() > 0
     x = torch.randn(5, 64)
     with torch.inference_mode():
-        assert torch.equal(qkv(x), torch.cat([a.q_proj(x), a.k_proj(x), a.v_proj(x)], -1))
-        assert torch.equal(gate_up(x), torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1))
+        want_qkv = torch.cat([a.q_proj(x), a.k_proj(x), a.v_proj(x)], -1)
+        want_gu = torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1)
+        qkv, sizes, gate_up, _ = _fuse_int8(layer)
+        assert type(qkv) is type(a.q_proj)
+        assert torch.equal(qkv(x), want_qkv) and torch.equal(gate_up(x), want_gu)
+        assert torch.equal(torch.cat([a.q_proj(x), a.k_proj(x), a.v_proj(x)], -1), want_qkv)
+        assert torch.equal(torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1), want_gu)
+    assert a.q_proj.qweight.data_ptr() == qkv.qweight.data_ptr()  # no second copy of the weights
     assert sizes == [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features]

@@ -150,6 +150,10 @@ def load_quantized(path: str | Path, qinfo: dict, device: str | None = None, deq
     from homeforge.security.storage import load_safetensors  # plain or encrypted
 
     sd = load_safetensors(p / "model.safetensors")
+    use_cuda = (device or "cpu").startswith("cuda")
+    # on a CPU the int8 methods swap these layers for int8 modules below: their fp32 weights are never
+    # filled (their pages never touched), which keeps the load's peak memory near the int8 model's
+    int8_cpu = not dequantize and not use_cuda and method in ("int8-dynamic", "int8-block")
     qtensors = {}
     for name in names:
         try:
@@ -160,11 +164,13 @@ def load_quantized(path: str | Path, qinfo: dict, device: str | None = None, deq
         qtensors[name] = (q, s)
         if name == "lm_head" and getattr(config, "tie_word_embeddings", False) and not dequantize:
             continue  # a quantized copy of a tied head: the shared fp32 tensor belongs to the embeddings
-        sd[f"{name}.weight"] = dequantize_weight(method, q, s)
+        if not int8_cpu:
+            sd[f"{name}.weight"] = dequantize_weight(method, q, s)
     result = model.load_state_dict(sd, strict=False)
     model.tie_weights()
     head = "lm_head.weight" if getattr(model.config, "tie_word_embeddings", False) else None
-    missing = [k for k in result.missing_keys if k != head]
+    replaced = {f"{n}.weight" for n in names} if int8_cpu else set()
+    missing = [k for k in result.missing_keys if k != head and k not in replaced]
     if missing or result.unexpected_keys:
         bad = (missing or result.unexpected_keys)[0]
         raise HomeforgeError(f"{p}/model.safetensors does not match its config ({len(missing)} missing, "
@@ -173,7 +179,6 @@ def load_quantized(path: str | Path, qinfo: dict, device: str | None = None, deq
     model.eval()
     if dequantize:
         return model
-    use_cuda = (device or "cpu").startswith("cuda")
     if method == "int8-dynamic" and not use_cuda:
         model = to_dynamic_int8(model, {n: qtensors[n] for n in names})
     elif method == "int8-block" and not use_cuda:

@@ -89,9 +89,9 @@ def _fuse_int8(layer):
 
     The activation scales are per row (per 32-value block) of the input, so one call
     quantizes the input once and runs one int8 matmul where three (two) did the same work:
-    bit-identical outputs, 5 of the 7 per-call quantizations of a layer saved. The fused
-    int8 weights are a copy (SmolLM2: 69 MB); the modules keep theirs for the transformers
-    forward. -> (q/k/v module, sizes, gate/up module, activation) or None.
+    bit-identical outputs, 5 of the 7 per-call quantizations of a layer saved. The modules'
+    own weights become row slices of the fused ones, so memory does not grow and the
+    transformers forward stays intact. -> (q/k/v module, sizes, gate/up module, activation) or None.
     """
     from homeforge.models.q8 import Q8Linear
     from homeforge.models.quantized import Int8Linear
@@ -108,7 +108,15 @@ def _fuse_int8(layer):
             return None
         q = torch.cat([m.qweight for m in group])
         bias = None if group[0].bias is None else torch.cat([m.bias for m in group])
-        out.append(cls(q, torch.cat([m.scales for m in group]), bias))
+        fused = cls(q, torch.cat([m.scales for m in group]), bias)
+        start = 0
+        for m in group:  # the separate modules read the fused tensors (contiguous row slices)
+            rows = slice(start, start + m.out_features)
+            m.qweight, m.scales = fused.qweight[rows], fused.scales[rows]
+            if bias is not None:
+                m.bias = fused.bias[rows]
+            start += m.out_features
+        out.append(fused)
     return out[0], [m.out_features for m in groups[0]], out[1], layer.mlp.act_fn
 
 
