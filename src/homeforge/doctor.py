@@ -66,6 +66,7 @@ def checks(path: str = ".") -> list[tuple[str, str, str, str]]:
     gloo = dist and torch.distributed.is_gloo_available()
     rows.append(("distributed", f"gloo={'yes' if gloo else 'no'} nccl={'yes' if nccl else 'no'}",
                  "ok" if gloo else "warn", "" if gloo else "this torch build has no gloo backend; multi-process CPU training is off"))
+    rows.append(_int8_block_row(flags))
     for dist_name in ("torch", "transformers", "tokenizers", "peft", "onnxruntime", "fastapi", "cryptography", "opacus"):
         v = _version(dist_name)
         required = dist_name in ("torch", "transformers", "tokenizers")
@@ -91,6 +92,20 @@ def checks(path: str = ".") -> list[tuple[str, str, str, str]]:
     offline = all(os.environ.get(k) == v for k, v in egress.OFFLINE_ENV.items())
     rows.append(("hub offline switches", "set" if offline else "not all set", "ok" if offline else "warn", ""))
     return rows
+
+
+def _int8_block_row(flags: set[str]) -> tuple[str, str, str, str]:
+    """`compress -m int8-block` runs on homeforge's AVX-512 VNNI kernel, compiled on first use."""
+    need = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}
+    if not need <= flags:
+        return ("int8-block kernel", "no AVX-512 VNNI on this CPU: int8-block models run the slower torch path",
+                "ok", "use int8-dynamic for CPU speed here")
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    ninja = shutil.which("ninja") or _version("ninja")
+    if compiler and ninja:
+        return ("int8-block kernel", f"AVX-512 VNNI; compiler {compiler}; built on first use (~40 s)", "ok", "")
+    return ("int8-block kernel", "AVX-512 VNNI, but " + ("no C++ compiler" if not compiler else "no ninja"), "warn",
+            "install g++ (e.g. apt-get install g++)" if not compiler else "pip install ninja")
 
 
 def _leftover_rows(path: str) -> list[tuple[str, str, str, str]]:
