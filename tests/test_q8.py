@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -13,11 +14,15 @@ from homeforge.models import q8
 
 
 def kernel_or_skip():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a failed build must fail here, not fall back quietly
-        fn = q8.kernel()
-    if fn is None:
+    if not q8.cpu_has_vnni():
         pytest.skip("no AVX-512 VNNI on this CPU: the torch path runs (tested below)")
+    if os.environ.get("HOMEFORGE_Q8_KERNEL") == "0":
+        pytest.skip("HOMEFORGE_Q8_KERNEL=0: the kernel is switched off")
+    q8._KERNEL = None  # an earlier failed build (in another test) must fail here, not skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fn = q8.kernel()
+    assert fn is not None
     return fn
 
 
@@ -38,18 +43,32 @@ def test_kernel_block_sums_are_exact(m, k, n):
     assert torch.equal(q8.q8_matmul_reference(x, q, s), want)
 
 
-def test_kernel_matches_the_torch_arithmetic_and_rows_do_not_mix():
+@pytest.mark.parametrize("k", [320, 352, 96])  # 10 blocks; 11 and 3 (an odd last block, loaded half-masked)
+def test_kernel_matches_the_torch_arithmetic_and_rows_do_not_mix(k):
     fn = kernel_or_skip()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(9, 320, generator=g) * torch.logspace(-3, 2, 320)  # outlier channels, as in LLMs
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(9, k, generator=g) * torch.logspace(-3, 2, k)  # outlier channels, as in LLMs
     x[2] = 0.0  # an all-zero row: scale 0, output 0
-    w = torch.randn(75, 320, generator=g)
+    w = torch.randn(75, k, generator=g) * torch.logspace(1, -1, k)  # every block its own scale
     q, s = q8.quantize_q8(w)
     got, want = fn(x, q, s), q8.q8_matmul_reference(x, q, s)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     assert torch.equal(got[2], torch.zeros(75))
     for rows in (slice(0, 1), slice(4, 5), slice(3, 7)):  # a row's result does not depend on its batch
         assert torch.equal(fn(x[rows], q, s), got[rows])
+
+
+def test_kernel_quantizes_activations_exactly_as_torch():
+    """Half-way values (x / scale = n + 0.5) round to even, as torch.round does: with the weight
+    127 * identity each output is 127 * xq * xs, so the kernel's xq shows exactly."""
+    fn = kernel_or_skip()
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5] * 4 + [63.5, -0.0, 126.5, -126.5] * 8])
+    w = torch.eye(64) * 127
+    q, s = q8.quantize_q8(w)
+    xq, xs = q8._quantize_blocks(x)
+    want = (127 * xq.float() * xs.repeat_interleave(32, 1)).float()
+    assert torch.equal(fn(x, q, s), want)
+    assert xq[0, 1].item() == 0 and xq[0, 2].item() == 2 and xq[0, 3].item() == 2  # half to even
 
 
 def test_q8linear_is_close_to_the_fp32_linear():
@@ -77,9 +96,15 @@ def test_torch_path_when_the_kernel_is_switched_off():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
-def test_widths_not_divisible_by_32_are_refused_with_a_fix():
+def test_widths_not_divisible_by_32_and_foreign_weights_are_refused_with_a_fix():
     from homeforge.errors import HomeforgeError
 
     with pytest.raises(HomeforgeError, match="divisible by 32") as e:
-        q8.quantize_q8(torch.randn(8, 40))
-    assert e.value.fix
+        q8.quantize_q8(torch.randn(8, 40), "model.layers.0.mlp.down_proj")
+    assert "keep_fp32=[model.layers.0.mlp.down_proj]" in e.value.fix
+    q = torch.zeros(4, 64, dtype=torch.int8)
+    q[1, 3] = -128  # the kernel negates weights: -(-128) does not fit in int8
+    with pytest.raises(HomeforgeError, match=r"\[-127, 127\]"):
+        q8.Q8Linear(q, torch.ones(4, 2), None)
+    with pytest.raises(HomeforgeError, match="scales"):
+        q8.Q8Linear(torch.zeros(4, 64, dtype=torch.int8), torch.ones(4), None)

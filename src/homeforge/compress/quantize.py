@@ -35,7 +35,7 @@ def quantize_state_dict(model, method: str, group_size: int = 64, include_head: 
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     for name in names:
         w = sd.pop(f"{name}.weight")
-        q, s = quantize(method, w, group_size)
+        q, s = quantize(method, w, group_size, name)
         sd[f"{name}.qweight"] = q
         sd[f"{name}.scales"] = s.contiguous()
     return sd, names
@@ -56,12 +56,13 @@ def fake_quantized_weights(model, method: str, group_size: int = 64) -> dict[str
     return out
 
 
-def quantize(method: str, w: torch.Tensor, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(qweight, scales) of one weight as ``method`` stores it."""
+def quantize(method: str, w: torch.Tensor, group_size: int = 64,
+             name: str = "a Linear") -> tuple[torch.Tensor, torch.Tensor]:
+    """(qweight, scales) of one weight (the layer ``name``) as ``method`` stores it."""
     if method == "int4-weight-only":
         return quantize_int4(w, group_size)
     if method == "int8-block":
-        return quantize_q8(w)
+        return quantize_q8(w, name)
     return quantize_int8(w)
 
 

@@ -185,7 +185,7 @@ def compress_into(model, tok, method: str, tmp: Path, data: Path | None, cfg: Co
         if method == "int8-dynamic":
             head, keep, found = _int8_prepare(model, tok, data, cfg, classifier, console)
         elif method == "int8-block":  # like llama.cpp's q8_0: every Linear and the head, unless told otherwise
-            head, keep = cfg.quantize_head is not False, tuple(cfg.keep_fp32 or ())
+            head, keep = cfg.quantize_head is not False and not classifier, tuple(cfg.keep_fp32 or ())
         facts["quantization"] = quantize.save_quantized(model, tok, tmp, method, cfg.group_size, include_head=head,
                                                         keep=keep)
         facts["quantization"].update(found, keep_fp32=list(keep))

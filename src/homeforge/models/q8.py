@@ -30,15 +30,16 @@ from homeforge.models.quantized import QuantizedLinear
 BLOCK = 32
 
 
-def quantize_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 with one scale per block of 32 inputs: (q int8 [N, K], scales float32 [N, K/32])."""
+def quantize_q8(w: torch.Tensor, name: str = "a Linear") -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per block of 32 inputs: (q int8 [N, K] in [-127, 127], scales
+    float32 [N, K/32])."""
     w = w.detach().float()
     n, k = w.shape
     if k % BLOCK:
         from homeforge.errors import HomeforgeError
 
-        raise HomeforgeError(f"int8-block needs input widths divisible by {BLOCK}; a Linear has {k}",
-                             fix="use int8-dynamic for this model, or keep that layer fp32 (keep_fp32)")
+        raise HomeforgeError(f"int8-block needs input widths divisible by {BLOCK}; {name} has {k}",
+                             fix=f"use int8-dynamic for this model, or keep {name} fp32 (keep_fp32=[{name}])")
     q, s = _quantize_blocks(w)
     return q, s
 
@@ -84,6 +85,15 @@ def q8_matmul_dequantized(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor
 class Q8Linear(QuantizedLinear):
     """A Linear on int8-block weights (``compress -m int8-block``; ``scales`` is ``[N, K/32]``),
     activations quantized the same way at every call."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        if q.shape[1] % BLOCK or tuple(scales.shape) != (q.shape[0], q.shape[1] // BLOCK) or bool((q == -128).any()):
+            from homeforge.errors import HomeforgeError
+
+            raise HomeforgeError(f"int8-block weights must be int8 in [-127, 127] with scales [N, K/{BLOCK}]; got "
+                                 f"{tuple(q.shape)} with scales {tuple(scales.shape)}",
+                                 fix="re-run `homeforge compress -m int8-block`")
+        super().__init__(q, scales, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -150,7 +160,7 @@ def _build():
                           extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], build_directory=str(build),
                           verbose=False)
         return mod.q8_linear
-    except Exception as e:  # no compiler, no ninja, a read-only cache: the torch path still gives the same result
+    except Exception as e:  # no compiler, no ninja, a read-only cache: the torch path computes the same products
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warnings.warn(f"int8-block: the CPU kernel could not be built ({first[:300]}); running the slower torch "
                       "path (install a C++ compiler and `pip install ninja`, or set HOMEFORGE_Q8_KERNEL=0 to "

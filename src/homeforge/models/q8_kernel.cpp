@@ -3,6 +3,7 @@
 // homeforge/models/q8.py (torch.utils.cpp_extension); only called on CPUs with AVX-512 VNNI.
 //
 // y[m, n] = sum_b xs[m, b] * ws[n, b] * sum_{k in block b} xq[m, k] * wq[n, k]
+// Weights must lie in [-127, 127] (quantize_q8 guarantees it; Q8Linear checks): -w of -128 wraps.
 //
 // The block sums are exact in int32. Each output row is computed in the same order whatever the
 // number of rows, so a request's logits do not depend on what it is batched with.
@@ -56,8 +57,8 @@ void tile(const int8_t* xq, const float* xs, int64_t K, const int8_t* wq, const 
     for (int r = 0; r < R; ++r) {
       w[r] = _mm512_maskz_loadu_epi8(bytes, wq + r * K + b * QB);
       const float* s = ws + r * nb + b;
-      sw[r] = two ? _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(
-                        reinterpret_cast<const double*>(s)))))
+      sw[r] = two ? _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64(
+                        reinterpret_cast<const __m128i*>(s)))))
                   : _mm512_set1_ps(s[0]);
     }
     for (int m = 0; m < MB; ++m) {
@@ -65,8 +66,8 @@ void tile(const int8_t* xq, const float* xs, int64_t K, const int8_t* wq, const 
       const __m512i ax = _mm512_abs_epi8(x);
       const __mmask64 neg = _mm512_movepi8_mask(x);
       const float* s = xs + m * nb + b;
-      const __m512 sx = two ? _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(
-                                  reinterpret_cast<const double*>(s)))))
+      const __m512 sx = two ? _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64(
+                                  reinterpret_cast<const __m128i*>(s)))))
                             : _mm512_set1_ps(s[0]);
       for (int r = 0; r < R; ++r) {
         const __m512i sgn = _mm512_mask_sub_epi8(w[r], neg, zero, w[r]);
@@ -87,8 +88,9 @@ void rows(const int8_t* xq, const float* xs, int64_t K, const int8_t* wq, const 
   for (; n + ROWS <= n1; n += ROWS) {
     // ask for the next tile's weight rows now: one row of work is too short for the hardware
     // prefetcher to run ahead (SmolLM2-135M, one row, all matrices: 10.8 -> 7.9 ms)
-    for (int64_t o = 0; o < ROWS * K; o += 64) _mm_prefetch(reinterpret_cast<const char*>(wq + (n + ROWS) * K + o),
-                                                            _MM_HINT_T0);
+    if (n + 2 * ROWS <= n1)
+      for (int64_t o = 0; o < ROWS * K; o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(wq + (n + ROWS) * K + o), _MM_HINT_T0);
     tile<MB, ROWS>(xq, xs, K, wq + n * K, ws + n * nb, y + n, ldy);
   }
   for (; n < n1; ++n) tile<MB, 1>(xq, xs, K, wq + n * K, ws + n * nb, y + n, ldy);

@@ -6,7 +6,8 @@ Storage (a homeforge model directory, loadable by ``models.io.load_causal_lm``):
 * ``model.safetensors`` holds every tensor of the model except the weights of the
   quantized Linear layers, which are replaced by ``NAME.qweight`` (int8: one value per
   weight; int4: two values per uint8, low nibble first) and ``NAME.scales`` (float32,
-  per output channel for int8, per output channel and group of ``group_size`` inputs for
+  per output channel for int8-dynamic and the weight-only int8, per output channel and block
+  of 32 inputs for int8-block, per output channel and group of ``group_size`` inputs for
   int4). Quantization is symmetric: ``w = q * scale``;
 * ``homeforge.json`` carries a ``quantization`` entry: method, bits, group size, the
   list of quantized modules and the runtime backend.
