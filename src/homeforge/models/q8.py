@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from homeforge.models.quantized import QuantizedLinear
+from homeforge.models.qlinear import QuantizedLinear
 
 BLOCK = 32
 

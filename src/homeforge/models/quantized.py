@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from homeforge.errors import HomeforgeError
+from homeforge.models.qlinear import QuantizedLinear
 
 METHODS = ("int8-dynamic", "int8-block", "int8-weight-only", "int4-weight-only")
 FORMAT = "homeforge-quant-v1"
@@ -192,17 +193,6 @@ def load_quantized(path: str | Path, qinfo: dict, device: str | None = None, deq
         model = model.to(device)
         _torchao_quantize(model, method, qinfo.get("group_size") or 64)
     return model
-
-
-class QuantizedLinear(nn.Module):
-    """What the CPU int8 layers share: int8 weights ``[N, K]`` as stored, fp32 scales, an optional fp32 bias."""
-
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.out_features, self.in_features = q.shape
-        self.register_buffer("qweight", q.contiguous())
-        self.register_buffer("scales", scales.detach().float().contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
 
 
 class Int8Linear(QuantizedLinear):
