@@ -55,6 +55,25 @@ def test_classify_preset_learns_and_saves_a_loadable_classifier(cls_dir, tmp_pat
     assert manifest["kind"] == "sequence-classification" and manifest["task"]["labels"] == ["animal", "place"]
 
 
+def test_validation_reports_the_classifier_accuracy_over_uneven_batches(cls_dir, tmp_path):
+    """val_accuracy is the accuracy over every validation record, not a mean of batch means."""
+    from homeforge.train.distributed import DistInfo
+    from homeforge.train.loop import evaluate, final_metrics
+
+    cfg = md.make_cfg(tmp_path, "method=classify", "model.preset=debug", "micro_batch_size=5", "eval_batches=100",
+                      "seed=3")
+    task = build_task(cfg, cls_dir)  # an untrained head: an accuracy strictly between 0 and 1
+    n_val = sum(len(b["labels"]) for b in task.val.eval_batches(5))
+    assert n_val % 5  # a short last batch, which a mean of batch means would over-weight
+    loss, metrics = evaluate(task.model, task, cfg, None, DistInfo(), "fp32")
+    expected = accuracy(task.model, task.val)
+    assert 0 < expected < 1, expected
+    assert metrics == {"val_accuracy": pytest.approx(expected)}
+    state = train_task(task, md.make_cfg(tmp_path / "run", "method=classify", "model.preset=debug", "max_steps=3",
+                                         "eval_every=3", "checkpoint.every=0"), tmp_path / "run")
+    assert state.history[-1]["val_accuracy"] == final_metrics(state)["val_accuracy"]
+
+
 def test_classify_on_a_local_checkpoint_keeps_its_body(cls_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -250,7 +250,8 @@ def _train(task: TrainTask, cfg: TrainConfig, run_dir: Path, resume: Path | None
             state.total_steps = fit_to_budget(cfg, state, clock, info)
             improved = False
             if task.val is not None and (state.step % cfg.eval_every == 0 or state.step == state.total_steps):
-                record["val_loss"] = evaluate(model, task, cfg, state, info, precision)
+                record["val_loss"], val_metrics = evaluate(model, task, cfg, state, info, precision)
+                record.update(val_metrics)
                 improved = record["val_loss"] < state.best_val - cfg.early_stopping_min_delta
                 state.best_val, state.bad_evals = (record["val_loss"], 0) if improved else (state.best_val, state.bad_evals + 1)
             state.total_steps, state.stop_reason = stop_decision(cfg, state)
@@ -373,9 +374,10 @@ def final_metrics(state: RunState) -> dict:
         return values[len(values) // 2] if values else None
 
     last = state.history[-1] if state.history else {}
-    vals = [r["val_loss"] for r in state.history if "val_loss" in r]
-    return {"steps": state.step, "samples": state.samples, "final_loss": last.get("loss"),
-            "val_loss": vals[-1] if vals else None, "best_val_loss": state.best_val if vals else None,
+    vals = [r for r in state.history if "val_loss" in r]
+    val_metrics = {k: v for k, v in vals[-1].items() if k.startswith("val_") and k != "val_loss"} if vals else {}
+    return {**val_metrics, "steps": state.step, "samples": state.samples, "final_loss": last.get("loss"),
+            "val_loss": vals[-1]["val_loss"] if vals else None, "best_val_loss": state.best_val if vals else None,
             "tokens_per_s": median("tokens_per_s"), "mfu": median("mfu"), "stop_reason": state.stop_reason,
             "final_weights": state.final_weights}
 
@@ -440,17 +442,22 @@ def optimizer_step(model, opt, sched, scaler, cfg: TrainConfig, info: DistInfo, 
 
 
 @torch.no_grad()
-def evaluate(model, task: TrainTask, cfg: TrainConfig, state: RunState, info: DistInfo, precision: str) -> float:
-    """Mean validation loss over ``cfg.eval_batches`` unshuffled batches (every rank sees the same ones)."""
+def evaluate(model, task: TrainTask, cfg: TrainConfig, state: RunState, info: DistInfo,
+             precision: str) -> tuple[float, dict[str, float]]:
+    """Mean validation loss over ``cfg.eval_batches`` unshuffled batches (every rank sees the same ones),
+    and the method's own metrics over the same batches (a classifier's accuracy) as ``val_NAME``,
+    each batch weighted by its size."""
     model.eval()
-    total, count = 0.0, 0
+    total, count, sums = 0.0, 0, {}
     for batch in task.val.eval_batches(cfg.micro_batch_size, cfg.eval_batches):
         with autocast(precision, info.device):
             out = task.loss_fn(model, {k: v.to(info.device) for k, v in batch.items()})
         total += out.loss_sum.item()
         count += out.n_tokens
+        for k, v in out.metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * out.n_tokens
     model.train()
-    return total / max(1, count)
+    return total / max(1, count), {f"val_{k}": v / max(1, count) for k, v in sums.items()}
 
 
 def save(run_dir: Path, name: str, model, opt, sched, scaler, state: RunState, config: dict, info: DistInfo) -> Path:

@@ -25,7 +25,8 @@ from homeforge.train import checkpoint as ck
 
 def step_summary(rec: dict) -> str:
     """One line for the progress bar: loss, validation loss, throughput, MFU (when it is known)."""
-    text = f"loss {rec['loss']:.3f}" + (f" val {rec['val_loss']:.3f}" if "val_loss" in rec else "")
+    text = f"loss {rec['loss']:.3f}" + (f" val {rec['val_loss']:.3f}" if "val_loss" in rec else "") \
+        + (f" val acc {rec['val_accuracy']:.3f}" if "val_accuracy" in rec else "")
     text += f" {rec['tokens_per_s']:,.0f} tok/s"
     if "samples_per_s" in rec:
         text += f" {rec['samples_per_s']:,.1f} samples/s"
