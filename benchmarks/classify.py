@@ -135,7 +135,8 @@ def baseline(train: list[dict], val: list[dict], test: list[dict]) -> dict:
             "seconds": time.time() - t, "C": best[1], "val_accuracy": best[0]}
 
 
-def encoder_scores(model_dir: Path, ds: Path, split: str = "test") -> dict:
+def encoder_scores(model_dir: Path, ds: Path, splits: tuple[str, ...] = ("test", "val")) -> dict[str, dict]:
+    """Accuracy and macro-F1 of the trained classifier on each split's tokenized records (one model load)."""
     import numpy as np
     import torch
     from sklearn.metrics import accuracy_score, f1_score
@@ -143,23 +144,26 @@ def encoder_scores(model_dir: Path, ds: Path, split: str = "test") -> dict:
 
     labels = json.loads((ds / "labels.json").read_text())
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
-    pad = model.config.pad_token_id or 0
-    recs = read_jsonl(ds / f"{split}.tokens.jsonl")
-    preds = []
-    with torch.no_grad():
-        for i in range(0, len(recs), 32):
-            batch = recs[i:i + 32]
-            width = max(len(r["input_ids"]) for r in batch)
-            ids = np.full((len(batch), width), pad)
-            att = np.zeros((len(batch), width), dtype=np.int64)
-            for b, r in enumerate(batch):
-                ids[b, :len(r["input_ids"])], att[b, :len(r["input_ids"])] = r["input_ids"], 1
-            logits = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(att)).logits
-            preds += logits.argmax(-1).tolist()
-    gold = [r["label"] for r in recs]
     id2label = {int(k): v for k, v in model.config.id2label.items()}
     assert [id2label[i] for i in range(len(labels))] == labels
-    return {"accuracy": accuracy_score(gold, preds), "macro_f1": f1_score(gold, preds, average="macro")}
+    pad = model.config.pad_token_id or 0
+    scores = {}
+    for split in splits:
+        recs = read_jsonl(ds / f"{split}.tokens.jsonl")
+        preds = []
+        with torch.no_grad():
+            for i in range(0, len(recs), 32):
+                batch = recs[i:i + 32]
+                width = max(len(r["input_ids"]) for r in batch)
+                ids = np.full((len(batch), width), pad)
+                att = np.zeros((len(batch), width), dtype=np.int64)
+                for b, r in enumerate(batch):
+                    ids[b, :len(r["input_ids"])], att[b, :len(r["input_ids"])] = r["input_ids"], 1
+                logits = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(att)).logits
+                preds += logits.argmax(-1).tolist()
+        gold = [r["label"] for r in recs]
+        scores[split] = {"accuracy": accuracy_score(gold, preds), "macro_f1": f1_score(gold, preds, average="macro")}
+    return scores
 
 
 def main() -> None:
@@ -206,8 +210,8 @@ def main() -> None:
                  f"optim.lr={args.lr}", "optim.weight_decay=0.01", f"schedule.warmup_steps={max(1, steps // 10)}",
                  f"eval_every={max(1, steps // 4)}", "eval_batches=50", "checkpoint.every=0", "log_every=25",
                  "tracking.tensorboard=false", f"seed={args.seed}", env=env)
-    enc = encoder_scores(run / "model", ds)
-    enc_val = encoder_scores(run / "model", ds, "val")
+    scores = encoder_scores(run / "model", ds)
+    enc, enc_val = scores["test"], scores["val"]
     base = baseline(train, val, test)
     print(f"split: train {len(train)}, val {len(val)}, test {len(test)} (prepare {t_prep:.0f}s; same split for both)")
     print(f"{'':38s} {'accuracy':>9s} {'macro-F1':>9s} {'time':>8s} {'val acc.':>9s}")
