@@ -76,9 +76,10 @@ def worker_ours(p: dict) -> dict:
 
     torch.set_num_threads(p["threads"])
     from homeforge.config import TrainConfig, load_config
-    from homeforge.train.loop import TrainTask, train_task
+    from homeforge.train.loop import train_task
     from homeforge.train.methods.common import causal_lm_loss
     from homeforge.train.methods.sft import ChatSource, chat_samples
+    from homeforge.train.task import TrainTask
 
     convs = conversations(p)
     samples, _ = chat_samples([{"input_ids": i, "loss_mask": m} for i, m in convs], p["seq_len"])

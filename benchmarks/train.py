@@ -56,7 +56,8 @@ def worker_ours(p: dict) -> dict:
 
     from homeforge.train.data import WindowSource
     from homeforge.train.flops import flops_per_token, peak_flops
-    from homeforge.train.loop import TrainTask, causal_lm_loss, train_task
+    from homeforge.train.loop import train_task
+    from homeforge.train.task import TrainTask, causal_lm_loss
 
     cfg, tokens, model = _setup(p)
     stamps: list[float] = []

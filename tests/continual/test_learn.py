@@ -57,7 +57,7 @@ def test_fisher_estimate_store_and_lora_delta(tmp_path):
     from homeforge.continual.ewc import EWC, estimate_fisher, load_fisher, save_fisher
     from homeforge.models.lora import apply_lora
     from homeforge.train.data import WindowSource
-    from homeforge.train.loop import causal_lm_loss
+    from homeforge.train.task import causal_lm_loss
 
     m = model()
     src = WindowSource(stream(7, 0, 4000, 0), 32, shuffle=False)
@@ -95,7 +95,7 @@ def test_replay_mix_is_exact_and_deterministic():
 
 def _old_loss(m, src) -> float:
     from homeforge.continual.learn import heldout_loss
-    from homeforge.train.loop import causal_lm_loss
+    from homeforge.train.task import causal_lm_loss
 
     return heldout_loss(m, src, causal_lm_loss, 8, 8)
 
@@ -107,7 +107,8 @@ def test_replay_and_ewc_reduce_forgetting(tmp_path):
     from homeforge.continual.ewc import EWC, estimate_fisher
     from homeforge.continual.replay import BufferSource, ReplaySource
     from homeforge.train.data import WindowSource
-    from homeforge.train.loop import TrainTask, causal_lm_loss, train_task
+    from homeforge.train.loop import train_task
+    from homeforge.train.task import TrainTask, causal_lm_loss
 
     a_train, a_val = WindowSource(stream(7, 0, 30_000, 0), 32, seed=0), WindowSource(stream(7, 0, 3000, 9), 32,
                                                                                        shuffle=False)

@@ -53,7 +53,7 @@ def test_dp_run_reports_opacus_epsilon(tmp_path):
 def test_per_sample_gradients_are_exact_and_clipped(tmp_path):
     """Opacus' per-sample gradients on the HF Llama (Linear, Embedding, RMSNorm, tied head) equal
     one-sample backward passes, and the optimizer sums exactly the clipped ones."""
-    from homeforge.train.loop import causal_lm_loss
+    from homeforge.train.task import causal_lm_loss
 
     cfg = make_cfg(tmp_path, "privacy.epsilon=50", "privacy.max_grad_norm=0.05")
     task = make_task(cfg)
@@ -123,7 +123,7 @@ def test_lora_per_sample_gradients(tmp_path):
 
     from homeforge.models.lora import apply_lora
     from homeforge.models.presets import build_model, preset_config
-    from homeforge.train.loop import causal_lm_loss
+    from homeforge.train.task import causal_lm_loss
 
     cfg = make_cfg(tmp_path, "privacy.epsilon=50", "privacy.max_grad_norm=1e-4")
     task = make_task(cfg)

@@ -30,7 +30,7 @@ def make_cfg(tmp: Path, *overrides: str) -> TrainConfig:
 def make_task(cfg: TrainConfig):
     from homeforge.models.presets import build_model, preset_config
     from homeforge.train.data import WindowSource
-    from homeforge.train.loop import TrainTask, causal_lm_loss
+    from homeforge.train.task import TrainTask, causal_lm_loss
 
     model = build_model(preset_config("debug", VOCAB, eos_token_id=0), seed=cfg.seed)
     return TrainTask(model=model, train=WindowSource(tokens(), cfg.seq_len, seed=cfg.seed),

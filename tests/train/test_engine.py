@@ -17,7 +17,8 @@ from engine_task import make_cfg, make_task  # noqa: E402
 
 from homeforge.errors import HomeforgeError  # noqa: E402
 from homeforge.train import checkpoint as ck  # noqa: E402
-from homeforge.train.loop import StepLoss, TrainingDiverged, causal_lm_loss, train_task  # noqa: E402
+from homeforge.train.loop import TrainingDiverged, train_task  # noqa: E402
+from homeforge.train.task import StepLoss, causal_lm_loss  # noqa: E402
 from homeforge.train.tracking import read_metrics  # noqa: E402
 
 # loss after steps 1, 6 and 12 of make_cfg's run (seed 1234, fp32, 1 thread)

@@ -13,7 +13,8 @@ from homeforge.train.distributed import DistInfo
 from homeforge.train.flops import flops_per_token, peak_flops, refresh_peak_flops
 
 if TYPE_CHECKING:
-    from homeforge.train.loop import RunState, TrainTask
+    from homeforge.train.loop import RunState
+    from homeforge.train.task import TrainTask
 
 
 class Budget:

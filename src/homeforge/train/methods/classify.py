@@ -80,7 +80,7 @@ class LabelledSource:
 
 
 def classification_loss(model, batch: dict[str, torch.Tensor]):
-    from homeforge.train.loop import StepLoss
+    from homeforge.train.task import StepLoss
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     labels = batch["labels"]
@@ -136,7 +136,7 @@ def save_classifier(model, out_dir: Path, tokenizer) -> None:
 
 
 def build_task(cfg, data_dir):
-    from homeforge.train.loop import TrainTask
+    from homeforge.train.task import TrainTask
 
     ds = open_dataset(data_dir, "classify")
     labels = read_labels(ds)

@@ -180,7 +180,7 @@ def _attn_impl(model) -> str | None:
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor]):
     """Summed next-token loss over positions with a label (``labels`` aligned with inputs)."""
-    from homeforge.train.loop import StepLoss
+    from homeforge.train.task import StepLoss
 
     labels = batch["labels"]
     keep = labels != IGNORE

@@ -20,7 +20,7 @@ from homeforge.config import (
     TrainConfig,
 )
 from homeforge.train.data import WindowSource
-from homeforge.train.loop import StepLoss, TrainTask
+from homeforge.train.task import StepLoss, TrainTask
 
 # --------------------------------------------------------------------------- fake quantization (QAT)
 

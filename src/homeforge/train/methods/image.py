@@ -20,7 +20,7 @@ from homeforge.vision import task as vt
 
 
 def image_loss(model, batch: dict[str, torch.Tensor]):
-    from homeforge.train.loop import StepLoss
+    from homeforge.train.task import StepLoss
 
     if "input_ids" in batch:
         logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
@@ -37,7 +37,7 @@ def image_loss(model, batch: dict[str, torch.Tensor]):
 
 def build_task(cfg, data_dir):
     from homeforge.runtime import seeded
-    from homeforge.train.loop import TrainTask
+    from homeforge.train.task import TrainTask
 
     if data_dir is None:
         raise HomeforgeError("no dataset given", fix="set data=DATASET_DIR (made by `homeforge prepare --kind "

@@ -50,9 +50,9 @@ def make_saver(cfg):
 def build_task(cfg, data_dir):
 
     from homeforge.models.lora import apply_lora, expert_parameters
-    from homeforge.train.loop import TrainTask
     from homeforge.train.methods.pretrain import text_sources
     from homeforge.train.methods.sft import chat_sources
+    from homeforge.train.task import TrainTask
 
     if not cfg.model.path:
         raise HomeforgeError("method lora needs a pretrained model to adapt and model.path is not set",

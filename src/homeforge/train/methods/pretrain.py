@@ -66,7 +66,7 @@ def build_task(cfg, data_dir):
 def causal_lm_task(cfg, ds, model, model_dir, train, val, **info):
     """The TrainTask of a causal LM (pretrain, SFT): router metrics for MoE models, FLOPs of the
     active experts, the model saved as an HF directory; ``info`` joins the run's record."""
-    from homeforge.train.loop import TrainTask
+    from homeforge.train.task import TrainTask
 
     monitor = RouterMonitor(model)
     return TrainTask(
